@@ -1,0 +1,63 @@
+"""Command line: ``alignkit <command> [--config FILE] [dotted.key=value ...]``.
+
+Thin on purpose. Two kinds of command:
+
+* stages (``STAGES``): a module with a frozen ``Config`` dataclass and ``main(cfg)``; the CLI
+  loads ``--config`` YAML, applies dotted overrides, validates, and calls ``main``.
+* tools (``TOOLS``): a module with ``add_arguments(parser)`` and ``run(args)`` for commands
+  that are not training runs (the preference store, the annotation app, the server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+STAGES: dict[str, str] = {
+    "base": "alignkit.stages.base",
+    "sft": "alignkit.stages.sft",
+    "rm": "alignkit.stages.reward",
+    "label": "alignkit.stages.label",
+    "evaluate": "alignkit.stages.evaluate",
+    "pipeline": "alignkit.stages.pipeline",
+}
+
+TOOLS: dict[str, str] = {
+}
+
+
+def _stage_command(name: str, argv: list[str]) -> None:
+    from alignkit.config import load_config
+
+    module = importlib.import_module(STAGES[name])
+    parser = argparse.ArgumentParser(prog=f"alignkit {name}", description=module.__doc__)
+    parser.add_argument("--config", help="YAML file with this stage's settings")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(module.Config, args.config, args.overrides)
+    module.main(cfg)
+
+
+def _tool_command(name: str, argv: list[str]) -> None:
+    module = importlib.import_module(TOOLS[name])
+    parser = argparse.ArgumentParser(prog=f"alignkit {name}", description=module.__doc__)
+    module.add_arguments(parser)
+    module.run(parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = sorted(STAGES) + sorted(TOOLS)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: alignkit <command> [--config FILE] [key=value ...]\n\ncommands: "
+              + ", ".join(commands))
+        sys.exit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    if name in STAGES:
+        _stage_command(name, rest)
+    elif name in TOOLS:
+        _tool_command(name, rest)
+    else:
+        print(f"alignkit: unknown command {name!r}; commands: {', '.join(commands)}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,61 @@
+"""Token log-probabilities from logits, without materialising a log-softmax copy of the vocabulary.
+
+``log p(y_t) = z_t[y_t] - logsumexp(z_t)``: one gather and one reduction per position, so the
+only ``[B, T, V]`` tensor alive is the logits themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align position ``t`` logits with token ``t + 1``. logits ``[B, T, V]``, labels ``[B, T]``."""
+    return logits[:, :-1, :], labels[:, 1:]
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Log-probability of each label under ``logits`` (already aligned, no shifting here).
+
+    logits: ``[B, T, V]`` (any float dtype; computed in fp32), labels: ``[B, T]`` with
+    ``IGNORE_INDEX`` where there is no target. Returns ``[B, T]`` fp32 with 0 at ignored positions.
+    ``chunk`` > 0 processes that many rows of ``B * T`` at a time to bound the fp32 up-cast.
+    """
+    mask = labels != IGNORE_INDEX
+    safe = labels.masked_fill(~mask, 0)
+    flat_logits = logits.reshape(-1, logits.size(-1))
+    flat_labels = safe.reshape(-1)
+    n = flat_logits.size(0)
+    step = chunk if chunk > 0 else max(n, 1)
+    out = []
+    for i in range(0, n, step):
+        z = flat_logits[i:i + step].float()
+        picked = z.gather(-1, flat_labels[i:i + step, None]).squeeze(-1)
+        out.append(picked - torch.logsumexp(z, dim=-1))
+    logps = torch.cat(out) if out else flat_logits.new_zeros(0, dtype=torch.float32)
+    return logps.view(labels.shape) * mask
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution per position, ``[B, T, V] -> [B, T]`` (fp32)."""
+    z = logits.float()
+    logz = torch.logsumexp(z, dim=-1, keepdim=True)
+    p = torch.exp(z - logz)
+    return (logz.squeeze(-1) - (p * z).sum(-1))
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token log-probs ``[B, T-1]`` of ``labels[:, 1:]`` under a causal LM's forward pass.
+
+    Left- or right-padded batches both work: position ids are derived from the attention mask
+    when not given, so a token's log-prob does not depend on how much padding precedes it.
+    """
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False)
+    logits, targets = shift_for_next_token(out.logits, labels)
+    return token_logps(logits, targets)
