@@ -24,18 +24,29 @@ STAGES: dict[str, str] = {
 }
 
 TOOLS: dict[str, str] = {
+    "store": "alignkit.feedback.store_cli",
+    "annotate": "alignkit.feedback.annotate.cli",
 }
 
 
 def _stage_command(name: str, argv: list[str]) -> None:
-    from alignkit.config import load_config
+    from alignkit.config import ConfigError, load_config
 
     module = importlib.import_module(STAGES[name])
     parser = argparse.ArgumentParser(prog=f"alignkit {name}", description=module.__doc__)
     parser.add_argument("--config", help="YAML file with this stage's settings")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = parser.parse_args(argv)
-    cfg = load_config(module.Config, args.config, args.overrides)
+    try:
+        if hasattr(module, "load"):  # a stage with its own file layout (the pipeline)
+            if not args.config:
+                raise ConfigError(f"alignkit {name} needs --config FILE")
+            cfg = module.load(args.config, args.overrides)
+        else:
+            cfg = load_config(module.Config, args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"alignkit {name}: {exc}", file=sys.stderr)
+        sys.exit(2)
     module.main(cfg)
 
 

@@ -1,0 +1,45 @@
+"""Where records come from: a file or folder path, or a built-in task (``task:NAME[:chat]``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from alignkit.config import require
+
+TASK_PREFIX = "task:"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""                 # path, or "task:sentiment" / "task:arithmetic:chat"
+    eval: str | None = None         # path, or "task:..." (uses the task's held-out split)
+    format: str = "auto"
+    max_length: int = 256
+    overlong: Literal["truncate", "drop"] = "truncate"
+    task_samples: int = 4000        # records drawn from a built-in task for training
+    eval_samples: int = 200
+
+    def __post_init__(self):
+        require(bool(self.train), "data.train is required (a path, or task:NAME)")
+        require(self.max_length > 8, "data.max_length must be > 8")
+
+
+def parse_task(spec: str) -> tuple[str, bool] | None:
+    """``"task:arithmetic:chat"`` -> ``("arithmetic", True)``; a path -> ``None``."""
+    if not spec.startswith(TASK_PREFIX):
+        return None
+    parts = spec[len(TASK_PREFIX):].split(":")
+    return parts[0], len(parts) > 1 and parts[1] == "chat"
+
+
+def sft_source(spec: str, split: str, n: int, seed: int = 0) -> list[dict] | Path:
+    """Demonstrations: records from a built-in task, or the path itself for the loader."""
+    task = parse_task(spec)
+    if task is None:
+        return Path(spec)
+    from alignkit.tasks import get_task
+
+    name, chat = task
+    return get_task(name, chat=chat).sft_records(split, n, seed=seed)

@@ -1,0 +1,101 @@
+"""The HTML report of a pipeline run: headline table, training curves, samples.
+
+Self-contained (plots inlined as PNG), so the file can be mailed or attached to an issue.
+Stages may contribute extra figures through ``FIGURES``: name -> function(out_dir, summary)
+returning a list of ``(title, matplotlib figure)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from alignkit.tracking import read_metrics
+
+FIGURES: dict[str, Callable[[Path, dict], list]] = {}
+
+# Curves worth plotting per stage when present in metrics.jsonl.
+CURVES = ["loss", "eval/loss", "accuracy", "eval/pair_accuracy", "eval/gold_pair_accuracy",
+          "proxy_reward_mean", "gold_reward_mean", "kl_to_ref", "kl", "margin", "beta"]
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def stage_curves(stage: str, rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in CURVES if any(k in r for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(stage, fontsize=10)
+    return fig
+
+
+def _table(summary: dict[str, Any]) -> str:
+    rows = []
+    for stage, metrics in summary.items():
+        cells = ", ".join(f"{html.escape(str(k))}={_fmt(v)}" for k, v in metrics.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool))
+        rows.append(f"<tr><td><b>{html.escape(stage)}</b></td><td>{cells}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _samples(path: Path, n: int = 6) -> str:
+    if not path.exists():
+        return ""
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    items = []
+    for r in rows:
+        scores = ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k.endswith("reward"))
+        items.append(f"<li><code>{html.escape(r['prompt'])}</code> → "
+                     f"{html.escape(r['response'])} <small>({scores})</small></li>")
+    return "<ul>" + "".join(items) + "</ul>"
+
+
+def write_report(out_dir: Path, cfg: Any, summary: dict, stage_cfgs: dict[str, Any]) -> Path:
+    parts = [f"<h1>alignkit run: {html.escape(str(out_dir))}</h1>",
+             "<h2>Headline metrics</h2>", _table(summary)]
+    for name, scfg in stage_cfgs.items():
+        stage_dir = Path(scfg.out_dir)
+        rows = read_metrics(stage_dir)
+        fig = stage_curves(name, rows) if rows else None
+        if fig is not None:
+            parts.append(f"<h2>{html.escape(name)}</h2><img src='data:image/png;base64,{_png(fig)}'>")
+        samples = _samples(stage_dir / "samples.jsonl")
+        if samples:
+            parts.append(f"<h3>Samples ({html.escape(name)})</h3>{samples}")
+    for fn in FIGURES.values():
+        for title, fig in fn(out_dir, summary):
+            parts.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{_png(fig)}'>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse}td{border:1px solid #ccc;padding:4px 8px;"
+             "font-size:13px;vertical-align:top}img{max-width:100%}li{margin:4px 0}")
+    path = Path(out_dir) / "report.html"
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>alignkit report"
+                    f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    return path

@@ -1,0 +1,111 @@
+"""``alignkit pipeline``: run stages end to end and write ``summary.json`` and ``report.html``.
+
+Each stage's section in the YAML is that stage's own config; the pipeline only fills in the
+paths that connect them (the SFT model is the RM's backbone, the labels are its data, ...).
+A stage whose ``metrics.json`` already exists is skipped, so an interrupted pipeline resumes
+where it stopped (and a stage interrupted mid-run resumes from its own last checkpoint).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from alignkit.config import ConfigError, apply_overrides, build, require
+
+MODULES = {
+    "base": "alignkit.stages.base",
+    "sft": "alignkit.stages.sft",
+    "label": "alignkit.stages.label",
+    "rm": "alignkit.stages.reward",
+    "evaluate": "alignkit.stages.evaluate",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    out_dir: str = "runs/demo"
+    task: str = "sentiment"
+    stages: list[str] = field(default_factory=lambda: ["base", "sft", "label", "rm", "evaluate"])
+    sections: dict[str, Any] = field(default_factory=dict)   # stage name -> that stage's config
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s.split("@")[0] not in MODULES]
+        require(not unknown, f"unknown pipeline stage {unknown[:1]}; known: {sorted(MODULES)}")
+
+
+def _wiring(out: Path, task: str) -> dict[str, Callable[[dict], dict]]:
+    """Defaults that connect one stage's outputs to the next stage's inputs."""
+    base_model = str(out / "base" / "model")
+    sft_model = str(out / "sft" / "model")
+    return {
+        "base": lambda s: {"task": task, "out_dir": str(out / "base")},
+        "sft": lambda s: {"model": base_model, "out_dir": str(out / "sft"),
+                          "data": {"train": f"task:{task}", "eval": f"task:{task}"}},
+        "label": lambda s: {"policy": sft_model, "task": task, "out_dir": str(out / "labels")},
+        "rm": lambda s: {"model": sft_model, "out_dir": str(out / "rm"), "gold_task": task,
+                         "data": {"train": str(out / "labels" / "train.jsonl"),
+                                  "eval": str(out / "labels" / "eval.jsonl")}},
+        "evaluate": lambda s: {"policy": sft_model, "reference": sft_model, "task": task,
+                               "proxy_reward": f"model:{out / 'rm' / 'model'}",
+                               "out_dir": str(out / "eval_sft")},
+    }
+
+
+def _merge(defaults: dict, given: dict) -> dict:
+    merged = dict(defaults)
+    for k, v in given.items():
+        merged[k] = _merge(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+    return merged
+
+
+def stage_config(name: str, cfg: Config) -> Any:
+    kind = name.split("@")[0]
+    module = importlib.import_module(MODULES[kind])
+    given = cfg.sections.get(name, {}) or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"config key {'sections.' + name!r}: expected a mapping")
+    data = _merge(_wiring(Path(cfg.out_dir), cfg.task)[kind](given), given)
+    try:
+        return module, build(module.Config, data)
+    except ConfigError as exc:
+        raise ConfigError(f"pipeline stage {name!r}: {exc}") from None
+
+
+def main(cfg: Config) -> dict:
+    from alignkit.report import write_report
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = {name: stage_config(name, cfg) for name in cfg.stages}  # validate all up front
+    summary: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for name, (module, stage_cfg) in configs.items():
+        done = Path(stage_cfg.out_dir) / "metrics.json"
+        if done.exists():
+            print(f"[pipeline] {name}: already done ({done}), skipping", flush=True)
+            summary[name] = json.loads(done.read_text())
+            continue
+        print(f"[pipeline] {name}: starting -> {stage_cfg.out_dir}", flush=True)
+        start = time.time()
+        summary[name] = module.main(stage_cfg)
+        timings[name] = time.time() - start
+        print(f"[pipeline] {name}: done in {timings[name]:.0f}s", flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report = write_report(out, cfg, summary, {n: c for n, (_, c) in configs.items()})
+    print(f"[pipeline] summary: {out / 'summary.json'}\n[pipeline] report:  {report}", flush=True)
+    return summary
+
+
+def load(path: str, overrides: list[str]) -> Config:
+    """The pipeline YAML is flat: top-level stage sections sit beside out_dir/task/stages."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = apply_overrides(raw, overrides)
+    top = {k: raw.pop(k) for k in ("out_dir", "task", "stages") if k in raw}
+    return build(Config, {**top, "sections": raw})

@@ -1,0 +1,99 @@
+"""``alignkit sft``: supervised fine-tuning on demonstrations (prompt/completion or chat).
+
+Setup: tokenizer + causal LM via ``from_pretrained``, optional LoRA, data with loss on completion
+tokens only. Loop: :func:`alignkit.training.train` with the token-level NLL. Save: a Hugging
+Face folder ``<out_dir>/model`` (LoRA merged) that every later stage loads by path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit.config import require
+from alignkit.data.sources import DataConfig, sft_source
+from alignkit.logprobs import IGNORE_INDEX, shift_for_next_token, token_logps
+from alignkit.losses import sft_loss
+from alignkit.models import LoraSpec
+from alignkit.training import LoopConfig, LossOutput, OptimConfig, make_accelerator, train
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = ""
+    out_dir: str = "runs/sft"
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self):
+        require(bool(self.model), "model is required (a path or hub name of a causal LM)")
+
+
+def causal_lm_loss(model, batch) -> LossOutput:
+    """Per-token NLL of the labelled (completion) tokens; prompt and padding weigh 0."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
+    logits, targets = shift_for_next_token(logits, batch["labels"])
+    logps = token_logps(logits, targets)
+    return LossOutput(values=sft_loss(logps), weights=(targets != IGNORE_INDEX).float())
+
+
+def n_targets(example: dict) -> int:
+    return sum(1 for t in example["labels"][1:] if t != IGNORE_INDEX)
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 32) -> dict:
+    from alignkit.data.collate import collate_sft
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate_sft(examples[s:s + batch_size], pad_id).items()
+                 if torch.is_tensor(v)}
+        out = causal_lm_loss(model, batch)
+        total += float((out.values * out.weights).sum())
+        count += int(out.weights.sum())
+    nll = total / max(count, 1)
+    return {"loss": nll, "perplexity": float(torch.exp(torch.tensor(nll)))}
+
+
+def main(cfg: Config) -> dict:
+    from alignkit.data.collate import collate_sft
+    from alignkit.data.formats import build_dataset
+    from alignkit.models import apply_lora, load_causal_lm, load_tokenizer, save_model
+    from alignkit.tracking import Tracker
+
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    out = Path(cfg.out_dir)
+    tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage="sft")
+    tokenizer = load_tokenizer(cfg.model)
+    d = cfg.data
+    train_src = sft_source(d.train, "train", d.task_samples, seed=cfg.train.seed)
+    examples, stats = build_dataset(train_src, tokenizer, format=d.format,
+                                    max_length=d.max_length, overlong=d.overlong)
+    eval_examples = []
+    if d.eval:
+        eval_src = sft_source(d.eval, "test", d.eval_samples, seed=cfg.train.seed)
+        eval_examples, _ = build_dataset(eval_src, tokenizer, format=d.format,
+                                         max_length=d.max_length, overlong=d.overlong)
+    model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)
+    pad = tokenizer.pad_token_id
+    accelerator.print(f"alignkit sft: {stats}")
+    result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],
+                   collate=lambda b: collate_sft(b, pad), weight_of=n_targets,
+                   loss_fn=causal_lm_loss, loop=cfg.train, optim=cfg.optim, out_dir=out,
+                   tracker=tracker, accelerator=accelerator,
+                   eval_fn=(lambda m: eval_loss(m, eval_examples, pad)) if eval_examples else None)
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+    accelerator.wait_for_everyone()
+    final = {"train_loss": result.last_metrics.get("loss"), "steps": result.step,
+             "examples": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped,
+             "model": str(out / "model")}
+    final.update({f"eval_{k}": v for k, v in result.eval_metrics.items()})
+    return tracker.finish(final)

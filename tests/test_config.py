@@ -1,0 +1,80 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from alignkit.config import ConfigError, apply_overrides, build, load_config, require
+from alignkit.training import LoopConfig, OptimConfig
+
+
+@dataclass(frozen=True)
+class Inner:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    kind: Literal["a", "b"] = "a"
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str = "x"
+    steps: int = 3
+    path: str | None = None
+    flag: bool = False
+    optim: Inner = field(default_factory=Inner)
+
+    def __post_init__(self):
+        require(self.steps > 0, "steps must be > 0")
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: run\noptim:\n  lr: 0.5\n")
+    cfg = load_config(Outer, f, ["optim.lr=3e-5", "steps=7", "optim.kind=b", "path=/tmp/x"])
+    assert cfg == Outer(name="run", steps=7, path="/tmp/x", optim=Inner(lr=3e-5, kind="b"))
+    assert isinstance(cfg.optim.lr, float)
+
+
+def test_int_widens_to_float_but_not_bool():
+    assert build(Inner, {"lr": 1}).lr == 1.0
+    with pytest.raises(ConfigError, match="'lr'"):
+        build(Inner, {"lr": True})
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"optim": {"lrr": 1}}, "unknown config key 'optim.lrr'"),
+    ({"stepz": 1}, "unknown config key 'stepz'"),
+    ({"steps": "many"}, "config key 'steps': expected an integer"),
+    ({"optim": {"kind": "c"}}, "config key 'optim.kind': 'c' is not one of"),
+    ({"optim": {"betas": 0.9}}, "config key 'optim.betas': expected a list"),
+    ({"optim": 3}, "config key 'optim': expected a section"),
+    ({"flag": "yes"}, "config key 'flag': expected true or false"),
+    ({"steps": 0}, "steps must be > 0"),
+])
+def test_bad_configs_name_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        build(Outer, data)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["optim.lr"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"name": "x"}, ["name.sub=1"])
+
+
+def test_missing_file_and_required_key(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "nope.yaml")
+
+    @dataclass(frozen=True)
+    class Needs:
+        model: str
+
+    with pytest.raises(ConfigError, match="'model' is required"):
+        build(Needs, {})
+
+
+def test_stage_sections_validate():
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        build(OptimConfig, {"lr": 0.0})
+    assert build(LoopConfig, {"batch_size": 4}).batch_size == 4
