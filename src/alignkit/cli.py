@@ -47,7 +47,13 @@ def _stage_command(name: str, argv: list[str]) -> None:
     except ConfigError as exc:
         print(f"alignkit {name}: {exc}", file=sys.stderr)
         sys.exit(2)
-    module.main(cfg)
+    from alignkit.data.io import DataError
+
+    try:
+        module.main(cfg)
+    except (DataError, ConfigError) as exc:
+        print(f"alignkit {name}: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _tool_command(name: str, argv: list[str]) -> None:
@@ -55,6 +61,18 @@ def _tool_command(name: str, argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog=f"alignkit {name}", description=module.__doc__)
     module.add_arguments(parser)
     module.run(parser.parse_args(argv))
+
+
+def _quiet_libraries() -> None:
+    """Our own progress lines say what runs; the libraries' per-load progress bars add noise."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
               + ", ".join(commands))
         sys.exit(0 if argv else 2)
     name, rest = argv[0], argv[1:]
+    _quiet_libraries()
     if name in STAGES:
         _stage_command(name, rest)
     elif name in TOOLS:

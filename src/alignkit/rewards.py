@@ -72,10 +72,11 @@ class RewardModel:
 
         encoded = []
         for p, r in zip(prompts, responses):
-            prompt_text = self._prompt_text(p)
-            enc = encode_prompt_completion(prompt_text, r if r else " ", self.tokenizer,
-                                           self.max_length, "truncate")
-            encoded.append(enc)
+            r = r or " "  # an empty response is still scored (at its EOS)
+            if self.chat:
+                p, r = [{"role": "user", "content": p}], [{"role": "assistant", "content": r}]
+            enc = encode_prompt_completion(p, r, self.tokenizer, self.max_length, "truncate")
+            encoded.append({"input_ids": enc.input_ids, "labels": enc.labels})
         device = next(self.model.parameters()).device
         scores: list[float] = []
         for s in range(0, len(encoded), self.batch_size):
@@ -84,12 +85,6 @@ class RewardModel:
                                 attention_mask=batch["attention_mask"].to(device)).logits
             scores.extend(logits[:, 0].float().tolist())
         return scores
-
-    def _prompt_text(self, prompt: str) -> str:
-        if not self.chat:
-            return prompt
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  tokenize=False, add_generation_prompt=True)
 
 
 def make_reward_source(spec: str, **kwargs) -> RewardSource:

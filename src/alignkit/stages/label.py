@@ -76,13 +76,18 @@ def main(cfg: Config) -> dict:
     summary = {}
     for split, n, seed in (("train", cfg.train_prompts, cfg.seed), ("eval", cfg.eval_prompts, cfg.seed + 1)):
         prompts = task.prompts("train" if split == "train" else "test", n)
-        pairs = sample_pairs(policy, tokenizer, prompts, cfg, seed)
+        sampled = sample_pairs(policy, tokenizer, prompts, cfg, seed)
+        # A pair with an empty or duplicated response carries no preference; data files refuse it.
+        pairs = [p for p in sampled if p["response_a"].strip() and p["response_b"].strip()
+                 and p["response_a"] != p["response_b"]]
+        summary[f"{split}_skipped_pairs"] = len(sampled) - len(pairs)
         write_jsonl(out / f"pairs_{split}.jsonl", pairs)
         records = label_pairs(task, [p["prompt"] for p in pairs], [p["response_a"] for p in pairs],
                               [p["response_b"] for p in pairs], annotator)
         write_jsonl(out / f"{split}.jsonl", records)
         summary[f"{split}_pairs"] = len(records)
-        print(f"[label] {split}: {len(pairs)} pairs sampled, {len(records)} labelled", flush=True)
+        print(f"[label] {split}: {len(sampled)} pairs sampled, {len(sampled) - len(pairs)} skipped "
+              f"(empty or identical), {len(records)} labelled", flush=True)
     summary["train"] = str(out / "train.jsonl")
     summary["eval"] = str(out / "eval.jsonl")
     return tracker.finish(summary)
