@@ -18,6 +18,7 @@ STAGES: dict[str, str] = {
     "base": "alignkit.stages.base",
     "sft": "alignkit.stages.sft",
     "rm": "alignkit.stages.reward",
+    "dpo": "alignkit.stages.dpo",
     "label": "alignkit.stages.label",
     "evaluate": "alignkit.stages.evaluate",
     "pipeline": "alignkit.stages.pipeline",

@@ -77,9 +77,39 @@ def _samples(path: Path, n: int = 6) -> str:
     return "<ul>" + "".join(items) + "</ul>"
 
 
+def frontier_figure(summary: dict):
+    """Gold reward against KL to the SFT model, one point per policy stage (with its standard
+    error over test prompts): the reward-vs-KL frontier of the DPO paper (Rafailov et al. 2023,
+    fig. 2), on our task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(name, m) for name, m in summary.items()
+              if not name.startswith("evaluate") and isinstance(m, dict)
+              and m.get("gold_reward_mean") is not None and m.get("kl_to_ref") is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, m in points:
+        ax.errorbar(m["kl_to_ref"], m["gold_reward_mean"], yerr=m.get("gold_reward_sem", 0),
+                    fmt="o", capsize=3)
+        ax.annotate(name, (m["kl_to_ref"], m["gold_reward_mean"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("KL(policy || SFT), nats per response")
+    ax.set_ylabel("gold reward (mean over test prompts)")
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def write_report(out_dir: Path, cfg: Any, summary: dict, stage_cfgs: dict[str, Any]) -> Path:
     parts = [f"<h1>alignkit run: {html.escape(str(out_dir))}</h1>",
              "<h2>Headline metrics</h2>", _table(summary)]
+    frontier = frontier_figure(summary)
+    if frontier is not None:
+        parts.append("<h2>Gold reward vs KL to the SFT model</h2>"
+                     f"<img src='data:image/png;base64,{_png(frontier)}'>")
     for name, scfg in stage_cfgs.items():
         stage_dir = Path(scfg.out_dir)
         rows = read_metrics(stage_dir)

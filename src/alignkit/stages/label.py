@@ -32,6 +32,7 @@ class Config:
     out_dir: str = "runs/labels"
     train_prompts: int = 2000
     eval_prompts: int = 200
+    pairs_per_prompt: int = 1     # independent pairs drawn for each prompt
     batch_size: int = 64
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -40,6 +41,7 @@ class Config:
     def __post_init__(self):
         require(bool(self.policy), "policy is required (path of a causal LM)")
         require(self.train_prompts > 0, "train_prompts must be > 0")
+        require(self.pairs_per_prompt >= 1, "pairs_per_prompt must be >= 1")
 
 
 def sample_pairs(policy, tokenizer, prompts: list[str], cfg: Config, seed: int) -> list[dict]:
@@ -75,7 +77,8 @@ def main(cfg: Config) -> dict:
                                    tie_margin=cfg.annotator.tie_margin, seed=cfg.annotator.seed)
     summary = {}
     for split, n, seed in (("train", cfg.train_prompts, cfg.seed), ("eval", cfg.eval_prompts, cfg.seed + 1)):
-        prompts = task.prompts("train" if split == "train" else "test", n)
+        prompts = [p for p in task.prompts("train" if split == "train" else "test", n)
+                   for _ in range(cfg.pairs_per_prompt)]
         sampled = sample_pairs(policy, tokenizer, prompts, cfg, seed)
         # A pair with an empty or duplicated response carries no preference; data files refuse it.
         pairs = [p for p in sampled if p["response_a"].strip() and p["response_b"].strip()

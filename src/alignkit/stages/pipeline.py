@@ -22,15 +22,19 @@ MODULES = {
     "sft": "alignkit.stages.sft",
     "label": "alignkit.stages.label",
     "rm": "alignkit.stages.reward",
+    "dpo": "alignkit.stages.dpo",
     "evaluate": "alignkit.stages.evaluate",
 }
+
+# Policy stages: their evaluation (``evaluate@<stage>``) is folded into their summary entry.
+POLICY_STAGES = ("sft", "dpo", "ppo", "rest")
 
 
 @dataclass(frozen=True)
 class Config:
     out_dir: str = "runs/demo"
     task: str = "sentiment"
-    stages: list[str] = field(default_factory=lambda: ["base", "sft", "label", "rm", "evaluate"])
+    stages: list[str] = field(default_factory=lambda: ["base", "sft", "label", "rm", "evaluate@sft"])
     sections: dict[str, Any] = field(default_factory=dict)   # stage name -> that stage's config
 
     def __post_init__(self):
@@ -38,21 +42,30 @@ class Config:
         require(not unknown, f"unknown pipeline stage {unknown[:1]}; known: {sorted(MODULES)}")
 
 
-def _wiring(out: Path, task: str) -> dict[str, Callable[[dict], dict]]:
+def stage_dir(kind: str, variant: str = "") -> str:
+    """Folder of a stage: ``dpo`` -> ``dpo``; ``dpo@beta0.3`` -> ``dpo_beta0.3``."""
+    return f"{kind}_{variant}" if variant else kind.replace("@", "_")
+
+
+def _wiring(out: Path, task: str, variant: str) -> dict[str, Callable[[], dict]]:
     """Defaults that connect one stage's outputs to the next stage's inputs."""
     base_model = str(out / "base" / "model")
     sft_model = str(out / "sft" / "model")
+    labels = out / "labels"
     return {
-        "base": lambda s: {"task": task, "out_dir": str(out / "base")},
-        "sft": lambda s: {"model": base_model, "out_dir": str(out / "sft"),
-                          "data": {"train": f"task:{task}", "eval": f"task:{task}"}},
-        "label": lambda s: {"policy": sft_model, "task": task, "out_dir": str(out / "labels")},
-        "rm": lambda s: {"model": sft_model, "out_dir": str(out / "rm"), "gold_task": task,
-                         "data": {"train": str(out / "labels" / "train.jsonl"),
-                                  "eval": str(out / "labels" / "eval.jsonl")}},
-        "evaluate": lambda s: {"policy": sft_model, "reference": sft_model, "task": task,
-                               "proxy_reward": f"model:{out / 'rm' / 'model'}",
-                               "out_dir": str(out / "eval_sft")},
+        "base": lambda: {"task": task, "out_dir": str(out / "base")},
+        "sft": lambda: {"model": base_model, "out_dir": str(out / "sft"),
+                        "data": {"train": f"task:{task}", "eval": f"task:{task}"}},
+        "label": lambda: {"policy": sft_model, "task": task, "out_dir": str(labels)},
+        "rm": lambda: {"model": sft_model, "out_dir": str(out / "rm"), "gold_task": task,
+                       "data": {"train": str(labels / "train.jsonl"),
+                                "eval": str(labels / "eval.jsonl")}},
+        "dpo": lambda: {"model": sft_model, "out_dir": str(out / stage_dir("dpo", variant)),
+                        "data": {"train": str(labels / "train.jsonl")}},
+        "evaluate": lambda: {"policy": str(out / stage_dir(variant or "sft") / "model"),
+                             "reference": sft_model, "task": task,
+                             "proxy_reward": f"model:{out / 'rm' / 'model'}",
+                             "out_dir": str(out / f"eval_{stage_dir(variant or 'sft')}")},
     }
 
 
@@ -64,12 +77,14 @@ def _merge(defaults: dict, given: dict) -> dict:
 
 
 def stage_config(name: str, cfg: Config) -> Any:
-    kind = name.split("@")[0]
+    kind, _, variant = name.partition("@")
     module = importlib.import_module(MODULES[kind])
-    given = cfg.sections.get(name, {}) or {}
+    # "evaluate@dpo" takes the shared "evaluate" section, then its own.
+    given = _merge(cfg.sections.get(kind, {}) or {}, cfg.sections.get(name, {}) or {}) \
+        if variant else (cfg.sections.get(name, {}) or {})
     if not isinstance(given, dict):
-        raise ConfigError(f"config key {'sections.' + name!r}: expected a mapping")
-    data = _merge(_wiring(Path(cfg.out_dir), cfg.task)[kind](given), given)
+        raise ConfigError(f"config key {name!r}: expected a mapping")
+    data = _merge(_wiring(Path(cfg.out_dir), cfg.task, variant)[kind](), given)
     try:
         return module, build(module.Config, data)
     except ConfigError as exc:
@@ -95,10 +110,24 @@ def main(cfg: Config) -> dict:
         summary[name] = module.main(stage_cfg)
         timings[name] = time.time() - start
         print(f"[pipeline] {name}: done in {timings[name]:.0f}s", flush=True)
+    summary = headline(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = write_report(out, cfg, summary, {n: c for n, (_, c) in configs.items()})
     print(f"[pipeline] summary: {out / 'summary.json'}\n[pipeline] report:  {report}", flush=True)
     return summary
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """Fold ``evaluate@<stage>`` results into ``<stage>`` so every policy stage reports
+    ``gold_reward_mean`` and ``kl_to_ref`` (to the SFT model) in one place."""
+    out = dict(summary)
+    for name, metrics in summary.items():
+        kind, _, variant = name.partition("@")
+        if kind == "evaluate" and variant in out:
+            out[variant] = {**out[variant], **{k: v for k, v in metrics.items()
+                                               if k.startswith(("gold_", "proxy_", "kl_"))
+                                               or k == "response_length"}}
+    return out
 
 
 def load(path: str, overrides: list[str]) -> Config:

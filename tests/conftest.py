@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny base model + tokenizer on the sentiment task, saved with
+save_pretrained, so stages load it through from_pretrained exactly as they load real models."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignkit.tasks import get_task
+    from alignkit.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_base") / "model"
+    texts = get_task("sentiment").corpus(400, seed=0)
+    tok = train_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
