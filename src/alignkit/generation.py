@@ -20,6 +20,7 @@ is one host sync per step (not per row), and finished rows are dropped from the 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -153,26 +154,28 @@ def _draw(logits: torch.Tensor, cfg: SamplingConfig,
 # ----------------------------------------------------------------------------- KV cache
 
 
-def _preallocated_cache(model, capacity: int):
-    """A ``DynamicCache`` whose full-attention layers write into a ``capacity``-long buffer.
+@functools.cache
+def _preallocated_layer_class():
+    """``DynamicLayer`` that writes into a buffer sized for the whole rollout.
 
     ``DynamicLayer.update`` does ``torch.cat([cache, new])`` each step, re-copying the whole cache
-    (O(T) per step, ~40% of a decode step on a small model). Sliding-window and other special
-    layers are left as the model's config asks.
+    (O(T) per step, ~40% of a decode step on a small model). Built once (transformers is imported
+    lazily), so that a compiled decode step sees one class and does not recompile per call.
     """
-    from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
-        def __init__(self):
+        def __init__(self, capacity: int = 0):
             super().__init__()
+            self.capacity = capacity
             self.length = 0
 
         def lazy_initialization(self, key_states, value_states):
             self.device = key_states.device
             b, h, _, d = key_states.shape
-            self.key_buffer = key_states.new_empty(b, h, capacity, d)
-            self.value_buffer = value_states.new_empty(b, value_states.size(1), capacity, value_states.size(-1))
+            self.key_buffer = key_states.new_empty(b, h, self.capacity, d)
+            self.value_buffer = value_states.new_empty(b, value_states.size(1), self.capacity,
+                                                       value_states.size(-1))
             self.is_initialized = True
 
         def _views(self):
@@ -184,10 +187,10 @@ def _preallocated_cache(model, capacity: int):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             end = self.length + key_states.size(-2)
-            if end > self.key_buffer.size(2):  # never in generate(); grow like DynamicLayer would
-                grow = end - self.key_buffer.size(2)
-                pad = lambda buf: torch.cat([buf, buf.new_empty(*buf.shape[:2], grow, buf.size(-1))], 2)  # noqa: E731
-                self.key_buffer, self.value_buffer = pad(self.key_buffer), pad(self.value_buffer)
+            if end > self.key_buffer.size(2):  # not reached from generate(); grow as DynamicLayer would
+                def grow(buf):
+                    return torch.cat([buf, buf.new_empty(*buf.shape[:2], end - buf.size(2), buf.size(-1))], 2)
+                self.key_buffer, self.value_buffer = grow(self.key_buffer), grow(self.value_buffer)
             self.key_buffer[:, :, self.length:end] = key_states
             self.value_buffer[:, :, self.length:end] = value_states
             self.length = end
@@ -209,11 +212,32 @@ def _preallocated_cache(model, capacity: int):
             if self.is_initialized:
                 self._views()
 
+    return DynamicLayer, PreallocatedLayer
+
+
+def _preallocated_cache(model, capacity: int):
+    """The model's ``DynamicCache`` with every plain full-attention layer preallocated to ``capacity``
+    tokens; sliding-window and other special layers stay as the model's config asks."""
+    from transformers import DynamicCache
+
+    dynamic_layer, preallocated_layer = _preallocated_layer_class()
     cache = DynamicCache(config=model.config)
-    cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    if not cache.layers:  # layers created lazily: replicate ours instead
-        cache.layer_class_to_replicate = PreallocatedLayer
+    cache.layers = [preallocated_layer(capacity) if type(layer) is dynamic_layer else layer
+                    for layer in cache.layers]
+    if not cache.layers:  # layers are created lazily: replicate ours instead
+        cache.layer_class_to_replicate = functools.partial(preallocated_layer, capacity)
     return cache
+
+
+def _call(model, **kwargs):
+    return model(**kwargs)
+
+
+@functools.cache
+def _compiled_call():
+    # dynamic=True: one graph serves every batch size (rows are dropped as they finish) and every
+    # cache length; dynamo re-traces per model object (guards on its identity).
+    return torch.compile(_call, dynamic=True)
 
 
 def _forward_names(model) -> tuple[str, bool]:
@@ -276,7 +300,7 @@ def _left_pad(prompt_ids, prompt_mask, pad_token_id: int, device) -> tuple[torch
 
 
 def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pad_token_id: int,
-                    generator) -> tuple[torch.Tensor, ...]:
+                    generator, compile_decode: bool) -> tuple[torch.Tensor, ...]:
     """Sample up to ``cfg.max_new_tokens`` for one left-padded chunk.
 
     Returns ``(tokens, mask, logps, finished)`` shaped ``[b, r]``, ``[b, r]``, ``[b, r]``, ``[b]``.
@@ -290,6 +314,7 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
     device = ids.device
     cache_name, has_logits_to_keep = _forward_names(model)
     cache = _preallocated_cache(model, prompt_len + steps)
+    decode = _compiled_call() if compile_decode else _call
 
     tokens_out = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)
     logps_out = torch.zeros((batch, steps), dtype=torch.float32, device=device)
@@ -322,8 +347,8 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
             keep = alive.nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
             rows, tok, attn, next_pos, alive = rows[keep], tok[keep], attn[keep], next_pos[keep], alive[keep]
-        out = model(input_ids=tok[:, None], attention_mask=attn[:, :prompt_len + t + 1],
-                    position_ids=next_pos + t, use_cache=True, **{cache_name: cache})
+        out = decode(model, input_ids=tok[:, None], attention_mask=attn[:, :prompt_len + t + 1],
+                     position_ids=next_pos + t, use_cache=True, **{cache_name: cache})
         logits = out.logits[:, -1]
 
     tokens_out = tokens_out[:, :n_steps]
@@ -335,7 +360,8 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
 
 def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: SamplingConfig, *,
              eos_token_id: int, pad_token_id: int, generator: torch.Generator | None = None,
-             prompt_mask: torch.Tensor | None = None, batch_size: int | None = None) -> Rollout:
+             prompt_mask: torch.Tensor | None = None, batch_size: int | None = None,
+             compile_decode: bool = False) -> Rollout:
     """Sample one response per prompt with a KV cache; see :class:`Rollout` for what comes back.
 
     ``prompt_ids``: a list of token-id lists (any lengths) or a ``[B, P]`` tensor with an optional
@@ -343,6 +369,11 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: Samplin
     device) makes the sample reproducible. ``batch_size`` bounds memory by generating that many
     prompts at a time. Runs without autograd; the model's train/eval mode is left as it is (call
     ``model.eval()`` first to switch dropout off).
+
+    ``compile_decode=True`` runs the one-token decode step through ``torch.compile`` (the prefill
+    stays eager). Off by default: it needs a working compiler toolchain, the first call per model
+    pays the compilation (~10-20 s for a small model on CPU), and a changed model structure
+    re-traces; it pays off in long RL loops that sample thousands of batches from one policy.
     """
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise ValueError("generate() supports decoder-only causal LMs")
@@ -355,7 +386,7 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: Samplin
     # tensors cannot enter a later autograd graph, so the outputs are rebuilt outside it (cat/pad).
     with torch.inference_mode():
         chunks = [_generate_chunk(model, ids[i:i + step], mask[i:i + step], cfg, eos_token_id,
-                                  pad_token_id, generator)
+                                  pad_token_id, generator, compile_decode)
                   for i in range(0, ids.size(0), step)]
     width = max(c[0].size(1) for c in chunks)
 

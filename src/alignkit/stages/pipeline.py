@@ -35,6 +35,7 @@ class Config:
     out_dir: str = "runs/demo"
     task: str = "sentiment"
     stages: list[str] = field(default_factory=lambda: ["base", "sft", "label", "rm", "evaluate@sft"])
+    from_run: str | None = None   # take base/sft/labels/rm from this earlier run's folder
     sections: dict[str, Any] = field(default_factory=dict)   # stage name -> that stage's config
 
     def __post_init__(self):
@@ -47,11 +48,12 @@ def stage_dir(kind: str, variant: str = "") -> str:
     return f"{kind}_{variant}" if variant else kind.replace("@", "_")
 
 
-def _wiring(out: Path, task: str, variant: str) -> dict[str, Callable[[], dict]]:
-    """Defaults that connect one stage's outputs to the next stage's inputs."""
-    base_model = str(out / "base" / "model")
-    sft_model = str(out / "sft" / "model")
-    labels = out / "labels"
+def _wiring(out: Path, src: Path, task: str, variant: str) -> dict[str, Callable[[], dict]]:
+    """Defaults that connect one stage's outputs to the next stage's inputs (``src``: where the
+    upstream artifacts live, ``out`` unless the pipeline reuses an earlier run)."""
+    base_model = str(src / "base" / "model")
+    sft_model = str(src / "sft" / "model")
+    labels = src / "labels"
     return {
         "base": lambda: {"task": task, "out_dir": str(out / "base")},
         "sft": lambda: {"model": base_model, "out_dir": str(out / "sft"),
@@ -62,9 +64,10 @@ def _wiring(out: Path, task: str, variant: str) -> dict[str, Callable[[], dict]]
                                 "eval": str(labels / "eval.jsonl")}},
         "dpo": lambda: {"model": sft_model, "out_dir": str(out / stage_dir("dpo", variant)),
                         "data": {"train": str(labels / "train.jsonl")}},
-        "evaluate": lambda: {"policy": str(out / stage_dir(variant or "sft") / "model"),
+        "evaluate": lambda: {"policy": str((src if variant in ("", "sft") else out)
+                                           / stage_dir(variant or "sft") / "model"),
                              "reference": sft_model, "task": task,
-                             "proxy_reward": f"model:{out / 'rm' / 'model'}",
+                             "proxy_reward": f"model:{src / 'rm' / 'model'}",
                              "out_dir": str(out / f"eval_{stage_dir(variant or 'sft')}")},
     }
 
@@ -84,7 +87,9 @@ def stage_config(name: str, cfg: Config) -> Any:
         if variant else (cfg.sections.get(name, {}) or {})
     if not isinstance(given, dict):
         raise ConfigError(f"config key {name!r}: expected a mapping")
-    data = _merge(_wiring(Path(cfg.out_dir), cfg.task, variant)[kind](), given)
+    out = Path(cfg.out_dir)
+    src = Path(cfg.from_run) if cfg.from_run else out
+    data = _merge(_wiring(out, src, cfg.task, variant)[kind](), given)
     try:
         return module, build(module.Config, data)
     except ConfigError as exc:
@@ -136,5 +141,5 @@ def load(path: str, overrides: list[str]) -> Config:
 
     raw = yaml.safe_load(Path(path).read_text()) or {}
     raw = apply_overrides(raw, overrides)
-    top = {k: raw.pop(k) for k in ("out_dir", "task", "stages") if k in raw}
+    top = {k: raw.pop(k) for k in ("out_dir", "task", "stages", "from_run") if k in raw}
     return build(Config, {**top, "sections": raw})

@@ -1,0 +1,620 @@
+"""``alignkit rest``: Reinforced Self-Training (ReST, Gulcehre et al. 2023, Algorithm 1).
+
+For each Grow step ``g = 0 .. G-1``:
+
+* **Grow**: sample ``N`` responses per prompt from the current policy and score each with a
+  reward source (reward model, verifier, gold reward, Python function, judge); the grown set,
+  with its scores, is written to ``grow_<g>/grown.jsonl`` (or ``.parquet``).
+* **Improve** ``i = 0 .. I-1``: normalise the grown rewards to [0, 1], keep the samples whose
+  normalised reward exceeds ``tau_i`` (ReST §2: ``F(x, y; tau) = 1[R(x, y) > tau]``, with
+  ``tau_0 <= tau_1 <= ...``), optionally mix in the original SFT data, and fine-tune the
+  previous policy on them at ``lr * lr_decay**i``: behaviour cloning (NLL) by default, or
+  reward-weighted BC (each sample's NLL times its normalised reward).
+
+After every Improve step the policy is evaluated on held-out prompts (proxy reward, gold reward
+on built-in tasks, a held-out signal, KL to the SFT model) and the reward-hacking guard sees
+(proxy, held-out). Expert iteration / RAFT (Anthony et al. 2017; Dong et al. 2023) is this stage
+with one Improve step per Grow (``configs/raft.yaml``).
+
+Files under ``out_dir``: ``initial/metrics.json`` (the SFT model), ``grow_<g>/grown.jsonl``,
+``grow_<g>/improve_<i>/{model, metrics.json, metrics.jsonl, samples.jsonl}``, ``metrics.jsonl``
+(one row per Improve step, ``step = g * I + i + 1``; step 0 is the SFT model), ``model`` (final).
+Resume: a step whose ``metrics.json`` exists is not redone, a grown file that exists is not
+regrown, and an Improve step stopped mid-training resumes from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from alignkit.config import require
+from alignkit.generation import SamplingConfig
+from alignkit.models import LoraSpec
+from alignkit.training import LoopConfig, LossOutput, OptimConfig
+
+
+@dataclass(frozen=True)
+class GrowConfig:
+    prompts: str | None = None          # "task:NAME" (train split) or a prompt file; default task
+    num_prompts: int = 256
+    samples_per_prompt: int = 4         # N
+    batch_size: int = 64
+    seed: int = 0
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        require(self.num_prompts > 0, "grow.num_prompts must be > 0")
+        require(self.samples_per_prompt >= 1, "grow.samples_per_prompt must be >= 1")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    schedule: Literal["absolute", "percentile"] = "absolute"
+    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7])  # one per Improve step
+    normalize: Literal["minmax", "range"] = "minmax"
+    range: list[float] | None = None     # [lo, hi] raw rewards mapped to [0, 1] (normalize: range)
+    require_finished: bool = True        # drop samples cut at max_new_tokens (BC would add EOS)
+
+    def __post_init__(self):
+        t = self.thresholds
+        require(len(t) >= 1, "filter.thresholds needs one threshold per Improve step")
+        require(all(a <= b for a, b in zip(t, t[1:])), f"filter.thresholds must rise, got {t}")
+        top = 1.0 if self.schedule == "absolute" else 100.0
+        require(all(0.0 <= x <= top for x in t), f"filter.thresholds must lie in [0, {top:g}] "
+                f"for schedule {self.schedule!r}, got {t}")
+        if self.normalize == "range":
+            require(self.range is not None and len(self.range) == 2 and self.range[0] < self.range[1],
+                    "filter.normalize=range needs filter.range: [lo, hi] with lo < hi")
+
+
+@dataclass(frozen=True)
+class ImproveConfig:
+    loss: Literal["bc", "reward_weighted"] = "bc"
+    lr_decay: float = 0.5               # Improve step i trains at optim.lr * lr_decay**i
+    sft_data: str | None = None         # keep the original SFT data in the mix ("task:NAME"/path)
+    sft_samples: int = 0
+    max_length: int = 256
+    min_examples: int = 0               # fewer kept samples than this (or one batch): skip the step
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5))
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=1.0, batch_size=32,
+                                                                 micro_batch_size=32))
+
+    def __post_init__(self):
+        require(0.0 < self.lr_decay <= 1.0, "improve.lr_decay must be in (0, 1]")
+        require(self.sft_samples >= 0, "improve.sft_samples must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    prompts: str | None = None          # "task:NAME" (test split) or a prompt file; default task
+    num_prompts: int = 200
+    batch_size: int = 64
+    seed: int = 1234
+    success_at: float | None = None     # also report the share of gold rewards >= this
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    heldout: str | None = None          # reward spec of the held-out signal; default gold:TASK
+    patience: int = 2                   # k consecutive steps of held-out down while proxy up
+    min_delta: float = 0.0              # changes smaller than this count as flat
+    stop: bool = False                  # stop, and keep the best (held-out) model as final
+
+    def __post_init__(self):
+        require(self.patience >= 1, "guard.patience must be >= 1")
+        require(self.min_delta >= 0, "guard.min_delta must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = ""                     # the starting (SFT) policy
+    reference: str | None = None        # KL yardstick; default: model
+    reward: str = ""                    # the proxy: the only signal that selects training data
+    task: str | None = None             # built-in task: default prompts and the gold reward
+    chat: bool = False
+    out_dir: str = "runs/rest"
+    grow_steps: int = 2                 # G
+    grow: GrowConfig = field(default_factory=GrowConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    improve: ImproveConfig = field(default_factory=ImproveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+
+    def __post_init__(self):
+        require(bool(self.model), "model is required (path of the SFT policy)")
+        require(bool(self.reward), "reward is required (model:PATH, gold:TASK, python:MOD:FN, judge:...)")
+        require(self.grow_steps >= 1, "grow_steps must be >= 1")
+        require(self.task is not None or (self.grow.prompts and self.eval.prompts),
+                "set task (a built-in task) or both grow.prompts and eval.prompts")
+
+    @property
+    def improve_steps(self) -> int:  # I
+        return len(self.filter.thresholds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Filtering: normalise the grown rewards, then keep those above the step's threshold.
+
+
+def normalize_rewards(rewards: list[float], method: str, value_range: list[float] | None = None,
+                      ) -> np.ndarray:
+    """Map rewards to [0, 1]: min-max over the grown set, or a fixed ``[lo, hi]`` (clipped).
+
+    A grown set whose rewards are all equal carries no ranking; min-max maps it to 0, so an
+    absolute threshold keeps none of it (use ``normalize: range`` for a verifier's fixed scale).
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    if method == "range":
+        lo, hi = value_range
+    else:
+        lo, hi = float(r.min()), float(r.max())
+        if hi == lo:
+            return np.zeros_like(r)
+    return np.clip((r - lo) / (hi - lo), 0.0, 1.0)
+
+
+def keep_mask(normalized: np.ndarray, threshold: float, schedule: str) -> np.ndarray:
+    """Samples the Improve step trains on.
+
+    ``absolute``: normalised reward strictly above ``tau`` (ReST's ``1[R > tau]``).
+    ``percentile``: normalised reward at or above the ``tau``-th percentile of the grown set, so
+    percentile 0 keeps everything and ties at the cut are all kept (verifier rewards tie a lot).
+    """
+    if schedule == "absolute":
+        return normalized > threshold
+    return normalized >= np.percentile(normalized, threshold)
+
+
+def select(grown: list[dict], cfg: FilterConfig, step: int) -> tuple[list[int], np.ndarray]:
+    """Indices of the kept samples of Improve ``step`` and the normalised rewards of all."""
+    norm = normalize_rewards([g["reward"] for g in grown], cfg.normalize, cfg.range)
+    mask = keep_mask(norm, cfg.thresholds[step], cfg.schedule)
+    ok = [bool(g["response"].strip()) and (g["finished"] or not cfg.require_finished) for g in grown]
+    return [j for j in range(len(grown)) if mask[j] and ok[j]], norm
+
+
+# ----------------------------------------------------------------------------------------------
+# The reward-hacking guard (Gao, Schulman & Hilton 2022: past a point, optimising a proxy
+# lowers the true reward). Pure: fed numbers, returns a decision; no files, no models.
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    step: int            # 0 = the first update (the SFT model)
+    streak: int          # consecutive updates with held-out down and proxy up
+    fired: bool          # streak >= patience: warn
+    stop: bool           # fired and configured to stop
+    best_step: int       # update with the highest held-out signal so far
+    best_heldout: float
+
+
+class HackingGuard:
+    def __init__(self, patience: int, min_delta: float = 0.0, stop: bool = False):
+        self.patience, self.min_delta, self.stop = patience, min_delta, stop
+        self.step, self.streak = -1, 0
+        self.previous: tuple[float, float] | None = None
+        self.best_step, self.best_heldout = -1, -math.inf
+
+    def update(self, proxy: float, heldout: float) -> GuardDecision:
+        self.step += 1
+        if self.previous is not None:
+            last_proxy, last_heldout = self.previous
+            hacking = heldout < last_heldout - self.min_delta and proxy > last_proxy + self.min_delta
+            self.streak = self.streak + 1 if hacking else 0
+        self.previous = (proxy, heldout)
+        if heldout > self.best_heldout:
+            self.best_step, self.best_heldout = self.step, heldout
+        fired = self.streak >= self.patience
+        return GuardDecision(self.step, self.streak, fired, fired and self.stop, self.best_step,
+                             self.best_heldout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grow: sample N responses per prompt and score them.
+
+
+def load_prompts(spec: str, split: str, n: int, chat: bool) -> list[str]:
+    from alignkit.data.sources import parse_task
+
+    task = parse_task(spec)
+    if task is not None:
+        from alignkit.tasks import get_task
+
+        return get_task(task[0], chat=chat or task[1]).prompts(split, n)
+    from alignkit.data.io import load_records
+
+    return [r["prompt"] for r in load_records(spec)][:n]
+
+
+def grow(policy, tokenizer, prompts: list[str], cfg: GrowConfig, *, chat: bool, seed: int,
+         reward, heldout=None) -> list[dict]:
+    """The grown set: one record per sample, ``N`` consecutive samples per prompt."""
+    from alignkit.stages.evaluate import sample_policy
+
+    repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    policy.eval()
+    rollout, responses = sample_policy(policy, tokenizer, repeated, cfg.sampling, chat=chat,
+                                       seed=seed, batch_size=cfg.batch_size)
+    rows = [{"prompt": p, "response": r, "reward": s, "finished": bool(f),
+             "sample": j % cfg.samples_per_prompt}
+            for j, (p, r, s, f) in enumerate(zip(repeated, responses, reward(repeated, responses),
+                                                 rollout.finished.tolist()))]
+    if heldout is not None:  # for inspection only: filtering never reads it
+        for row, h in zip(rows, heldout(repeated, responses)):
+            row["heldout_reward"] = h
+    return rows
+
+
+def grown_path(out: Path, g: int, fmt: str) -> Path:
+    return out / f"grow_{g}" / f"grown.{fmt}"
+
+
+def save_grown(rows: list[dict], path: Path) -> None:
+    """Write to a temporary file, then rename: the file exists only once the Grow step is done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    else:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def load_grown(path: Path) -> list[dict]:
+    from alignkit.data.io import load_records
+
+    return [dict(r) for r in load_records(path)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Improve: (reward-weighted) behaviour cloning through the SFT loss and the shared loop.
+
+
+def weighted_causal_lm_loss(model, batch) -> LossOutput:
+    """The SFT per-token NLL with each sequence's tokens weighted by ``batch["weight"]`` [B].
+
+    Weight 1 is plain BC; the normalised reward gives reward-weighted BC (Peters & Schaal 2007's
+    reward-weighted regression with the reward as the weight). The normaliser stays the token
+    count (``weight_of``), so the loss is ``sum_i w_i NLL_i / tokens`` and zero weights are safe.
+    """
+    from alignkit.stages.sft import causal_lm_loss
+
+    out = causal_lm_loss(model, batch)
+    out.weights = out.weights * batch["weight"].to(out.weights.dtype)[:, None]
+    return out
+
+
+def collate_weighted(examples: list[dict], pad_id: int) -> dict:
+    from alignkit.data.collate import collate_sft
+
+    batch = collate_sft(examples, pad_id)
+    batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+def training_records(grown: list[dict], kept: list[int], weights: np.ndarray, chat: bool,
+                     ) -> list[dict]:
+    out = []
+    for j in kept:
+        p, r = grown[j]["prompt"], grown[j]["response"]
+        if chat:
+            p, r = [{"role": "user", "content": p}], [{"role": "assistant", "content": r}]
+        out.append({"prompt": p, "completion": r, "weight": float(weights[j])})
+    return out
+
+
+def encode(records: list[dict], tokenizer, max_length: int) -> list[dict]:
+    from alignkit.data.formats import build_dataset
+
+    if not records:
+        return []
+    rows, stats = build_dataset([{k: v for k, v in r.items() if k != "weight"} for r in records],
+                                tokenizer, max_length=max_length, overlong="truncate")
+    assert stats.kept == len(records), "truncation never drops a record"
+    return [{**row, "weight": r.get("weight", 1.0)} for row, r in zip(rows, records)]
+
+
+def sft_mix(cfg: Config, tokenizer) -> list[dict]:
+    if not cfg.improve.sft_data or cfg.improve.sft_samples == 0:
+        return []
+    from alignkit.data.formats import build_dataset
+    from alignkit.data.sources import sft_source
+
+    src = sft_source(cfg.improve.sft_data, "train", cfg.improve.sft_samples, seed=cfg.grow.seed)
+    rows, _ = build_dataset(src, tokenizer, max_length=cfg.improve.max_length, overlong="truncate")
+    return [{**r, "weight": 1.0} for r in rows[:cfg.improve.sft_samples]]
+
+
+def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir: Path,
+            tokenizer) -> dict:
+    """Fine-tune ``policy`` on ``examples``; save ``step_dir/model``; return the loop's metrics."""
+    from alignkit.models import apply_lora, save_model
+    from alignkit.stages.sft import n_targets
+    from alignkit.tracking import Tracker
+    from alignkit.training import make_accelerator, train
+
+    imp = cfg.improve
+    optim = replace(imp.optim, lr=imp.optim.lr * imp.lr_decay ** i)
+    loop = replace(imp.train, seed=imp.train.seed + k)
+    accelerator = make_accelerator(loop.mixed_precision)
+    tracker = Tracker(step_dir, enabled=accelerator.is_main_process, stage=f"rest improve {k}")
+    model = apply_lora(policy.train(), cfg.lora)
+    pad = tokenizer.pad_token_id
+    result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],
+                   collate=lambda b: collate_weighted(b, pad), weight_of=n_targets,
+                   loss_fn=weighted_causal_lm_loss, loop=loop, optim=optim, out_dir=step_dir,
+                   tracker=tracker, accelerator=accelerator)
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, step_dir / "model")
+        shutil.rmtree(step_dir / "checkpoints", ignore_errors=True)  # the model + marker suffice
+    accelerator.wait_for_everyone()
+    return {"lr": optim.lr, "train_steps": result.step, "train_loss": result.last_metrics.get("loss")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation after each step, on held-out prompts (the same prompts and seed at every step).
+
+
+@dataclass
+class Judges:
+    """The signals of the run: proxy (trains), gold (built-in task), held-out (the guard's)."""
+
+    proxy: object
+    gold: object | None
+    heldout: object | None
+
+
+def make_judges(cfg: Config) -> Judges:
+    from alignkit.rewards import make_reward_source
+
+    gold = make_reward_source(f"gold:{cfg.task}" + (":chat" if cfg.chat else "")) if cfg.task else None
+    spec = cfg.guard.heldout or (f"gold:{cfg.task}" if cfg.task else None)
+    heldout = gold if spec == f"gold:{cfg.task}" else (
+        make_reward_source(spec, chat=cfg.chat) if spec else None)
+    return Judges(make_reward_source(cfg.reward, chat=cfg.chat), gold, heldout)
+
+
+def evaluate(policy, reference, tokenizer, prompts: list[str], cfg: Config,
+             judges: Judges) -> tuple[dict, list[dict]]:
+    from alignkit.stages.evaluate import sample_policy, sequence_kl, summarize
+
+    e = cfg.eval
+    policy.eval()
+    rollout, responses = sample_policy(policy, tokenizer, prompts, e.sampling, chat=cfg.chat,
+                                       seed=e.seed, batch_size=e.batch_size)
+    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
+    metrics = {"response_length": float(rollout.response_mask.sum(-1).float().mean())}
+    scores = {"proxy_reward": judges.proxy(prompts, responses)}
+    if judges.gold is not None:
+        scores["gold_reward"] = judges.gold(prompts, responses)
+    if judges.heldout is not None:
+        scores["heldout_reward"] = (scores["gold_reward"] if judges.heldout is judges.gold
+                                    else judges.heldout(prompts, responses))
+    for name, values in scores.items():
+        metrics.update(summarize(values, name))
+        for row, v in zip(rows, values):
+            row[name] = v
+    if e.success_at is not None and "gold_reward" in scores:
+        metrics["gold_success"] = float(np.mean([g >= e.success_at for g in scores["gold_reward"]]))
+    temperature = e.sampling.temperature if e.sampling.temperature > 0 else 1.0
+    kl = sequence_kl(policy, reference, rollout, temperature) if policy is not reference else None
+    metrics["kl_to_ref"] = float(kl.mean()) if kl is not None else 0.0
+    return metrics, rows
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage.
+
+
+def _guard_fields(d: GuardDecision | None) -> dict:
+    if d is None:
+        return {}
+    return {"guard_streak": d.streak, "guard_fired": d.fired, "best_step": d.best_step}
+
+
+def _observe(guard: HackingGuard | None, metrics: dict) -> GuardDecision | None:
+    if guard is None or metrics.get("heldout_reward_mean") is None:
+        return None
+    return guard.update(metrics["proxy_reward_mean"], metrics["heldout_reward_mean"])
+
+
+def _step_dir(out: Path, g: int, i: int) -> Path:
+    return out / f"grow_{g}" / f"improve_{i}"
+
+
+def run_improve(cfg: Config, g: int, i: int, k: int, grown: list[dict], policy_path: str,
+                tokenizer, mix: list[dict]) -> tuple[dict, bool]:
+    """Filter, train and save one Improve step; returns its metrics and whether it trained."""
+    from alignkit.models import load_causal_lm, save_model
+
+    step_dir = _step_dir(Path(cfg.out_dir), g, i)
+    kept, norm = select(grown, cfg.filter, i)
+    weights = norm if cfg.improve.loss == "reward_weighted" else np.ones_like(norm)
+    examples = encode(training_records(grown, kept, weights, cfg.chat), tokenizer,
+                      cfg.improve.max_length) + mix
+    raw = [grown[j]["reward"] for j in kept]
+    metrics = {"grow": g, "improve": i, "tau": cfg.filter.thresholds[i], "kept": len(kept),
+               "kept_fraction": len(kept) / len(grown),
+               "kept_reward_mean": float(np.mean(raw)) if raw else None,
+               "kept_reward_min": float(np.min(raw)) if raw else None,
+               "grown_reward_mean": float(np.mean([x["reward"] for x in grown]))}
+    policy = load_causal_lm(policy_path, tokenizer=tokenizer)
+    enough = len(kept) > 0 and len(examples) >= max(cfg.improve.train.batch_size,
+                                                    cfg.improve.min_examples)
+    if enough:
+        metrics.update(improve(policy, examples, cfg, i, k, step_dir, tokenizer))
+    else:
+        print(f"[rest] step {k}: {len(kept)} samples kept, fewer than one batch; policy unchanged",
+              flush=True)
+        save_model(policy, tokenizer, step_dir / "model")
+    metrics["trained"] = enough
+    return metrics, enough
+
+
+def main(cfg: Config) -> dict:
+    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.tracking import Tracker
+
+    out = Path(cfg.out_dir)
+    tracker = Tracker(out, cfg, stage="rest")
+    tokenizer = load_tokenizer(cfg.model)
+    reference = load_causal_lm(cfg.reference or cfg.model, tokenizer=tokenizer).eval()
+    judges = make_judges(cfg)
+    grow_prompts = load_prompts(cfg.grow.prompts or f"task:{cfg.task}", "train",
+                                cfg.grow.num_prompts, cfg.chat)
+    eval_prompts = load_prompts(cfg.eval.prompts or f"task:{cfg.task}", "test",
+                                cfg.eval.num_prompts, cfg.chat)
+    guard = HackingGuard(cfg.guard.patience, cfg.guard.min_delta, cfg.guard.stop) \
+        if judges.heldout is not None else None
+    mix = sft_mix(cfg, tokenizer)
+
+    initial = out / "initial" / "metrics.json"
+    if initial.exists():
+        m0 = json.loads(initial.read_text())
+    else:
+        policy0 = reference if cfg.reference is None else load_causal_lm(cfg.model, tokenizer=tokenizer)
+        m0, rows = evaluate(policy0, reference, tokenizer, eval_prompts, cfg, judges)
+        _write_rows(out / "initial" / "samples.jsonl", rows)
+        initial.write_text(json.dumps(m0, indent=2) + "\n")
+    d = _observe(guard, m0)
+    tracker.truncate_after(-1)  # the log is rebuilt from the step markers, so resume == uninterrupted
+    tracker.log(0, {**m0, **_guard_fields(d)})
+    models, metrics_by_step = {0: cfg.model}, {0: m0}
+    policy_path, stopped, fired_at = cfg.model, False, None
+    for g in range(cfg.grow_steps):
+        if stopped:
+            break
+        grown = None
+        for i in range(cfg.improve_steps):
+            k = g * cfg.improve_steps + i + 1
+            step_dir = _step_dir(out, g, i)
+            done = step_dir / "metrics.json"
+            if done.exists():
+                metrics = json.loads(done.read_text())
+            else:
+                if grown is None:
+                    grown = _grown(cfg, g, policy_path, tokenizer, grow_prompts, judges)
+                metrics, _ = run_improve(cfg, g, i, k, grown, policy_path, tokenizer, mix)
+                policy = load_causal_lm(step_dir / "model", tokenizer=tokenizer)
+                m, rows = evaluate(policy, reference, tokenizer, eval_prompts, cfg, judges)
+                metrics.update(m)
+                _write_rows(step_dir / "samples.jsonl", rows)
+                done.write_text(json.dumps(metrics, indent=2) + "\n")
+            d = _observe(guard, metrics)
+            tracker.log(k, {**metrics, **_guard_fields(d)})
+            policy_path = str(step_dir / "model")
+            models[k], metrics_by_step[k] = policy_path, metrics
+            if d is not None and d.fired:
+                fired_at = k if fired_at is None else fired_at
+                print(f"[rest] WARNING reward hacking suspected at step {k}: held-out signal fell "
+                      f"for {d.streak} steps while the proxy rose (best step {d.best_step})",
+                      flush=True)
+            if d is not None and d.stop:
+                stopped = True
+                break
+    return _finish(cfg, tracker, models, metrics_by_step, guard, stopped, fired_at)
+
+
+def _grown(cfg: Config, g: int, policy_path: str, tokenizer, prompts: list[str],
+           judges: Judges) -> list[dict]:
+    """The grown set of step ``g``: read back if it was written, else sampled now."""
+    from alignkit.models import load_causal_lm
+
+    path = grown_path(Path(cfg.out_dir), g, cfg.grow.format)
+    if path.exists():
+        print(f"[rest] grow {g}: reusing {path}", flush=True)
+        return load_grown(path)
+    policy = load_causal_lm(policy_path, tokenizer=tokenizer)
+    same = judges.heldout is None or judges.heldout.name == judges.proxy.name
+    heldout = None if same else judges.heldout
+    rows = grow(policy, tokenizer, prompts, cfg.grow, chat=cfg.chat, seed=cfg.grow.seed + g,
+                reward=judges.proxy, heldout=heldout)
+    for r in rows:
+        r["grow"] = g
+    save_grown(rows, path)
+    print(f"[rest] grow {g}: {len(rows)} samples, mean reward "
+          f"{np.mean([r['reward'] for r in rows]):.4g} -> {path}", flush=True)
+    return rows
+
+
+def _finish(cfg: Config, tracker, models: dict, metrics_by_step: dict,
+            guard: HackingGuard | None, stopped: bool, fired_at: int | None) -> dict:
+    out = Path(cfg.out_dir)
+    last = max(models)
+    final_step = guard.best_step if (stopped and guard is not None) else last
+    shutil.rmtree(out / "model", ignore_errors=True)
+    shutil.copytree(models[final_step], out / "model")
+    summary = {k: v for k, v in metrics_by_step[final_step].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    summary.update({"model": str(out / "model"), "final_step": final_step, "steps": last,
+                    "grow_steps": cfg.grow_steps, "improve_steps": cfg.improve_steps,
+                    "guard_fired_at": fired_at, "guard_stopped": stopped,
+                    "initial_gold_reward_mean": metrics_by_step[0].get("gold_reward_mean"),
+                    "initial_proxy_reward_mean": metrics_by_step[0].get("proxy_reward_mean")})
+    return tracker.finish(summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report figure.
+
+
+def rest_figure(run_dir: str | Path) -> list:
+    """Per-step curves of a ReST run: rewards, KL to SFT, samples kept; ``[(title, Figure)]``."""
+    from alignkit.tracking import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if "proxy_reward_mean" in r]
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for key, label in (("proxy_reward_mean", "proxy"), ("gold_reward_mean", "gold"),
+                       ("heldout_reward_mean", "held-out")):
+        pts = [(r["step"], r[key], r.get(key.replace("_mean", "_sem"), 0)) for r in rows
+               if r.get(key) is not None]
+        if pts and not (key == "heldout_reward_mean" and any("gold_reward_mean" in r for r in rows)
+                        and all(r.get(key) == r.get("gold_reward_mean") for r in rows)):
+            axes[0].errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                             marker="o", capsize=2, label=label)
+    axes[0].set_title("reward on held-out prompts", fontsize=9)
+    axes[0].legend(fontsize=7)
+    axes[1].plot(steps, [r.get("kl_to_ref", 0.0) for r in rows], marker="o")
+    axes[1].set_title("KL(policy || SFT), nats", fontsize=9)
+    trained = [r for r in rows if r.get("kept") is not None]
+    axes[2].bar([r["step"] for r in trained], [r["kept"] for r in trained], color="#9ab")
+    axes[2].set_title("samples kept (bars) / their mean reward", fontsize=9)
+    twin = axes[2].twinx()
+    twin.plot([r["step"] for r in trained], [r.get("kept_reward_mean") for r in trained],
+              marker="o", color="#c44")
+    fired = [r["step"] for r in rows if r.get("guard_fired")]
+    for ax in axes:
+        ax.set_xlabel("step (0 = SFT)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        for s in fired:
+            ax.axvline(s, color="red", alpha=0.3, linestyle="--")
+    fig.tight_layout()
+    return [("ReST: per-step rewards, KL and kept samples" + (" (red: guard fired)" if fired else ""),
+             fig)]
