@@ -36,7 +36,7 @@ def main() -> int:
 
     transformers.logging.set_verbosity_error()
     base = {"side": spec["side"], "case": spec["case"], "threads": threads,
-            "rss_after_import_mb": rss_mb()}
+            "rss_after_import_mb": rss_mb(), "versions": _versions()}
     try:
         result = cases.CASES[spec["case"]](spec)
     except Skip as e:
@@ -48,6 +48,18 @@ def main() -> int:
         return 1
     emit({**base, **result, "wall_s": time.perf_counter() - t0})
     return 0
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "accelerate", "trl", "alignkit"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 if __name__ == "__main__":

@@ -146,3 +146,10 @@ def test_two_processes_equal_one(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = torch.load(out + "/flat.pt")
     assert torch.allclose(flat(single), two, atol=2e-6, rtol=0)
+
+
+def test_stages_with_different_precision_in_one_process():
+    """The pipeline runs stages of different precision in one process."""
+    assert make_accelerator("no").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"

@@ -20,13 +20,18 @@ STAGES: dict[str, str] = {
     "rm": "alignkit.stages.reward",
     "dpo": "alignkit.stages.dpo",
     "label": "alignkit.stages.label",
+    "label-ai": "alignkit.stages.judge",
     "evaluate": "alignkit.stages.evaluate",
+    "ppo": "alignkit.stages.ppo",
+    "rest": "alignkit.stages.rest",
+    "bon": "alignkit.stages.bon",
     "pipeline": "alignkit.stages.pipeline",
 }
 
 TOOLS: dict[str, str] = {
     "store": "alignkit.feedback.store_cli",
     "annotate": "alignkit.feedback.annotate.cli",
+    "serve": "alignkit.serve",
 }
 
 

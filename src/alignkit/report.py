@@ -38,7 +38,7 @@ def stage_curves(stage: str, rows: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in CURVES if any(k in r for r in rows)]
+    keys = [k for k in CURVES if sum(r.get(k) is not None for r in rows) >= 2]
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
@@ -48,7 +48,6 @@ def stage_curves(stage: str, rows: list[dict]):
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(stage, fontsize=10)
     return fig
 
 

@@ -80,6 +80,15 @@ def make_accelerator(mixed_precision: str):
     if mixed_precision == "auto":
         bf16_ok = (cuda and torch.cuda.is_bf16_supported()) or (not cuda)
         mixed_precision = "bf16" if bf16_ok else "no"
+    # Stages run one after another in one process (the pipeline, tests) with their own
+    # precision; accelerate keeps a process-wide singleton that refuses a second setting. The
+    # process group (PartialState) is kept, so this is safe in multi-process runs too.
+    from accelerate.state import AcceleratorState, GradientState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
     # Our loop steps the scheduler once per optimiser step; accelerate's default would step it
     # once per process (it assumes each rank's dataloader shrank), which would change the LR.
     return Accelerator(mixed_precision=mixed_precision, cpu=not cuda,

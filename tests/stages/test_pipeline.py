@@ -15,10 +15,10 @@ base:
   num_documents: 300
   vocab_size: 400
   arch: {{hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64}}
-  train: {{max_steps: 4, batch_size: 16, micro_batch_size: 16, mixed_precision: "no"}}
+  train: {{max_steps: 4, batch_size: 16, micro_batch_size: 16, mixed_precision: "no", log_every: 1}}
 sft:
   data: {{task_samples: 64, eval_samples: 16, max_length: 96}}
-  train: {{max_steps: 3, batch_size: 16, micro_batch_size: 8, mixed_precision: "no"}}
+  train: {{max_steps: 3, batch_size: 16, micro_batch_size: 8, mixed_precision: "no", log_every: 1}}
 label:
   train_prompts: 24
   eval_prompts: 12
@@ -49,7 +49,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert {"pair_accuracy", "gold_pair_accuracy"} <= set(on_disk["rm"])
     assert on_disk["dpo"]["steps"] == 2
     report = (out / "report.html").read_text()
-    assert "Gold reward vs KL" in report and report.count("data:image/png") >= 4
+    assert "Gold reward vs KL" in report and report.count("data:image/png") >= 3
     # Every stage wrote its own config, metrics.jsonl or metrics.json.
     for stage in ("base", "sft", "rm", "dpo"):
         assert (out / stage / "config.yaml").exists() and (out / stage / "metrics.json").exists()

@@ -33,6 +33,17 @@ def test_range_normalisation_is_fixed_and_clipped():
     assert normalize_rewards([5.0], "range", [0.0, 10.0])[0] == pytest.approx(0.5)
 
 
+def test_prompt_minmax_normalises_within_each_prompt_and_selects_the_best_per_prompt():
+    rewards = [1.0, 3.0, 2.0, 10.0, 30.0, 20.0, 5.0, 5.0]
+    groups = ["a", "a", "a", "b", "b", "b", "c", "c"]
+    np.testing.assert_allclose(normalize_rewards(rewards, "prompt_minmax", groups=groups),
+                               [0.0, 1.0, 0.5, 0.0, 1.0, 0.5, 0.0, 0.0], atol=1e-12)
+    grown = [{"prompt": g, "response": "x", "reward": r, "finished": True}
+             for g, r in zip(groups, rewards)]
+    raft = FilterConfig(normalize="prompt_minmax", thresholds=[0.99])   # RAFT: best of N per prompt
+    assert select(grown, raft, 0)[0] == [1, 4]
+
+
 def test_absolute_threshold_is_strict():
     norm = np.array([0.0, 0.25, 0.5, 1.0])
     assert keep_mask(norm, 0.5, "absolute").tolist() == [False, False, False, True]
@@ -160,7 +171,7 @@ def test_reward_weighted_bc_matches_direct_formula_and_bc_is_weight_one():
         logp = torch.log_softmax(logits.double(), -1)
         nll = sum(-logp[t, y] for t, y in enumerate(e["labels"][1:]) if y != -100)
         expected += e["weight"] * float(nll.detach())
-    assert float(loss) == pytest.approx(expected / tokens, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(expected / tokens, rel=1e-5)
     ones = rest.collate_weighted([{**e, "weight": 1.0} for e in ex], pad_id=0)
     bc, plain = rest.weighted_causal_lm_loss(model, ones), causal_lm_loss(model, ones)
     assert torch.equal(bc.weights, plain.weights) and torch.equal(bc.values, plain.values)
@@ -224,9 +235,9 @@ def test_rest_resume_skips_finished_steps_and_equals_uninterrupted(tiny_base, tm
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["lr"] for r in rows[1:]] == pytest.approx([3e-3, 1.5e-3, 3e-3, 1.5e-3])
     assert all(rows[k]["kept"] < rows[k - 1]["kept"] for k in (2, 4))   # tau rises within a Grow
-    assert rows[0]["kl_to_ref"] == 0.0 and rows[4]["kl_to_ref"] > 0.0
+    assert rows[0]["kl_to_ref"] == 0.0 and rows[4]["kl_to_ref"] != 0.0   # k1 on 4 samples: any sign
     grown = (tmp_path / "straight" / "grow_1" / "grown.jsonl").read_text().splitlines()
-    assert len(grown) == 24 and {"prompt", "response", "reward", "heldout_reward"} <= set(json.loads(grown[0]))
+    assert len(grown) == 24 and {"prompt", "response", "reward", "gold_reward"} <= set(json.loads(grown[0]))
 
     # Crash in the first Improve step of Grow 1 (step 3), after that Grow step wrote its data.
     grows.clear()
@@ -263,13 +274,13 @@ def test_guard_stop_keeps_the_best_heldout_model(tiny_base, tmp_path, proxy_modu
 
     def scripted(policy, reference, tokenizer, prompts, cfg, judges):
         p, h = next(script)
-        return {"proxy_reward_mean": p, "heldout_reward_mean": h, "kl_to_ref": p / 10}, []
+        return {"proxy_reward_mean": p, "gold_reward_mean": h, "kl_to_ref": p / 10}, []
 
     monkeypatch.setattr(rest, "evaluate", scripted)
     out = tmp_path / "run"
     summary = rest.main(_cfg(tiny_base, out, proxy_module, guard={"patience": 2, "stop": True}))
     assert summary["guard_fired_at"] == 3 and summary["guard_stopped"] is True
-    assert summary["final_step"] == 1 and summary["heldout_reward_mean"] == pytest.approx(0.60)
+    assert summary["final_step"] == 1 and summary["gold_reward_mean"] == pytest.approx(0.60)
     assert not (out / "grow_1" / "improve_1").exists()          # stopped before step 4
     assert torch.equal(_weights(out / "model"), _weights(out / "grow_0" / "improve_0" / "model"))
     assert not torch.equal(_weights(out / "model"), _weights(out / "grow_1" / "improve_0" / "model"))

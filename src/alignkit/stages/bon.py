@@ -72,7 +72,7 @@ def selection_probs(rewards, n: int, replace: bool) -> np.ndarray:
     """
     r = np.asarray(rewards, dtype=np.float64)
     m = r.size
-    levels, inverse, counts = np.unique(r, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(r, return_inverse=True, return_counts=True)
     below = np.cumsum(counts)                       # c_l: samples at or below each level
     above = below - counts                          # c_{l-1}
     if replace:

@@ -60,14 +60,16 @@ class GrowConfig:
 class FilterConfig:
     schedule: Literal["absolute", "percentile"] = "absolute"
     thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7])  # one per Improve step
-    normalize: Literal["minmax", "range"] = "minmax"
-    range: list[float] | None = None     # [lo, hi] raw rewards mapped to [0, 1] (normalize: range)
+    # minmax: over the grown set; prompt_minmax: within each prompt's N samples (absolute
+    # threshold 0.99 then keeps each prompt's best sample: RAFT); range: fixed [lo, hi] -> [0, 1]
+    normalize: Literal["minmax", "prompt_minmax", "range"] = "minmax"
+    range: list[float] | None = None
     require_finished: bool = True        # drop samples cut at max_new_tokens (BC would add EOS)
 
     def __post_init__(self):
         t = self.thresholds
         require(len(t) >= 1, "filter.thresholds needs one threshold per Improve step")
-        require(all(a <= b for a, b in zip(t, t[1:])), f"filter.thresholds must rise, got {t}")
+        require(t == sorted(t), f"filter.thresholds must rise, got {t}")
         top = 1.0 if self.schedule == "absolute" else 100.0
         require(all(0.0 <= x <= top for x in t), f"filter.thresholds must lie in [0, {top:g}] "
                 f"for schedule {self.schedule!r}, got {t}")
@@ -148,13 +150,22 @@ class Config:
 
 
 def normalize_rewards(rewards: list[float], method: str, value_range: list[float] | None = None,
-                      ) -> np.ndarray:
-    """Map rewards to [0, 1]: min-max over the grown set, or a fixed ``[lo, hi]`` (clipped).
+                      groups: list | None = None) -> np.ndarray:
+    """Map rewards to [0, 1]: min-max over the grown set, over each prompt's ``N`` samples
+    (``prompt_minmax``, with ``groups`` the prompt of each sample), or a fixed ``[lo, hi]``.
 
-    A grown set whose rewards are all equal carries no ranking; min-max maps it to 0, so an
-    absolute threshold keeps none of it (use ``normalize: range`` for a verifier's fixed scale).
+    Rewards that are all equal (in the set, or in a prompt's group) carry no ranking and map to
+    0, so an absolute threshold keeps none of them (use ``range`` for a verifier's fixed scale).
     """
     r = np.asarray(rewards, dtype=np.float64)
+    if method == "prompt_minmax":
+        members: dict = {}
+        for j, key in enumerate(groups):
+            members.setdefault(key, []).append(j)
+        out = np.zeros_like(r)
+        for idx in members.values():
+            out[idx] = normalize_rewards(r[idx], "minmax")
+        return out
     if method == "range":
         lo, hi = value_range
     else:
@@ -178,7 +189,8 @@ def keep_mask(normalized: np.ndarray, threshold: float, schedule: str) -> np.nda
 
 def select(grown: list[dict], cfg: FilterConfig, step: int) -> tuple[list[int], np.ndarray]:
     """Indices of the kept samples of Improve ``step`` and the normalised rewards of all."""
-    norm = normalize_rewards([g["reward"] for g in grown], cfg.normalize, cfg.range)
+    norm = normalize_rewards([g["reward"] for g in grown], cfg.normalize, cfg.range,
+                             [g["prompt"] for g in grown])
     mask = keep_mask(norm, cfg.thresholds[step], cfg.schedule)
     ok = [bool(g["response"].strip()) and (g["finished"] or not cfg.require_finished) for g in grown]
     return [j for j in range(len(grown)) if mask[j] and ok[j]], norm
@@ -238,8 +250,9 @@ def load_prompts(spec: str, split: str, n: int, chat: bool) -> list[str]:
 
 
 def grow(policy, tokenizer, prompts: list[str], cfg: GrowConfig, *, chat: bool, seed: int,
-         reward, heldout=None) -> list[dict]:
-    """The grown set: one record per sample, ``N`` consecutive samples per prompt."""
+         reward, inspect: dict | None = None) -> list[dict]:
+    """The grown set: one record per sample, ``N`` consecutive samples per prompt, with the
+    ``reward`` that filtering reads and, for inspection only, the scores of ``inspect`` sources."""
     from alignkit.stages.evaluate import sample_policy
 
     repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
@@ -250,9 +263,9 @@ def grow(policy, tokenizer, prompts: list[str], cfg: GrowConfig, *, chat: bool, 
              "sample": j % cfg.samples_per_prompt}
             for j, (p, r, s, f) in enumerate(zip(repeated, responses, reward(repeated, responses),
                                                  rollout.finished.tolist()))]
-    if heldout is not None:  # for inspection only: filtering never reads it
-        for row, h in zip(rows, heldout(repeated, responses)):
-            row["heldout_reward"] = h
+    for name, source in (inspect or {}).items():
+        for row, h in zip(rows, source(repeated, responses)):
+            row[name] = h
     return rows
 
 
@@ -371,21 +384,27 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
 
 @dataclass
 class Judges:
-    """The signals of the run: proxy (trains), gold (built-in task), held-out (the guard's)."""
+    """The signals of a run: the proxy (selects training data), the gold reward (built-in
+    tasks) and the guard's held-out signal, read from metric ``heldout_key``."""
 
     proxy: object
     gold: object | None
-    heldout: object | None
+    heldout: object | None          # a separate source; None when the held-out signal is gold
+    heldout_key: str | None         # "gold_reward_mean", "heldout_reward_mean" or None (no guard)
 
 
 def make_judges(cfg: Config) -> Judges:
     from alignkit.rewards import make_reward_source
 
-    gold = make_reward_source(f"gold:{cfg.task}" + (":chat" if cfg.chat else "")) if cfg.task else None
-    spec = cfg.guard.heldout or (f"gold:{cfg.task}" if cfg.task else None)
-    heldout = gold if spec == f"gold:{cfg.task}" else (
-        make_reward_source(spec, chat=cfg.chat) if spec else None)
-    return Judges(make_reward_source(cfg.reward, chat=cfg.chat), gold, heldout)
+    gold_spec = f"gold:{cfg.task}" + (":chat" if cfg.chat else "") if cfg.task else None
+    gold = make_reward_source(gold_spec) if gold_spec else None
+    spec = cfg.guard.heldout or gold_spec
+    if spec is None:
+        return Judges(make_reward_source(cfg.reward, chat=cfg.chat), gold, None, None)
+    if spec in (gold_spec, f"gold:{cfg.task}"):
+        return Judges(make_reward_source(cfg.reward, chat=cfg.chat), gold, None, "gold_reward_mean")
+    return Judges(make_reward_source(cfg.reward, chat=cfg.chat), gold,
+                  make_reward_source(spec, chat=cfg.chat), "heldout_reward_mean")
 
 
 def evaluate(policy, reference, tokenizer, prompts: list[str], cfg: Config,
@@ -398,12 +417,9 @@ def evaluate(policy, reference, tokenizer, prompts: list[str], cfg: Config,
                                        seed=e.seed, batch_size=e.batch_size)
     rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
     metrics = {"response_length": float(rollout.response_mask.sum(-1).float().mean())}
-    scores = {"proxy_reward": judges.proxy(prompts, responses)}
-    if judges.gold is not None:
-        scores["gold_reward"] = judges.gold(prompts, responses)
-    if judges.heldout is not None:
-        scores["heldout_reward"] = (scores["gold_reward"] if judges.heldout is judges.gold
-                                    else judges.heldout(prompts, responses))
+    sources = {"proxy_reward": judges.proxy, "gold_reward": judges.gold,
+               "heldout_reward": judges.heldout}
+    scores = {name: src(prompts, responses) for name, src in sources.items() if src is not None}
     for name, values in scores.items():
         metrics.update(summarize(values, name))
         for row, v in zip(rows, values):
@@ -431,10 +447,10 @@ def _guard_fields(d: GuardDecision | None) -> dict:
     return {"guard_streak": d.streak, "guard_fired": d.fired, "best_step": d.best_step}
 
 
-def _observe(guard: HackingGuard | None, metrics: dict) -> GuardDecision | None:
-    if guard is None or metrics.get("heldout_reward_mean") is None:
+def _observe(guard: HackingGuard | None, metrics: dict, key: str | None) -> GuardDecision | None:
+    if guard is None or metrics.get(key) is None:
         return None
-    return guard.update(metrics["proxy_reward_mean"], metrics["heldout_reward_mean"])
+    return guard.update(metrics["proxy_reward_mean"], metrics[key])
 
 
 def _step_dir(out: Path, g: int, i: int) -> Path:
@@ -442,8 +458,8 @@ def _step_dir(out: Path, g: int, i: int) -> Path:
 
 
 def run_improve(cfg: Config, g: int, i: int, k: int, grown: list[dict], policy_path: str,
-                tokenizer, mix: list[dict]) -> tuple[dict, bool]:
-    """Filter, train and save one Improve step; returns its metrics and whether it trained."""
+                tokenizer, mix: list[dict]) -> dict:
+    """Filter, train and save one Improve step; returns its metrics."""
     from alignkit.models import load_causal_lm, save_model
 
     step_dir = _step_dir(Path(cfg.out_dir), g, i)
@@ -467,7 +483,7 @@ def run_improve(cfg: Config, g: int, i: int, k: int, grown: list[dict], policy_p
               flush=True)
         save_model(policy, tokenizer, step_dir / "model")
     metrics["trained"] = enough
-    return metrics, enough
+    return metrics
 
 
 def main(cfg: Config) -> dict:
@@ -484,7 +500,7 @@ def main(cfg: Config) -> dict:
     eval_prompts = load_prompts(cfg.eval.prompts or f"task:{cfg.task}", "test",
                                 cfg.eval.num_prompts, cfg.chat)
     guard = HackingGuard(cfg.guard.patience, cfg.guard.min_delta, cfg.guard.stop) \
-        if judges.heldout is not None else None
+        if judges.heldout_key is not None else None
     mix = sft_mix(cfg, tokenizer)
 
     initial = out / "initial" / "metrics.json"
@@ -495,7 +511,7 @@ def main(cfg: Config) -> dict:
         m0, rows = evaluate(policy0, reference, tokenizer, eval_prompts, cfg, judges)
         _write_rows(out / "initial" / "samples.jsonl", rows)
         initial.write_text(json.dumps(m0, indent=2) + "\n")
-    d = _observe(guard, m0)
+    d = _observe(guard, m0, judges.heldout_key)
     tracker.truncate_after(-1)  # the log is rebuilt from the step markers, so resume == uninterrupted
     tracker.log(0, {**m0, **_guard_fields(d)})
     models, metrics_by_step = {0: cfg.model}, {0: m0}
@@ -513,13 +529,13 @@ def main(cfg: Config) -> dict:
             else:
                 if grown is None:
                     grown = _grown(cfg, g, policy_path, tokenizer, grow_prompts, judges)
-                metrics, _ = run_improve(cfg, g, i, k, grown, policy_path, tokenizer, mix)
+                metrics = run_improve(cfg, g, i, k, grown, policy_path, tokenizer, mix)
                 policy = load_causal_lm(step_dir / "model", tokenizer=tokenizer)
                 m, rows = evaluate(policy, reference, tokenizer, eval_prompts, cfg, judges)
                 metrics.update(m)
                 _write_rows(step_dir / "samples.jsonl", rows)
                 done.write_text(json.dumps(metrics, indent=2) + "\n")
-            d = _observe(guard, metrics)
+            d = _observe(guard, metrics, judges.heldout_key)
             tracker.log(k, {**metrics, **_guard_fields(d)})
             policy_path = str(step_dir / "model")
             models[k], metrics_by_step[k] = policy_path, metrics
@@ -544,10 +560,10 @@ def _grown(cfg: Config, g: int, policy_path: str, tokenizer, prompts: list[str],
         print(f"[rest] grow {g}: reusing {path}", flush=True)
         return load_grown(path)
     policy = load_causal_lm(policy_path, tokenizer=tokenizer)
-    same = judges.heldout is None or judges.heldout.name == judges.proxy.name
-    heldout = None if same else judges.heldout
+    inspect = {name: src for name, src in (("gold_reward", judges.gold), ("heldout_reward", judges.heldout))
+               if src is not None and src.name != judges.proxy.name}
     rows = grow(policy, tokenizer, prompts, cfg.grow, chat=cfg.chat, seed=cfg.grow.seed + g,
-                reward=judges.proxy, heldout=heldout)
+                reward=judges.proxy, inspect=inspect)
     for r in rows:
         r["grow"] = g
     save_grown(rows, path)
@@ -595,8 +611,7 @@ def rest_figure(run_dir: str | Path) -> list:
                        ("heldout_reward_mean", "held-out")):
         pts = [(r["step"], r[key], r.get(key.replace("_mean", "_sem"), 0)) for r in rows
                if r.get(key) is not None]
-        if pts and not (key == "heldout_reward_mean" and any("gold_reward_mean" in r for r in rows)
-                        and all(r.get(key) == r.get("gold_reward_mean") for r in rows)):
+        if pts:
             axes[0].errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                              marker="o", capsize=2, label=label)
     axes[0].set_title("reward on held-out prompts", fontsize=9)

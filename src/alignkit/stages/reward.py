@@ -29,11 +29,13 @@ class Config:
     margin: float = 0.0           # constant margin m in -log sigmoid(r_w - r_l - m)
     gold_task: str | None = None  # built-in task whose gold reward scores eval pairs (eval only)
     lora: LoraSpec = field(default_factory=LoraSpec)
+    save_adapter: bool = False    # with LoRA: also save the unmerged adapter + head to <out_dir>/adapter
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=10))
     train: LoopConfig = field(default_factory=LoopConfig)
 
     def __post_init__(self):
         require(bool(self.model), "model is required (a path or hub name of a causal LM)")
+        require(self.lora.enabled or not self.save_adapter, "save_adapter needs lora.enabled=true")
 
 
 def pair_rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +126,9 @@ def main(cfg: Config) -> dict:
                    loss_fn=make_loss(cfg.margin), loop=cfg.train, optim=cfg.optim, out_dir=out,
                    tracker=tracker, accelerator=accelerator, eval_fn=eval_fn)
     if accelerator.is_main_process:
+        if cfg.save_adapter:  # before merging: PPO's shared placement serves it from its base
+            accelerator.unwrap_model(model).save_pretrained(str(out / "adapter"))
+            tokenizer.save_pretrained(str(out / "adapter"))
         save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"),

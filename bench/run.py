@@ -1,0 +1,406 @@
+"""Benchmarks side by side with TRL: ``make bench`` (or ``python bench/run.py [--quick]``).
+
+Runs in the project venv. For every cell (case x model x precision) it runs the alignkit side and
+the peer side alternately (``--reps`` each, the first side switching every repetition), each
+measurement in a fresh subprocess whose peak RSS comes from ``wait4``; alignkit cells run with
+this interpreter, peer cells with ``bench/.venv-trl`` (TRL 1.16) or ``bench/.venv-trl-ppo`` (the
+last TRL with a PPOTrainer), which this script creates on first use. It also measures the
+machine's matmul peak (fp32, bf16) for MFU, and writes ``bench/results/<date>.json`` and ``.md``.
+
+See bench/README.md for what each case measures and how both sides are made equivalent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from common import RESULT_PREFIX  # noqa: E402
+
+PEERS = {
+    # venv folder -> the pip requirement of the peer it holds
+    "trl": (BENCH / ".venv-trl", "trl==1.16.0"),
+    # TRL removed PPOTrainer after 1.12.0 (1.13.0 ships none); 1.12.0 has it in trl.experimental.ppo.
+    "trl-ppo": (BENCH / ".venv-trl-ppo", "trl==1.12.0"),
+}
+PEER_OF_CASE = {"ppo": "trl-ppo"}
+TRAINING = ("sft", "rm", "dpo")
+RL = ("grpo", "rloo", "ppo")
+
+# Per-case sizes. "batch": items per optimiser step (SFT sequences, RM/DPO pairs) or prompts per
+# sampling call. RL: prompts_per_iter x k completions per iteration, one optimiser step each.
+FULL = {
+    "sft": dict(batch=8, warmup=1, steps=3, max_len=256),
+    "rm": dict(batch=4, warmup=1, steps=3, max_len=256),
+    "dpo": dict(batch=4, warmup=1, steps=3, max_len=256),
+    "sample": dict(batch=32, new_tokens=64, warmup=1, steps=2),
+    "grpo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2),
+    "rloo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2),
+    "ppo": dict(prompts_per_iter=16, new_tokens=64, warmup=1, steps=2, ppo_epochs=1),
+}
+QUICK = {
+    "sft": dict(batch=2, warmup=1, steps=1, max_len=64),
+    "rm": dict(batch=2, warmup=1, steps=1, max_len=64),
+    "dpo": dict(batch=2, warmup=1, steps=1, max_len=64),
+    "sample": dict(batch=4, new_tokens=8, warmup=1, steps=1),
+    "grpo": dict(prompts_per_iter=2, k=2, new_tokens=8, warmup=1, steps=1),
+    "rloo": dict(prompts_per_iter=2, k=2, new_tokens=8, warmup=1, steps=1),
+    "ppo": dict(prompts_per_iter=2, new_tokens=8, warmup=1, steps=1, ppo_epochs=1),
+}
+# Which models each case runs on by default: RL iterations are sampling-bound and run on the
+# demo model; the offline trainers and sampling run on both shapes.
+FULL_MODELS = {"sft": ["gpt2-40m", "llama-demo"], "rm": ["gpt2-40m", "llama-demo"],
+               "dpo": ["gpt2-40m", "llama-demo"], "sample": ["gpt2-40m", "llama-demo"],
+               "grpo": ["llama-demo"], "rloo": ["llama-demo"], "ppo": ["llama-demo"]}
+QUICK_MODELS = {c: ["gpt2-tiny"] if c in TRAINING + ("sample",) else ["llama-demo"] for c in FULL}
+
+TARGETS = {  # from the issue; "ratio" is alignkit / peer throughput at equal precision
+    "sft": 1.5, "rm": 1.5, "dpo": 1.5, "grpo": 2.0, "rloo": 2.0, "sample": 3.0,
+}
+MFU_TARGET = {"fp32": 0.60, "bf16": 0.40}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------- environments
+
+
+def torch_requirement() -> str:
+    import torch
+
+    return "torch==" + torch.__version__.split("+")[0]
+
+
+def peer_python(name: str, logs: Path) -> Path:
+    """The peer venv's interpreter, creating or repairing the venv when needed."""
+    venv, requirement = PEERS[name]
+    py = venv / "bin" / "python"
+    want = requirement.split("==")[1]
+    probe = "import trl, torch; print(trl.__version__, torch.__version__)"
+    if py.exists():
+        out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.split()[0] == want:
+            return py
+    log(f"creating {venv.relative_to(ROOT)} with {requirement} (a few minutes, once)")
+    base = getattr(sys, "_base_executable", None) or "python3"
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    # torch pinned to the project's version, in the same command as TRL, so pip never resolves a
+    # different (multi-GB CUDA) build; pip's find-links supply the local CPU wheel where present.
+    cmd = [str(venv / "bin" / "pip"), "install", "-q", torch_requirement(), requirement]
+    with open(logs / f"pip-{name}.log", "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    return py
+
+
+def alignkit_precheck(case: str) -> str | None:
+    """Why the alignkit side of ``case`` cannot run here, or None (same text as the worker's Skip)."""
+    import importlib.util
+
+    if case in RL and importlib.util.find_spec("alignkit.stages.ppo") is None:
+        return "alignkit.stages.ppo (PPO/RLOO/GRPO stage) is not in the repo yet"
+    return None
+
+
+# ---------------------------------------------------------------------------------- subprocesses
+
+
+def run_child(cmd: list[str], log_path: Path, timeout: float, env: dict) -> dict:
+    """Run ``cmd``; return its BENCH_RESULT dict plus ``peak_rss_mb`` (wait4's ru_maxrss)."""
+    t0 = time.perf_counter()
+    with open(log_path, "w") as f:
+        f.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            if time.perf_counter() - t0 > timeout:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                timed_out = True
+                break
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    result = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+    if timed_out:
+        result = {"error": f"timed out after {timeout:.0f} s"}
+    elif not result:
+        result = {"error": f"exit code {proc.returncode}, no result (see {log_path})"}
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB
+    result["process_s"] = time.perf_counter() - t0
+    result["log"] = str(log_path.relative_to(ROOT))
+    return result
+
+
+# ---------------------------------------------------------------------------------- aggregation
+
+
+def median_of(runs: list[dict], key: str):
+    values = [r[key] for r in runs if key in r and "error" not in r and "skipped" not in r]
+    return statistics.median(values) if values else None
+
+
+def flops_per_token(case: str, meta: dict) -> float:
+    """Training FLOPs per real token: 6 x (non-embedding parameters + the LM head matmul).
+
+    The (tied) LM head is a d x V matmul per token, so it counts although its weight is the
+    embedding; embedding lookups, norms, softmax and attention scores are not counted (the
+    score FLOPs, 12 L d T per token at context T, are a few percent here), so MFU is a
+    slight under-estimate. Reward models have a d x 1 score head instead of the LM head.
+    """
+    head = 0 if case == "rm" else meta["lm_head_params"]
+    return 6.0 * (meta["n_nonembedding"] + head)
+
+
+def summarize(case: str, model: str, precision: str, runs: dict, meta: dict, peak: dict) -> dict:
+    row = {"case": case, "model": model, "precision": precision}
+    for side in ("alignkit", "peer"):
+        rs = runs[side]
+        ok = [r for r in rs if "error" not in r and "skipped" not in r]
+        s = {"reps": len(ok)}
+        notes = sorted({r.get("skipped") or r.get("error") for r in rs
+                        if r.get("skipped") or r.get("error")})
+        if notes:
+            s["note"] = "; ".join(notes)
+        if ok:
+            for key in ("tokens_per_s", "items_per_s", "iters_per_s", "peak_rss_mb",
+                        "step_s_median", "dataset_tokens", "tokens"):
+                v = median_of(ok, key)
+                if v is not None:
+                    s[key] = v
+            if case in TRAINING and "tokens_per_s" in s:
+                s["mfu"] = flops_per_token(case, meta) * s["tokens_per_s"] / peak[f"{precision}_peak_flops"]
+        row[side] = s
+    a, p = row["alignkit"], row["peer"]
+    if "items_per_s" in a and "items_per_s" in p:
+        row["ratio"] = a["items_per_s"] / p["items_per_s"]
+        row["token_ratio"] = a["tokens_per_s"] / p["tokens_per_s"]
+        row["memory_ratio"] = a["peak_rss_mb"] / p["peak_rss_mb"]
+    if a.get("dataset_tokens") and p.get("dataset_tokens") and a["dataset_tokens"] != p["dataset_tokens"]:
+        row["warning"] = (f"tokenised datasets differ: alignkit {a['dataset_tokens']} vs peer "
+                          f"{p['dataset_tokens']} tokens")
+    checks = []
+    if case in TARGETS and "ratio" in row:
+        checks.append(f"ratio >= {TARGETS[case]}: {'met' if row['ratio'] >= TARGETS[case] else 'NOT met'}")
+    if "mfu" in a:
+        t = MFU_TARGET[precision]
+        checks.append(f"MFU >= {t:.0%}: {'met' if a['mfu'] >= t else 'NOT met'}")
+    if case == "ppo":
+        checks.append("shared/separate memory <= 0.5: not measured (no alignkit PPO stage)")
+    row["targets"] = checks
+    return row
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def fmt(v, spec=".1f"):
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(report: dict) -> str:
+    peak = report["peak"]
+    lines = [
+        f"# alignkit vs TRL, {report['date']}",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']['cpu']}, {report['machine']['threads']} threads; "
+        f"load average at start {report['machine']['loadavg_start']}, at end "
+        f"{report['machine']['loadavg_end']}.  ",
+        f"Matmul peak: fp32 {peak['fp32_peak_flops'] / 1e9:.0f} GFLOP/s, "
+        f"bf16 {peak['bf16_peak_flops'] / 1e9:.0f} GFLOP/s.  ",
+        "Versions: " + "; ".join(f"{k}: {v}" for k, v in sorted(report["versions"].items())) + ".",
+        "",
+        "Throughput is the median over repetitions (items = sequences for SFT, pairs for RM/DPO, "
+        "completions for sampling and RL); ratio = alignkit / peer items/s at equal precision; "
+        "memory = peak RSS of the measuring process (ru_maxrss), MiB.",
+        "",
+        "| case | model | prec | alignkit items/s | peer items/s | ratio | alignkit tok/s | "
+        "peer tok/s | alignkit MFU | peer MFU | alignkit MiB | peer MiB | targets / notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["rows"]:
+        a, p = r["alignkit"], r["peer"]
+        notes = list(r.get("targets", []))
+        for side, s in (("alignkit", a), ("peer", p)):
+            if s.get("note"):
+                notes.append(f"{side}: {s['note']}")
+        if r.get("warning"):
+            notes.append(r["warning"])
+        lines.append(
+            f"| {r['case']} | {r['model']} | {r['precision']} | {fmt(a.get('items_per_s'), '.2f')} | "
+            f"{fmt(p.get('items_per_s'), '.2f')} | {fmt(r.get('ratio'), '.2f')} | "
+            f"{fmt(a.get('tokens_per_s'), '.0f')} | {fmt(p.get('tokens_per_s'), '.0f')} | "
+            f"{fmt(a.get('mfu') and 100 * a['mfu'], '.1f')}{'%' if a.get('mfu') else ''} | "
+            f"{fmt(p.get('mfu') and 100 * p['mfu'], '.1f')}{'%' if p.get('mfu') else ''} | "
+            f"{fmt(a.get('peak_rss_mb'), '.0f')} | {fmt(p.get('peak_rss_mb'), '.0f')} | "
+            f"{'; '.join(notes)} |")
+    lines += ["", f"Total wall time: {report['wall_s'] / 60:.1f} min."]
+    if report.get("quick"):
+        lines += ["", "**--quick smoke run: tiny sizes, numbers are not benchmarks.**"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny models and sizes, 1 rep")
+    ap.add_argument("--cases", default=",".join(FULL), help="comma list of " + ",".join(FULL))
+    ap.add_argument("--models", default=None, help="override the models of every case (comma list)")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per side (default 2; quick 1)")
+    ap.add_argument("--warmup", type=int, default=None, help="override warm-up steps of every case")
+    ap.add_argument("--steps", type=int, default=None, help="override timed steps of every case")
+    ap.add_argument("--run-timeout", type=float, default=None, help="seconds per measurement (default 300; quick 180)")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help="overall budget; measurements that would start later are skipped (default 25; quick 15)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: torch's)")
+    ap.add_argument("--no-peer", action="store_true", help="alignkit side only")
+    ap.add_argument("--tag", default="", help="suffix of the result files (<date>-<tag>.json)")
+    ap.add_argument("--work", default=str(BENCH / "work"))
+    ap.add_argument("--out", default=str(BENCH / "results"))
+    args = ap.parse_args()
+
+    t_start = time.perf_counter()
+    sizes = QUICK if args.quick else FULL
+    reps = args.reps or (1 if args.quick else 2)
+    run_timeout = args.run_timeout or (180 if args.quick else 300)
+    budget_s = 60 * (args.budget_min or (15 if args.quick else 25))
+    cases = [c for c in args.cases.split(",") if c]
+    precisions = args.precisions.split(",")
+    model_map = QUICK_MODELS if args.quick else FULL_MODELS
+    if args.models:
+        model_map = {c: args.models.split(",") for c in FULL}
+    work = Path(args.work) / ("quick" if args.quick else "full")
+    logs = work / "logs" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
+    if args.threads:
+        env["BENCH_THREADS"] = str(args.threads)
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
+
+    # 1. models, tokenizers, data
+    models = sorted({m for c in cases for m in model_map[c]})
+    prep = [sys.executable, str(BENCH / "prepare.py"), "--out", str(work), "--models", ",".join(models)]
+    if args.quick:
+        prep += ["--max-len", "64", "--n-sft", "32", "--n-pref", "32", "--n-prompts", "32"]
+    log("preparing " + ", ".join(models))
+    subprocess.run(prep, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    manifest = json.loads((work / "manifest.json").read_text())
+
+    # 2. peers
+    peer_py = {}
+    if not args.no_peer:
+        for name in sorted({PEER_OF_CASE.get(c, "trl") for c in cases}):
+            peer_py[name] = peer_python(name, logs)
+
+    # 3. the machine's matmul peak
+    peak_cmd = [sys.executable, str(BENCH / "peak.py")]
+    if args.quick:
+        peak_cmd += ["--sizes", "512,1024", "--repeats", "3"]
+    peak = run_child(peak_cmd, logs / "peak.log", 300, env)
+    log(f"matmul peak: fp32 {peak['fp32_peak_flops'] / 1e9:.0f} GFLOP/s, "
+        f"bf16 {peak['bf16_peak_flops'] / 1e9:.0f} GFLOP/s")
+
+    # 4. cells, both sides alternating
+    rows, versions = [], {}
+    for case in cases:
+        for model in model_map[case]:
+            for precision in precisions:
+                spec = dict(sizes[case], case=case, seed=0, precision=precision,
+                            model_dir=str(work / "models" / model), data_dir=str(work / "data" / model))
+                if args.warmup is not None:
+                    spec["warmup"] = args.warmup
+                if args.steps is not None:
+                    spec["steps"] = args.steps
+                runs = {"alignkit": [], "peer": []}
+                sides = ["alignkit"] + ([] if args.no_peer else ["peer"])
+                for rep in range(reps):
+                    order = sides if rep % 2 == 0 else sides[::-1]
+                    for side in order:
+                        if runs[side] and "skipped" in runs[side][-1]:
+                            continue  # a skip does not change between repetitions
+                        tag = f"{case}-{model}-{precision}-{side}-{rep}"
+                        if time.perf_counter() - t_start > budget_s:
+                            runs[side].append({"skipped": "overall --budget-min exhausted"})
+                            continue
+                        if side == "alignkit" and (why := alignkit_precheck(case)):
+                            runs[side].append({"skipped": why})  # no process needed to learn it
+                            log(f"{tag}: {why}")
+                            continue
+                        s = dict(spec, side="alignkit" if side == "alignkit" else "trl")
+                        py = sys.executable if side == "alignkit" else str(peer_py[PEER_OF_CASE.get(case, "trl")])
+                        r = run_child([py, str(BENCH / "worker.py"), json.dumps(s)], logs / f"{tag}.log",
+                                      run_timeout, env)
+                        r["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+                        runs[side].append(r)
+                        if r.get("versions"):
+                            versions["alignkit" if side == "alignkit" else
+                                     "peer " + PEER_OF_CASE.get(case, "trl")] = r["versions"]
+                        what = r.get("error") or r.get("skipped") or \
+                            f"{r['items_per_s']:.2f} items/s, {r['tokens_per_s']:.0f} tok/s, " \
+                            f"{r['peak_rss_mb']:.0f} MiB"
+                        log(f"{tag}: {what}")
+                row = summarize(case, model, precision, runs, manifest[model], peak)
+                row["spec"] = {k: v for k, v in spec.items() if k not in ("model_dir", "data_dir")}
+                row["runs"] = runs
+                rows.append(row)
+                if "ratio" in row:
+                    log(f"{case}/{model}/{precision}: ratio {row['ratio']:.2f}")
+
+    # 5. report
+    date = dt.date.today().isoformat()
+    report = {
+        "date": date, "quick": args.quick,
+        "command": " ".join(["python", "bench/run.py"] + sys.argv[1:]),
+        "machine": {"cpu": _cpu_name(), "threads": peak.get("threads"), "platform": platform.platform(),
+                    "loadavg_start": loadavg_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+        "versions": versions, "peak": peak, "models": {m: manifest[m] for m in models},
+        "flops_formula": "6 * (n_nonembedding + d_model * vocab [causal LM only]) per real token",
+        "rows": rows, "wall_s": time.perf_counter() - t_start,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = date + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(markdown(report))
+    log(f"wrote {out / (stem + '.json')} and .md in {report['wall_s'] / 60:.1f} min")
+    print(markdown(report))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""``alignkit label-ai``: AI labels for response pairs (RLAIF), with their cost and agreement.
+
+Reads the unlabelled pairs an ``alignkit label`` run wrote (``<pairs_dir>/pairs_<split>.jsonl``)
+and has an AI judge (:mod:`alignkit.feedback.judges`: a local model or any OpenAI-compatible
+endpoint) label them, both orders averaged. Every judgement is recorded in the preference store
+(source ``ai``, judge id, template version, rationale, cost, latency); every request is cached
+there, so a re-run or a resumed run pays for nothing twice. Where ``<pairs_dir>/<split>.jsonl``
+holds other labels of the same pairs (simulated annotators, or people), they are imported into
+the store and the judge's agreement with them is measured on the shared pairs.
+
+Output (the layout of ``alignkit label``, so ``rm`` and ``dpo`` read it unchanged):
+``<out_dir>/<split>.jsonl`` preference records with ``label_prob`` (the soft label of the chosen
+response), ``store.db``, ``unlabelled.jsonl`` (failed or unparseable pairs, with the reason) and
+``metrics.json``: ``ai_agreement_with_<source>``, ``position_bias_rate``, ``cost_per_label``
+($ from token counts and the configured prices), ``labels_per_second``, ...
+
+Needs ``--config``: a file with a shared ``judge:`` section and a ``label_ai:`` section (see
+``configs/judge.yaml``), or a plain file of this stage's keys.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from alignkit.config import require
+from alignkit.feedback.judges import JudgeConfig
+
+
+@dataclass(frozen=True)
+class Config:
+    judge: JudgeConfig
+    pairs_dir: str = ""               # folder with pairs_<split>.jsonl (an `alignkit label` run)
+    splits: list[str] = field(default_factory=lambda: ["train", "eval"])
+    out_dir: str = "runs/labels_ai"
+    store: str = ""                   # default: <out_dir>/store.db
+    reference_source: Literal["simulated", "human"] = "simulated"  # who labelled <split>.jsonl
+    chunk: int = 256                  # pairs judged and committed to the store at a time
+    limit: int = 0                    # > 0: only the first `limit` pairs of each split
+
+    def __post_init__(self):
+        require(bool(self.pairs_dir), "pairs_dir is required (the output folder of alignkit label)")
+        require(self.chunk >= 1 and self.limit >= 0, "chunk must be >= 1 and limit >= 0")
+
+
+def load(path: str, overrides: list[str]) -> Config:
+    from alignkit.feedback.judges import load_stage_config
+
+    return load_stage_config(Config, path, "label_ai", overrides)
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def label_split(judge, pairs: list[dict], chunk: int) -> tuple[list, list[dict], list[dict]]:
+    """Judge ``pairs`` chunk by chunk; returns the judgements, preference records of the
+    decided pairs, and the unlabelled pairs with the reason."""
+    from alignkit.feedback.judges import preference_record
+
+    judgements, records, unlabelled = [], [], []
+    for s in range(0, len(pairs), chunk):
+        part = pairs[s:s + chunk]
+        got = judge.label([p["prompt"] for p in part], [p["response_a"] for p in part],
+                          [p["response_b"] for p in part])
+        judgements += got
+        for p, j in zip(part, got):
+            record = preference_record(p["prompt"], p["response_a"], p["response_b"], j)
+            if record is not None:
+                records.append(record)
+            elif j.label is None:
+                errors = [o.error for o in j.outcomes if o.error]
+                answers = [o.raw["answer"] for o in j.outcomes if o.raw is not None]
+                unlabelled.append({**p, "reason": "failed" if errors else "unparseable",
+                                   "errors": errors, "answers": answers})
+        print(f"[label-ai] {min(s + chunk, len(pairs))}/{len(pairs)} pairs judged", flush=True)
+    return judgements, records, unlabelled
+
+
+def main(cfg: Config) -> dict:
+    from alignkit.feedback.judges import PairwiseJudge, agreement, position_bias_rate
+    from alignkit.feedback.store import PreferenceStore
+    from alignkit.stages.label import write_jsonl
+    from alignkit.tracking import Tracker
+
+    out = Path(cfg.out_dir)
+    tracker = Tracker(out, cfg, stage="label-ai")
+    store = PreferenceStore(cfg.store or out / "store.db")
+    judge = PairwiseJudge(cfg.judge, store=store)
+    summary: dict = {"judge": judge.id, "template_version": judge.template_version}
+    everything, unlabelled = [], []
+    start = time.perf_counter()
+    for split in cfg.splits:
+        pairs = _read(Path(cfg.pairs_dir) / f"pairs_{split}.jsonl")
+        pairs = pairs[:cfg.limit] if cfg.limit else pairs
+        reference = Path(cfg.pairs_dir) / f"{split}.jsonl"
+        if reference.exists():
+            store.import_preferences(reference, source=cfg.reference_source,
+                                     annotator=f"{cfg.reference_source}:{reference}")
+        judgements, records, missing = label_split(judge, pairs, cfg.chunk)
+        write_jsonl(out / f"{split}.jsonl", records)
+        everything += judgements
+        unlabelled += missing
+        summary[f"{split}_pairs"] = len(records)
+        summary[split] = str(out / f"{split}.jsonl")
+    elapsed = time.perf_counter() - start
+    write_jsonl(out / "unlabelled.jsonl", unlabelled)
+    labelled = [j for j in everything if j.label is not None]
+    shared = agreement(store, judge.id, judge.template_version, cfg.reference_source)
+    c = judge.counts
+    summary.update({
+        f"ai_agreement_with_{cfg.reference_source}": shared["agreement"],
+        f"ai_kappa_with_{cfg.reference_source}": shared["kappa"],
+        "shared_pairs": shared["n"],
+        "position_bias_rate": position_bias_rate([tuple(j.slot_probs) for j in everything])
+        if cfg.judge.swap else None,
+        "labels": len(labelled), "ties": sum(j.label == "tie" for j in everything),
+        "unlabelled": len(unlabelled), "unparseable_answers": c["unparseable"],
+        "failed_requests": c["failed"], "requests": c["requests"], "cache_hits": c["cache_hits"],
+        # What a label costs, cached or not; cost_spent is what this run paid.
+        "cost_per_label": sum(j.cost for j in labelled) / max(len(labelled), 1),
+        "cost_spent": c["cost_spent"], "prompt_tokens": c["prompt_tokens"],
+        "completion_tokens": c["completion_tokens"],
+        "labels_per_second": len(labelled) / max(elapsed, 1e-9), "seconds": elapsed,
+    })
+    if getattr(judge.backend, "retries", None) is not None:
+        summary["http_retries"] = judge.backend.retries
+    store.close()
+    tracker.log(0, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    return tracker.finish(summary)
+
+
+def figures(out_dir: Path, summary: dict) -> list:
+    """Report figures (``alignkit.report.FIGURES``): how often the AI label matches the
+    simulated one as a function of the judge's confidence (a calibrated judge rises from 0.5 at
+    confidence 0.5 to 1 at confidence 1), and the gold pair accuracy of reward models trained on
+    simulated vs AI labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: list = []
+    ai, sim = summary.get("label_ai") or {}, summary.get("label") or {}
+    ai_path, sim_path = Path(str(ai.get("train", ""))), Path(str(sim.get("train", "")))
+    if ai_path.is_file() and sim_path.is_file():
+        sim = {(r["prompt"], frozenset((r["chosen"], r["rejected"]))): r["chosen"]
+               for r in _read(sim_path)}
+        hits = [(r["label_prob"], sim[k] == r["chosen"]) for r in _read(ai_path)
+                if (k := (r["prompt"], frozenset((r["chosen"], r["rejected"])))) in sim]
+        edges = [0.5 + 0.05 * i for i in range(11)]
+        centres, rates, counts = [], [], []
+        for lo, hi in zip(edges, edges[1:]):
+            inside = [agree for p, agree in hits if lo <= p < hi or (hi == 1.0 and p == 1.0)]
+            if inside:
+                centres.append((lo + hi) / 2)
+                rates.append(sum(inside) / len(inside))
+                counts.append(len(inside))
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([0.5, 1.0], [0.5, 1.0], ls="--", color="grey", label="calibrated")
+        ax.scatter(centres, rates, s=[8 + 200 * c / max(counts) for c in counts], label="AI judge")
+        ax.set_xlabel("AI soft label of its chosen response")
+        ax.set_ylabel("agreement with simulated label")
+        ax.legend()
+        out.append(("AI labels vs simulated labels", fig))
+    rms = {name: summary[key]["gold_pair_accuracy"] for name, key in
+           (("simulated labels", "rm"), ("AI labels", "rm@ai"))
+           if isinstance(summary.get(key), dict) and "gold_pair_accuracy" in summary[key]}
+    if rms:
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.bar(list(rms), list(rms.values()), color=["tab:blue", "tab:orange"][:len(rms)])
+        ax.axhline(0.5, ls="--", color="grey")
+        ax.set_ylim(0.4, 1.0)
+        ax.set_ylabel("reward model gold pair accuracy")
+        out.append(("Reward models: simulated vs AI labels", fig))
+    return out

@@ -1,0 +1,517 @@
+"""``alignkit ppo``: RLHF with PPO, or the critic-free RLOO and GRPO, on one loop.
+
+Each iteration: sample ``k`` responses for each of a batch of prompts (:mod:`alignkit.rollout`),
+score them with a reward source, turn scores into advantages (the algorithm's part, below), then
+run ``ppo.epochs`` passes of clipped-surrogate updates over shuffled minibatches.
+
+* ``ppo`` (Schulman et al. 2017; RLHF as Ziegler et al. 2019, Stiennon et al. 2020, Ouyang et
+  al. 2022): per-token reward ``r(x, y) 1[t = last] - beta KL_t``, GAE advantages from a value
+  model, whitened; clipped policy loss averaged over tokens, clipped value loss.
+* ``rloo`` (Ahmadian et al. 2024): the KL goes into the sequence reward,
+  ``R = r(x, y) - beta sum_t KL_t``, and the baseline is the mean reward of the other ``k - 1``
+  samples of the prompt; the loss sums over a response's tokens (REINFORCE of the sequence).
+* ``grpo`` (Shao et al. 2024): group-normalised scores as advantages, the k3 KL to the
+  reference as a loss term, each response's tokens averaged.
+
+Roles live in :mod:`alignkit.roles` (``roles: separate | shared``). Gold rewards of built-in
+tasks are computed on the same rollouts for reporting and never enter training unless the
+reward source itself is ``gold:TASK``. A checkpoint after an iteration holds the policy, the
+value, the optimisers, schedulers, KL controller, reward normaliser and every RNG, so a resumed
+run continues the same trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from alignkit.advantages import (AdaptiveKLController, FixedKLController, gae, grpo_advantages,
+                                 kl_penalty, rloo_advantages, shaped_rewards, whiten)
+from alignkit.config import require
+from alignkit.generation import SamplingConfig, rollout_logps
+from alignkit.losses import grpo_loss, ppo_clipped, ppo_policy_loss, ppo_value_loss, reduce_loss
+from alignkit.models import LoraSpec
+from alignkit.rollout import (Experience, GeneratorState, RunningMoments, ScoreConfig,
+                              iteration_prompts, load_prompts)
+from alignkit.training import OptimConfig
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    prompts: str | None = None        # "task:NAME[:chat]" (train split) or a file of prompt records
+    num_prompts: int = 0              # size of the prompt pool (0: all)
+    prompts_per_iteration: int = 32
+    samples_per_prompt: int = 1       # k; RLOO and GRPO need k >= 2
+    batch_size: int = 64              # rows per generation chunk
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        require(self.prompts_per_iteration > 0, "rollout.prompts_per_iteration must be > 0")
+        require(self.samples_per_prompt >= 1, "rollout.samples_per_prompt must be >= 1")
+
+    @property
+    def rows(self) -> int:
+        return self.prompts_per_iteration * self.samples_per_prompt
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL in the reward (PPO, RLOO) and metric
+    beta: float = 0.05                 # the coefficient (its start value when adaptive)
+    adaptive: bool = False             # Ziegler et al. 2019's proportional controller
+    target: float = 6.0                # nats per response
+    horizon: float = 10000.0           # samples
+
+    def __post_init__(self):
+        require(self.beta >= 0, "kl.beta must be >= 0")
+        require(not self.adaptive or (self.target > 0 and self.horizon > 0),
+                "kl.target and kl.horizon must be > 0")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    algo: Literal["ppo", "rloo", "grpo"] = "ppo"
+    epochs: int = 4                    # passes over each iteration's rollouts
+    minibatch_size: int = 16           # rows per optimiser step
+    micro_batch_size: int = 8          # rows per forward (gradient accumulation)
+    clip_eps: float = 0.2
+    value_clip_eps: float | None = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True     # PPO's per-batch advantage whitening
+    grpo_scale: bool = True            # false: Dr. GRPO (no division by the group's std)
+
+    def __post_init__(self):
+        require(self.epochs >= 1, "ppo.epochs must be >= 1")
+        require(self.minibatch_size > 0 and self.micro_batch_size > 0,
+                "ppo.minibatch_size and ppo.micro_batch_size must be > 0")
+        require(self.clip_eps > 0, "ppo.clip_eps must be > 0")
+        require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_prompts: int = 200             # held-out test prompts of the task (0: no evaluation)
+    batch_size: int = 64
+    seed: int = 1234
+    initial: bool = True               # also evaluate the starting policy (initial_* metrics)
+    success_at: float | None = None    # also report the share of gold rewards >= this
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = ""                    # the starting policy (an SFT model)
+    reward: str = ""                   # model:PATH | gold:TASK | python:MOD:FN | judge:...
+    reference: str | None = None       # default: model
+    task: str | None = None            # built-in task: default prompts, gold metrics, final eval
+    chat: bool = False
+    out_dir: str = "runs/ppo"
+    iterations: int = 20
+    roles: Literal["separate", "shared"] = "separate"
+    value_init: Literal["policy", "reward"] = "policy"
+    lora: LoraSpec = field(default_factory=LoraSpec)  # the adapters of roles=shared
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="constant"))
+    value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="constant"))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    save_every: int = 0                # iterations between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    resume: str = "auto"               # "auto" | "never" | a checkpoint path
+    mixed_precision: Literal["no", "bf16"] = "no"
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        require(bool(self.model), "model is required (path of the starting policy)")
+        require(bool(self.reward), "reward is required (model:PATH, gold:TASK, python:MOD:FN, ...)")
+        require(self.iterations >= 1, "iterations must be >= 1")
+        require(self.task is not None or self.rollout.prompts is not None,
+                "set task (a built-in task) or rollout.prompts (a file of prompt records)")
+        k = self.rollout.samples_per_prompt
+        require(self.ppo.algo == "ppo" or k >= 2, f"ppo.algo={self.ppo.algo} needs "
+                f"rollout.samples_per_prompt >= 2 (a baseline from the other samples), got {k}")
+        require(self.rollout.rows % self.ppo.minibatch_size == 0,
+                f"rows per iteration ({self.rollout.rows} = prompts_per_iteration x "
+                f"samples_per_prompt) must be a multiple of ppo.minibatch_size "
+                f"({self.ppo.minibatch_size})")
+        require(self.value_init == "policy" or self.reward.startswith("model:"),
+                "value_init=reward needs reward: model:PATH")
+
+
+# ---------------------------------------------------------------------------------------------
+# The algorithms: what differs between PPO, RLOO and GRPO. A variant is an entry, not a branch.
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    uses_value: bool
+    # (experience, training scores [B], beta, cfg) -> (advantages [B, R] or [B], returns or None)
+    advantages: Callable[[Experience, torch.Tensor, float, Config], tuple]
+    # (new_logps, minibatch, beta, ppo cfg) -> per-token loss [B, R]
+    loss: Callable[[torch.Tensor, Experience, float, PPOConfig], torch.Tensor]
+    # How per-token losses become one number (see ``loss_weights``).
+    reduction: Literal["token_mean", "sequence_sum", "sequence_mean"]
+
+
+def sequence_kl(exp: Experience, estimator: str) -> torch.Tensor:
+    """``sum_t KL_t`` per response ``[B]``, each token's KL estimated with ``estimator``."""
+    return (kl_penalty(exp.old_logps, exp.ref_logps, estimator) * exp.mask).sum(-1)
+
+
+def _ppo_advantages(exp, scores, beta, cfg):
+    kl = kl_penalty(exp.old_logps, exp.ref_logps, cfg.kl.estimator)
+    rewards = shaped_rewards(scores, kl, exp.mask, beta)          # Stiennon et al. 2020, eq. 2
+    advantages, returns = gae(rewards, exp.values, exp.mask, cfg.ppo.gamma, cfg.ppo.lam)
+    if cfg.ppo.whiten_advantages:
+        advantages = whiten(advantages, exp.mask)
+    return advantages, returns
+
+
+def _rloo_advantages(exp, scores, beta, cfg):
+    # Ahmadian et al. 2024 treat the whole response as one action: its reward carries the KL.
+    rewards = scores - beta * sequence_kl(exp, cfg.kl.estimator)
+    return rloo_advantages(rewards, cfg.rollout.samples_per_prompt), None
+
+
+def _grpo_advantages(exp, scores, beta, cfg):
+    return grpo_advantages(scores, cfg.rollout.samples_per_prompt, scale=cfg.ppo.grpo_scale), None
+
+
+def _clipped(new_logps, mb, beta, ppo):
+    return ppo_policy_loss(new_logps, mb.old_logps, mb.advantages, ppo.clip_eps)
+
+
+def _grpo(new_logps, mb, beta, ppo):
+    return grpo_loss(new_logps, mb.old_logps, mb.ref_logps, mb.advantages, ppo.clip_eps, beta)
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "ppo": Algorithm(True, _ppo_advantages, _clipped, "token_mean"),
+    "rloo": Algorithm(False, _rloo_advantages, _clipped, "sequence_sum"),
+    "grpo": Algorithm(False, _grpo_advantages, _grpo, "sequence_mean"),
+}
+
+
+def loss_weights(reduction: str, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Weights of each token's loss and the normaliser of :func:`reduce_loss` for ``mask``.
+
+    ``token_mean``: every token of the minibatch counts alike (PPO). ``sequence_sum``: sum over a
+    response's tokens, mean over responses: REINFORCE of the sequence log-prob (RLOO).
+    ``sequence_mean``: mean over a response's tokens, then over responses (GRPO, eq. 3).
+    """
+    mask = mask.float()
+    if reduction == "sequence_mean":
+        mask = mask / mask.sum(-1, keepdim=True).clamp_min(1)
+    return mask, float(mask.sum()) if reduction == "token_mean" else float(mask.size(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# One minibatch: forward + backward in micro-batches with the minibatch's global normalisers.
+
+
+def accumulate(roles, mb: Experience, algo: Algorithm, ppo: PPOConfig, beta: float,
+               temperature: float, accelerator) -> dict[str, float]:
+    """Accumulate the gradients of one minibatch (policy and, for PPO, value) into ``.grad``.
+
+    The normalisers are those of the whole minibatch (:func:`alignkit.losses.reduce_loss`), so the
+    gradient does not depend on ``ppo.micro_batch_size``. Returns summed metrics and their counts.
+    """
+    _, policy_norm = loss_weights(algo.reduction, mb.mask)
+    value_norm = float(mb.mask.sum())
+    stats = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0,
+             "tokens": value_norm}
+    for start in range(0, len(mb), ppo.micro_batch_size):
+        sub = mb.take(range(start, min(start + ppo.micro_batch_size, len(mb))))
+        mask = sub.mask.float()
+        with accelerator.autocast():
+            new_logps = rollout_logps(roles.policy, sub.rollout, temperature)
+        weights, _ = loss_weights(algo.reduction, mask)
+        loss = reduce_loss(algo.loss(new_logps, sub, beta, ppo).float(), weights, policy_norm)
+        accelerator.backward(loss)
+        stats["policy_loss"] += float(loss.detach())
+        # Diagnostics, per token whatever the loss's weighting. approx_kl: k3 with samples from
+        # the old policy, r = new / old, an estimate of KL(old || new) (Schulman 2020).
+        stats["clipfrac"] += float((ppo_clipped(new_logps, sub.old_logps, sub.advantages,
+                                                ppo.clip_eps) * mask).sum())
+        stats["approx_kl"] += float((kl_penalty(sub.old_logps, new_logps.detach(), "k3") * mask).sum())
+        if algo.uses_value:
+            with accelerator.autocast():
+                values = roles.values(sub.rollout)
+            vloss = reduce_loss(ppo_value_loss(values, sub.values, sub.returns, ppo.value_clip_eps),
+                                mask, value_norm)
+            accelerator.backward(vloss)
+            stats["value_loss"] += float(vloss.detach())
+    return stats
+
+
+def _step(accelerator, optimizer, scheduler, params, max_grad_norm) -> float:
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm) if norm is not None else float("nan")
+
+
+def optimise(roles, exp: Experience, algo: Algorithm, cfg: Config, beta: float, opt,
+             generator: torch.Generator, accelerator) -> dict[str, float]:
+    """``ppo.epochs`` passes over the experience in shuffled minibatches; mean metrics."""
+    temperature = cfg.rollout.sampling.temperature or 1.0
+    totals: dict[str, float] = {}
+    n_steps = 0
+    roles.train(True)
+    for _ in range(cfg.ppo.epochs):
+        order = torch.randperm(len(exp), generator=generator).tolist()
+        for s in range(0, len(exp), cfg.ppo.minibatch_size):
+            stats = accumulate(roles, exp.take(order[s:s + cfg.ppo.minibatch_size]), algo, cfg.ppo,
+                               beta, temperature, accelerator)
+            stats["grad_norm"] = _step(accelerator, opt["policy"], opt["policy_sched"],
+                                       roles.policy_parameters(), cfg.optim.max_grad_norm)
+            if algo.uses_value:
+                stats["value_grad_norm"] = _step(accelerator, opt["value"], opt["value_sched"],
+                                                 roles.value_parameters(),
+                                                 cfg.value_optim.max_grad_norm)
+            tokens = stats.pop("tokens")
+            stats["clipfrac"] /= tokens
+            stats["approx_kl"] /= tokens
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n_steps += 1
+    roles.train(False)
+    out = {k: v / n_steps for k, v in totals.items()}
+    if not algo.uses_value:
+        out.pop("value_loss")
+    out["lr"] = opt["policy_sched"].get_last_lr()[0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers.
+
+
+def make_optimizers(roles, cfg: Config, algo: Algorithm) -> dict:
+    from alignkit.training import lr_lambda, make_optimizer
+
+    per_iteration = cfg.ppo.epochs * (cfg.rollout.rows // cfg.ppo.minibatch_size)
+    total = cfg.iterations * per_iteration
+    out = {}
+    groups = [("policy", roles.policy_parameters(), cfg.optim)]
+    if algo.uses_value:
+        groups.append(("value", roles.value_parameters(), cfg.value_optim))
+    for name, params, optim in groups:
+        opt = make_optimizer(torch.nn.ParameterList(params), optim)
+        out[name] = opt
+        out[f"{name}_sched"] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total))
+    return out
+
+
+def _eval_config(cfg: Config):
+    from alignkit.stages import evaluate
+
+    e = cfg.eval
+    return evaluate.Config(policy=cfg.model, task=cfg.task, chat=cfg.chat, num_prompts=e.num_prompts,
+                           batch_size=e.batch_size, seed=e.seed, sampling=e.sampling)
+
+
+def _evaluate(roles, tokenizer, cfg: Config) -> tuple[dict, list[dict]]:
+    from alignkit.stages.evaluate import evaluate_policy
+
+    metrics, rows = evaluate_policy(roles.policy, tokenizer, _eval_config(cfg), roles.reference,
+                                    roles.reward)
+    if cfg.eval.success_at is not None:  # e.g. the arithmetic verifier's "correct" (gold 1.0)
+        metrics["success_rate"] = sum(r["gold_reward"] >= cfg.eval.success_at for r in rows) / len(rows)
+    return metrics, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# One iteration and the run.
+
+
+@dataclass
+class LoopState:
+    """Everything besides the models and optimisers that a checkpoint must restore."""
+
+    kl: FixedKLController | AdaptiveKLController
+    moments: RunningMoments
+    rng: GeneratorState
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp_min(1))
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """``1 - Var[R - V] / Var[R]`` over real tokens: 1 is a perfect critic, <= 0 a useless one."""
+    mask = mask.float()
+    var_r = _masked_mean((returns - _masked_mean(returns, mask)) ** 2, mask)
+    err = returns - values
+    var_e = _masked_mean((err - _masked_mean(err, mask)) ** 2, mask)
+    return 1.0 - var_e / var_r if var_r > 0 else float("nan")
+
+
+def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cfg: Config,
+                  state: LoopState, opt: dict, accelerator, gold) -> dict:
+    from alignkit.rollout import collect, training_scores
+
+    start = time.perf_counter()
+    texts, ids = prompts
+    k = cfg.rollout.samples_per_prompt
+    chosen = iteration_prompts(len(texts), cfg.rollout.prompts_per_iteration, cfg.seed, iteration)
+    rows = [i for i in chosen for _ in range(k)]   # k consecutive samples per prompt
+    sampled = collect(roles, [ids[i] for i in rows], [texts[i] for i in rows], tokenizer,
+                      cfg.rollout.sampling, state.rng.generator, batch_size=cfg.rollout.batch_size,
+                      gold=gold)
+    exp = sampled.experience
+    finished = exp.rollout.finished
+    scores = training_scores(sampled.proxy, finished, cfg.score, state.moments)
+    beta = state.kl.value
+    exp.advantages, exp.returns = algo.advantages(exp, scores, beta, cfg)
+    kl = sequence_kl(exp, cfg.kl.estimator)
+    lengths = exp.mask.sum(-1).float()
+    metrics = {"proxy_reward_mean": float(sampled.proxy.mean()),
+               "proxy_reward_std": float(sampled.proxy.std()) if len(exp) > 1 else 0.0,
+               "score_mean": float(scores.mean()),
+               "kl_to_ref": float(kl.mean()), "kl_estimator": cfg.kl.estimator, "beta": beta,
+               "entropy": -_masked_mean(exp.old_logps, exp.mask.float()),
+               "response_length": float(lengths.mean()),
+               "finished_fraction": float(finished.float().mean()),
+               "logprob_gap_max": sampled.logprob_gap_max,
+               "tokens_per_s": float(lengths.sum()) / max(sampled.generation_seconds, 1e-9)}
+    if sampled.gold is not None:
+        metrics["gold_reward_mean"] = float(sampled.gold.mean())
+        if cfg.eval.success_at is not None:
+            metrics["success_rate"] = float((sampled.gold >= cfg.eval.success_at).float().mean())
+    if algo.uses_value:
+        metrics["explained_variance"] = explained_variance(exp.values, exp.returns, exp.mask)
+    metrics.update(optimise(roles, exp, algo, cfg, beta, opt, state.rng.generator, accelerator))
+    state.kl.update(metrics["kl_to_ref"], len(exp))
+    metrics["iteration_s"] = time.perf_counter() - start
+    return metrics
+
+
+def _resume(cfg: Config, out: Path, accelerator, tracker) -> int:
+    from alignkit.training import _latest_checkpoint
+
+    ckpt = None
+    if cfg.resume == "auto":
+        ckpt = _latest_checkpoint(out)
+    elif cfg.resume != "never":
+        ckpt = Path(cfg.resume)
+    if ckpt is None:
+        return 0
+    accelerator.load_state(str(ckpt))
+    done = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    tracker.truncate_after(done)
+    accelerator.print(f"alignkit ppo: resumed from {ckpt} at iteration {done}/{cfg.iterations}")
+    return done
+
+
+def _initial_eval(roles, tokenizer, cfg: Config, out: Path) -> dict:
+    """Metrics of the starting policy on the same held-out prompts (cached for resumed runs)."""
+    path = out / "initial_metrics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    metrics, _ = _evaluate(roles, tokenizer, cfg)
+    initial = {f"initial_{k}": v for k, v in metrics.items()
+               if k.startswith(("gold_reward", "proxy_reward", "response_length", "success"))}
+    path.write_text(json.dumps(initial, indent=2) + "\n")
+    return initial
+
+
+def main(cfg: Config) -> dict:
+    from accelerate.utils import set_seed
+
+    from alignkit.models import load_tokenizer
+    from alignkit.rewards import GoldReward
+    from alignkit.roles import RoleSpec, build_roles, memory_report
+    from alignkit.tracking import Tracker
+    from alignkit.training import _save_checkpoint, make_accelerator
+
+    accelerator = make_accelerator(cfg.mixed_precision)
+    require(accelerator.num_processes == 1, "alignkit ppo runs in one process")
+    set_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    algo = ALGORITHMS[cfg.ppo.algo]
+    tracker = Tracker(out, cfg, stage=cfg.ppo.algo, tensorboard=cfg.tensorboard)
+    tokenizer = load_tokenizer(cfg.model)
+    spec = RoleSpec(model=cfg.model, reference=cfg.reference, reward=cfg.reward,
+                    value_init=cfg.value_init, chat=cfg.chat, lora=cfg.lora)
+    roles = build_roles(cfg.roles, spec, tokenizer, needs_value=algo.uses_value).to(accelerator.device)
+    prompts = load_prompts(cfg.rollout.prompts or f"task:{cfg.task}" + (":chat" if cfg.chat else ""),
+                           cfg.rollout.num_prompts, tokenizer)
+    gold = GoldReward(cfg.task, chat=cfg.chat) if cfg.task else None
+    evaluating = cfg.task is not None and cfg.eval.num_prompts > 0
+    initial = _initial_eval(roles, tokenizer, cfg, out) if evaluating and cfg.eval.initial else {}
+
+    opt = make_optimizers(roles, cfg, algo)
+    kl = (AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
+          else FixedKLController(cfg.kl.beta))
+    state = LoopState(kl, RunningMoments(), GeneratorState(cfg.seed, accelerator.device))
+    names = sorted(opt)
+    prepared = accelerator.prepare(*roles.modules().values(), *(opt[n] for n in names))
+    opt = dict(zip(names, prepared[len(roles.modules()):]))
+    accelerator.register_for_checkpointing(state.kl, state.moments, state.rng)
+    start = _resume(cfg, out, accelerator, tracker)
+
+    metrics: dict = {}
+    for it in range(start, cfg.iterations):
+        metrics = run_iteration(it, roles, prompts, tokenizer, algo, cfg, state, opt, accelerator,
+                                gold)
+        tracker.log(it + 1, metrics)
+        if cfg.save_every > 0 and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
+            _save_checkpoint(accelerator, out, it + 1, cfg.keep_checkpoints)
+    if start < cfg.iterations:
+        _save_checkpoint(accelerator, out, cfg.iterations, cfg.keep_checkpoints)
+
+    final = {"algo": cfg.ppo.algo, "roles": cfg.roles, "iterations": cfg.iterations,
+             "beta": state.kl.value,
+             **{f"last_{k}": v for k, v in metrics.items()}, **memory_report(roles), **initial}
+    if evaluating:
+        evaluated, rows = _evaluate(roles, tokenizer, cfg)
+        final.update(evaluated)
+        with (out / "samples.jsonl").open("w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    final["model"] = str(roles.save_policy(out / "model", tokenizer))
+    return tracker.finish(final)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report figure.
+
+
+def hacking_figure(run_dir: str | Path):
+    """Proxy and gold reward of each iteration's rollouts against ``sqrt(KL to the reference)``:
+    the over-optimisation curve of Gao, Schulman & Hilton 2022 (fig. 1: gold rises, peaks and
+    falls with ``sqrt(KL)`` while the proxy keeps rising)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alignkit.tracking import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if r.get("kl_to_ref") is not None
+            and r.get("proxy_reward_mean") is not None]
+    x = [math.sqrt(max(r["kl_to_ref"], 0.0)) for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(x, [r["proxy_reward_mean"] for r in rows], marker=".", color="tab:blue",
+            label="proxy reward (RM)")
+    ax.set_xlabel("sqrt(KL(policy || reference)), sqrt(nats)")
+    ax.set_ylabel("proxy reward", color="tab:blue")
+    if any(r.get("gold_reward_mean") is not None for r in rows):
+        gold_ax = ax.twinx()
+        gold_ax.plot(x, [r.get("gold_reward_mean") for r in rows], marker=".", color="tab:red",
+                     label="gold reward")
+        gold_ax.set_ylabel("gold reward", color="tab:red")
+        fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88), fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
