@@ -8,12 +8,13 @@ tracker is replaced, by a clock that marks the end of every optimiser step.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 
 import torch
 
-from common import CountingCollate, Skip, StepClock, load_jsonl, training_result
+from common import CountingCollate, StepClock, load_jsonl, training_result
 
 
 class ClockTracker:
@@ -147,8 +148,6 @@ def sample(spec):
 
 
 def _sampling_result(spec, times, tokens):
-    import statistics
-
     w = spec["warmup"]
     seconds = sum(times[w:])
     return {"seconds": seconds, "steps": spec["steps"], "tokens": sum(tokens[w:]),
@@ -157,32 +156,80 @@ def _sampling_result(spec, times, tokens):
             "step_s_median": statistics.median(times[w:]), "step_s": times[w:]}
 
 
-# ------------------------------------------------------------------------------ RL iterations
-# alignkit's on-policy stage (src/alignkit/stages/ppo.py: PPO / RLOO / GRPO) is not in the repo
-# yet. When it lands, implement `_rl_iteration` against it: run `warmup + steps` iterations of
-# (rollout of `prompts_per_iter * k` completions -> reward -> advantages -> one optimiser step)
-# calling `clock.mark()` after each, and count generated tokens; everything else (spec,
-# result format, peer side) is already in place.
+# Driven through `alignkit.stages.ppo.main` itself (rollout -> reward -> advantages -> update, as
+# `alignkit ppo` runs it); its tracker is replaced by a clock that `main` calls after every
+# iteration. Evaluation is off; the final checkpoint/save happen after the timed iterations.
 
 
-def _rl_stage():
-    try:
-        from alignkit.stages import ppo  # noqa: F401
-    except ImportError:
-        raise Skip("alignkit.stages.ppo (PPO/RLOO/GRPO stage) is not in the repo yet") from None
-    raise Skip("alignkit.stages.ppo exists: wire it into bench/alignkit_cases.py:_rl_iteration")
+def _rl(spec, algo: str, roles: str = "separate"):
+    from alignkit import tracking
+    from alignkit.generation import SamplingConfig
+    from alignkit.stages import ppo
+    from alignkit.training import OptimConfig
+
+    k = spec.get("k", 1)
+    p = spec["prompts_per_iter"]
+    rows = p * k
+    beta = {"grpo": 0.04, "rloo": 0.05, "ppo": 0.05}[algo]
+    clock, gen_tokens = StepClock(), []
+
+    class ClockRLTracker:
+        def __init__(self, *a, **kw):
+            pass
+
+        def log(self, step, metrics, echo=True):
+            clock.mark()
+            gen_tokens.append(round(metrics["response_length"] * rows))
+
+        def truncate_after(self, step):
+            pass
+
+        def finish(self, metrics):
+            return metrics
+
+    tracking.Tracker = ClockRLTracker  # ppo.main imports it from alignkit.tracking at call time
+    optim = OptimConfig(lr=1e-5, schedule="constant", warmup_steps=0, max_grad_norm=1.0)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = ppo.Config(
+            model=spec["model_dir"], reward="python:common:reward_of_texts", out_dir=out,
+            iterations=spec["warmup"] + spec["steps"], roles=roles,
+            rollout=ppo.RolloutConfig(prompts=f"{spec['data_dir']}/prompts.jsonl",
+                                      prompts_per_iteration=p, samples_per_prompt=k, batch_size=rows,
+                                      sampling=SamplingConfig(max_new_tokens=spec["new_tokens"],
+                                                              temperature=1.0, top_p=1.0, top_k=0)),
+            kl=ppo.KLConfig(beta=beta),
+            ppo=ppo.PPOConfig(algo=algo, epochs=spec.get("ppo_epochs", 1), minibatch_size=rows,
+                              micro_batch_size=rows),
+            optim=optim, value_optim=optim, eval=ppo.EvalConfig(num_prompts=0, initial=False),
+            seed=spec["seed"], resume="never", tensorboard=False,
+            mixed_precision="bf16" if spec["precision"] == "bf16" else "no")
+        final = ppo.main(cfg)
+    seconds, per_step = clock.timed(spec["warmup"], spec["steps"])
+    w, s = spec["warmup"], spec["steps"]
+    tokens = sum(gen_tokens[w:w + s])
+    return {"seconds": seconds, "steps": s, "tokens": tokens, "items": rows * s,
+            "tokens_per_s": tokens / seconds, "items_per_s": rows * s / seconds,
+            "iters_per_s": s / seconds, "step_s_median": statistics.median(per_step),
+            "step_s": per_step, "roles": roles,
+            **{k: v for k, v in final.items() if "memory" in k or "params" in k}}
 
 
 def grpo(spec):
-    _rl_stage()
+    return _rl(spec, "grpo")
 
 
 def rloo(spec):
-    _rl_stage()
+    return _rl(spec, "rloo")
 
 
 def ppo(spec):
-    _rl_stage()
+    return _rl(spec, "ppo")
 
 
-CASES = {"sft": sft, "rm": rm, "dpo": dpo, "sample": sample, "grpo": grpo, "rloo": rloo, "ppo": ppo}
+def ppo_shared(spec):
+    """PPO with roles="shared" (one backbone, LoRA adapters); compare its peak RSS with `ppo`."""
+    return _rl(spec, "ppo", roles="shared")
+
+
+CASES = {"sft": sft, "rm": rm, "dpo": dpo, "sample": sample, "grpo": grpo, "rloo": rloo, "ppo": ppo,
+         "ppo_shared": ppo_shared}

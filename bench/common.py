@@ -163,3 +163,9 @@ def reward_of_ids(ids) -> float:
     """
     ids = list(ids)
     return sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1)
+
+
+def reward_of_texts(prompts, responses) -> list[float]:
+    """The same kind of cheap reward for alignkit's ``python:MOD:FN`` reward source (text in):
+    share of letters that are vowels. Its cost is negligible next to a rollout, as on the peer."""
+    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]

@@ -38,7 +38,8 @@ PEERS = {
 }
 PEER_OF_CASE = {"ppo": "trl-ppo"}
 TRAINING = ("sft", "rm", "dpo")
-RL = ("grpo", "rloo", "ppo")
+RL = ("grpo", "rloo", "ppo", "ppo_shared")
+ALIGNKIT_ONLY = ("ppo_shared",)  # PPO with roles="shared": compared with alignkit's own `ppo` row
 
 # Per-case sizes. "batch": items per optimiser step (SFT sequences, RM/DPO pairs) or prompts per
 # sampling call. RL: prompts_per_iter x k completions per iteration, one optimiser step each.
@@ -50,6 +51,7 @@ FULL = {
     "grpo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2),
     "rloo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2),
     "ppo": dict(prompts_per_iter=16, new_tokens=64, warmup=1, steps=2, ppo_epochs=1),
+    "ppo_shared": dict(prompts_per_iter=16, new_tokens=64, warmup=1, steps=2, ppo_epochs=1),
 }
 QUICK = {
     "sft": dict(batch=2, warmup=1, steps=1, max_len=64),
@@ -59,12 +61,14 @@ QUICK = {
     "grpo": dict(prompts_per_iter=2, k=2, new_tokens=8, warmup=1, steps=1),
     "rloo": dict(prompts_per_iter=2, k=2, new_tokens=8, warmup=1, steps=1),
     "ppo": dict(prompts_per_iter=2, new_tokens=8, warmup=1, steps=1, ppo_epochs=1),
+    "ppo_shared": dict(prompts_per_iter=2, new_tokens=8, warmup=1, steps=1, ppo_epochs=1),
 }
 # Which models each case runs on by default: RL iterations are sampling-bound and run on the
 # demo model; the offline trainers and sampling run on both shapes.
 FULL_MODELS = {"sft": ["gpt2-40m", "llama-demo"], "rm": ["gpt2-40m", "llama-demo"],
                "dpo": ["gpt2-40m", "llama-demo"], "sample": ["gpt2-40m", "llama-demo"],
-               "grpo": ["llama-demo"], "rloo": ["llama-demo"], "ppo": ["llama-demo"]}
+               "grpo": ["llama-demo"], "rloo": ["llama-demo"], "ppo": ["llama-demo"],
+               "ppo_shared": ["llama-demo"]}
 QUICK_MODELS = {c: ["gpt2-tiny"] if c in TRAINING + ("sample",) else ["llama-demo"] for c in FULL}
 
 TARGETS = {  # from the issue; "ratio" is alignkit / peer throughput at equal precision
@@ -111,7 +115,7 @@ def alignkit_precheck(case: str) -> str | None:
     """Why the alignkit side of ``case`` cannot run here, or None (same text as the worker's Skip)."""
     import importlib.util
 
-    if case in RL and importlib.util.find_spec("alignkit.stages.ppo") is None:
+    if case in RL and importlib.util.find_spec("alignkit.stages.ppo") is None:  # older trees
         return "alignkit.stages.ppo (PPO/RLOO/GRPO stage) is not in the repo yet"
     return None
 
@@ -184,7 +188,7 @@ def summarize(case: str, model: str, precision: str, runs: dict, meta: dict, pea
             s["note"] = "; ".join(notes)
         if ok:
             for key in ("tokens_per_s", "items_per_s", "iters_per_s", "peak_rss_mb",
-                        "step_s_median", "dataset_tokens", "tokens"):
+                        "step_s_median", "dataset_tokens", "tokens", "params_ratio_vs_one_model"):
                 v = median_of(ok, key)
                 if v is not None:
                     s[key] = v
@@ -205,10 +209,26 @@ def summarize(case: str, model: str, precision: str, runs: dict, meta: dict, pea
     if "mfu" in a:
         t = MFU_TARGET[precision]
         checks.append(f"MFU >= {t:.0%}: {'met' if a['mfu'] >= t else 'NOT met'}")
-    if case == "ppo":
-        checks.append("shared/separate memory <= 0.5: not measured (no alignkit PPO stage)")
     row["targets"] = checks
     return row
+
+
+def shared_vs_separate(rows: list[dict]) -> None:
+    """The PPO memory target: alignkit's roles="shared" peak RSS over roles="separate"'s, per
+    model and precision (also the parameters held, relative to one model, from the stage)."""
+    by = {(r["case"], r["model"], r["precision"]): r["alignkit"] for r in rows}
+    for r in rows:
+        if r["case"] != "ppo_shared":
+            continue
+        sep = by.get(("ppo", r["model"], r["precision"]), {})
+        sh = r["alignkit"]
+        if "peak_rss_mb" in sep and "peak_rss_mb" in sh:
+            ratio = sh["peak_rss_mb"] / sep["peak_rss_mb"]
+            r["memory_ratio_shared_vs_separate"] = ratio
+            r["targets"].append(f"shared/separate peak RSS <= 0.5: {'met' if ratio <= 0.5 else 'NOT met'} "
+                                f"({ratio:.2f}; params held vs one model: "
+                                f"{sh.get('params_ratio_vs_one_model', float('nan')):.2f} shared, "
+                                f"{sep.get('params_ratio_vs_one_model', float('nan')):.2f} separate)")
 
 
 # ---------------------------------------------------------------------------------- report
@@ -314,7 +334,7 @@ def main() -> int:
     # 2. peers
     peer_py = {}
     if not args.no_peer:
-        for name in sorted({PEER_OF_CASE.get(c, "trl") for c in cases}):
+        for name in sorted({PEER_OF_CASE.get(c, "trl") for c in cases if c not in ALIGNKIT_ONLY}):
             peer_py[name] = peer_python(name, logs)
 
     # 3. the machine's matmul peak
@@ -344,12 +364,15 @@ def main() -> int:
                         if runs[side] and "skipped" in runs[side][-1]:
                             continue  # a skip does not change between repetitions
                         tag = f"{case}-{model}-{precision}-{side}-{rep}"
-                        if time.perf_counter() - t_start > budget_s:
-                            runs[side].append({"skipped": "overall --budget-min exhausted"})
-                            continue
                         if side == "alignkit" and (why := alignkit_precheck(case)):
                             runs[side].append({"skipped": why})  # no process needed to learn it
                             log(f"{tag}: {why}")
+                            continue
+                        if side == "peer" and case in ALIGNKIT_ONLY:
+                            runs[side].append({"skipped": "alignkit-only case (no peer equivalent)"})
+                            continue
+                        if time.perf_counter() - t_start > budget_s:
+                            runs[side].append({"skipped": "overall --budget-min exhausted"})
                             continue
                         s = dict(spec, side="alignkit" if side == "alignkit" else "trl")
                         py = sys.executable if side == "alignkit" else str(peer_py[PEER_OF_CASE.get(case, "trl")])
@@ -370,6 +393,8 @@ def main() -> int:
                 rows.append(row)
                 if "ratio" in row:
                     log(f"{case}/{model}/{precision}: ratio {row['ratio']:.2f}")
+
+    shared_vs_separate(rows)
 
     # 5. report
     date = dt.date.today().isoformat()

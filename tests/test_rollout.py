@@ -1,6 +1,7 @@
 """Rollouts for PPO: log-prob parity of generation vs the training forward (both placements),
 minibatch slicing, reward normalisation by hand, checkpointable sampler state."""
 
+import json
 import math
 
 import pytest
@@ -120,3 +121,20 @@ def test_generator_state_round_trip_replays_the_same_draws():
     b = GeneratorState(0)
     b.load_state_dict(saved)
     assert torch.equal(torch.rand(5, generator=b.generator), first)
+
+
+def test_prompt_records_give_the_text_rewards_read_and_the_ids_training_uses(tiny_base, tmp_path):
+    from alignkit.data.formats import prompt_ids
+    from alignkit.rollout import load_prompts
+
+    tok = load_tokenizer(tiny_base)
+    path = tmp_path / "prompts.jsonl"
+    records = [{"prompt": "The film was"}, {"prompt": "A slow start"}, {"prompt": "unused"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    texts, ids = load_prompts(str(path), 2, tok)
+    assert texts == ["The film was", "A slow start"]
+    assert ids == [prompt_ids(r, tok) for r in records[:2]]
+    texts, ids = load_prompts("task:sentiment", 3, tok)
+    from alignkit.tasks import get_task
+    assert texts == get_task("sentiment").prompts("train", 3)
+    assert ids[0][0] == tok.bos_token_id and len(ids) == 3

@@ -22,6 +22,7 @@ response token, the positions whose logits give the policy's log-probs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,7 @@ class SeparateRoles:
     def one_model_params(self) -> int:
         return params_in_memory([self.reference])
 
-    def to(self, device) -> "SeparateRoles":
+    def to(self, device) -> SeparateRoles:
         for m in self.held():
             m.to(device)
         return self
@@ -175,7 +176,7 @@ class _AdapterScorer(torch.nn.Module):
     """A reward adapter + its head, scoring like ``AutoModelForSequenceClassification``: the head
     on the hidden state of the last real token (right-padded batches, as the RM was trained)."""
 
-    def __init__(self, roles: "SharedRoles", head: torch.nn.Linear):
+    def __init__(self, roles: SharedRoles, head: torch.nn.Linear):
         super().__init__()
         self._roles = (roles,)
         self.head = head
@@ -207,28 +208,14 @@ class SharedRoles:
         self.policy = self.peft.base_model.model   # the causal LM with LoRA layers inside
         self.reference = _AdapterOff(self.peft)
         self._trainable = [POLICY]
-        hidden = self.policy.config.hidden_size
-        reward_head = None
+        self.reward_head = None
         if spec.reward.startswith("model:"):
-            reward_head = self._add_reward_adapter(Path(spec.reward[len("model:"):]), spec.model)
-            self.reward = _reward_source(spec, model=_AdapterScorer(self, reward_head),
+            self.reward_head = self._add_reward_adapter(Path(spec.reward[len("model:"):]), spec.model)
+            self.reward = _reward_source(spec, model=_AdapterScorer(self, self.reward_head),
                                          tokenizer=tokenizer)
         else:
             self.reward = _reward_source(spec)
-        self.value_head = None
-        if needs_value:
-            if spec.value_init == "reward":
-                _reward_path(spec)
-                self.peft.add_adapter(VALUE, self.peft.peft_config[REWARD])
-                self._copy_adapter(REWARD, VALUE)
-                self.value_head = torch.nn.Linear(hidden, 1, bias=reward_head.bias is not None)
-                self.value_head.load_state_dict(reward_head.state_dict())
-            else:
-                self.peft.add_adapter(VALUE, self.peft.peft_config[POLICY])
-                self.value_head = torch.nn.Linear(hidden, 1, bias=False)
-                torch.nn.init.normal_(self.value_head.weight, std=self.policy.config.initializer_range)
-            self._trainable.append(VALUE)
-        self.reward_head = reward_head
+        self.value_head = self._add_value(spec) if needs_value else None
         self._activate(POLICY)
 
     # -- adapters ----------------------------------------------------------------------------
@@ -256,6 +243,23 @@ class SharedRoles:
             for n, p in params.items():
                 if "lora_" in n and f".{dst}." in n:
                     p.copy_(params[n.replace(f".{dst}.", f".{src}.")])
+
+    def _add_value(self, spec: RoleSpec) -> torch.nn.Linear:
+        """The value adapter and its head: copies of the reward model's (``value_init=reward``),
+        or a fresh adapter (LoRA's B = 0: the base itself) with a fresh head."""
+        from_reward = spec.value_init == "reward"
+        if from_reward and self.reward_head is None:
+            _reward_path(spec)  # raises: no reward model to start from
+        config = copy.deepcopy(self.peft.peft_config[REWARD if from_reward else POLICY])
+        config.inference_mode = False
+        self.peft.add_adapter(VALUE, config)
+        self._trainable.append(VALUE)
+        if from_reward:
+            self._copy_adapter(REWARD, VALUE)
+            return copy.deepcopy(self.reward_head).requires_grad_(True)
+        head = torch.nn.Linear(self.policy.config.hidden_size, 1, bias=False)
+        torch.nn.init.normal_(head.weight, std=self.policy.config.initializer_range)
+        return head
 
     def _add_reward_adapter(self, path: Path, base_path: str) -> torch.nn.Linear:
         """Load an ``alignkit rm ... save_adapter=true`` adapter as ``reward``; return its head."""
@@ -309,7 +313,7 @@ class SharedRoles:
     def one_model_params(self) -> int:
         return sum(p.numel() for n, p in self.peft.named_parameters() if "lora_" not in n)
 
-    def to(self, device) -> "SharedRoles":
+    def to(self, device) -> SharedRoles:
         for m in self.held():
             m.to(device)
         return self

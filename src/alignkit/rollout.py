@@ -43,7 +43,7 @@ class Experience:
     def __len__(self) -> int:
         return self.rollout.response_ids.size(0)
 
-    def take(self, idx) -> "Experience":
+    def take(self, idx) -> Experience:
         """Rows ``idx``, without the columns that are padding in all of them (less compute)."""
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.mask.device)
         r = self.rollout
@@ -120,10 +120,15 @@ def load_prompts(spec: str, n: int, tokenizer) -> tuple[list[str], list[list[int
     from alignkit.data.io import load_records
 
     records = load_records(spec)[:n]
-    texts = [r["prompt"] if isinstance(r.get("prompt"), str)
-             else [m["content"] for m in (r.get("prompt") or r["messages"]) if m["role"] == "user"][-1]
-             for r in records]
-    return texts, [prompt_ids(r, tokenizer) for r in records]
+    return [_prompt_text(r) for r in records], [prompt_ids(r, tokenizer) for r in records]
+
+
+def _prompt_text(record) -> str:
+    """What a reward source reads: the prompt string, or the last user message of a chat."""
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    return [m["content"] for m in (prompt or record["messages"]) if m["role"] == "user"][-1]
 
 
 def iteration_prompts(pool: int, per_iteration: int, seed: int, iteration: int) -> list[int]:

@@ -54,6 +54,12 @@ def test_pairwise_chat_rendering_is_exact():
     ]
 
 
+def test_question_first_layout():
+    t = TemplateConfig(preamble="", item="1: {response_a}\n2: {response_b}", question="Which?",
+                       question_first=True)
+    assert render_messages(t, FIELDS) == [{"role": "user", "content": "Which?\n1: Hello!\n2: Go away."}]
+
+
 def test_chain_of_thought_is_two_steps():
     t = TemplateConfig(preamble="", item="{prompt}|{response_a}|{response_b}", chain_of_thought=True,
                        rationale_request="Why?", verdict_request="So: 1 or 2?")
@@ -376,6 +382,16 @@ def test_label_ai_stage_end_to_end(tiny_base, tmp_path):
     agree = sum(sim_chosen[r["prompt"]] == r["chosen"] for r in records) / len(records)
     assert metrics["ai_agreement_with_simulated"] == pytest.approx(agree)
     assert metrics["shared_pairs"] == len(records)
+    # Kappa in the pairs' sampled orientation (a store oriented by the reference labels would
+    # read every reference label as "a" and give kappa 0 whatever the judge did).
+    from alignkit.feedback.store import cohen_kappa
+
+    by_prompt = {p["prompt"]: p for p in pairs}
+    ai_ab = ["a" if by_prompt[r["prompt"]]["response_a"] == r["chosen"] else "b" for r in records]
+    sim_ab = ["a" if i % 2 == 0 else "b" for i in range(6)]
+    sim_of = {p["prompt"]: x for p, x in zip(pairs, sim_ab)}
+    expected = cohen_kappa([(x, sim_of[r["prompt"]]) for x, r in zip(ai_ab, records)])
+    assert metrics["ai_kappa_with_simulated"] == pytest.approx(expected)
     # $ per label: every request is billed its prompt tokens at $1/M and 1 token at $2/M.
     assert metrics["cost_per_label"] == pytest.approx(
         (metrics["prompt_tokens"] * 1.0 + metrics["completion_tokens"] * 2.0) / 1e6 / 6)
@@ -427,3 +443,49 @@ def test_report_figures(tmp_path):
     offsets = got[0][1].axes[0].collections[0].get_offsets()
     assert len(offsets) == 1 and list(offsets[0]) == pytest.approx([0.925, 0.75])
     assert figures(tmp_path, {}) == []
+
+
+# -- the offline judge LM (alignkit judge-model) ------------------------------------------
+
+
+def test_judge_training_data_comes_from_the_writers_latents():
+    from alignkit.stages.judge_model import Config, judging_examples, score_of, sft_records
+    from alignkit.tasks.sentiment import reviews
+
+    assert [score_of(x) for x in (-1.0, -0.5, 0.0, 0.5, 1.0)] == [1, 3, 6, 8, 10]
+    cfg = Config(model="unused", min_latent_gap=0.3)
+    pairs, points = judging_examples(cfg, 20, 5, seed=0, min_gap=0.3)
+    corpus = reviews(6 * 20 + 5, cfg.corpus_seed)
+    latent = {r.text: r.sentiment for r in corpus}
+    for fields, answer, _ in pairs:
+        # Each response continues its own review; find the two reviews it came from.
+        a = next(t for t in latent if (fields["prompt"] + fields["response_a"]) in t)
+        b = next(t for t in latent if fields["response_b"].strip() in t and t != a)
+        assert abs(latent[a] - latent[b]) >= 0.3
+        assert answer == ("1" if latent[a] > latent[b] else "2")
+    assert len(pairs) == 20 and len(points) == 5
+    [record] = sft_records(cfg, pairs[:1], [])
+    assert record["prompt"] == render(cfg.judge.pairwise, pairs[0][0], "chat")
+    assert record["completion"] == [{"role": "assistant", "content": pairs[0][1]}]
+    cot = replace(cfg, judge=replace(cfg.judge, pairwise=replace(cfg.judge.pairwise,
+                                                                 chain_of_thought=True)))
+    [talk] = sft_records(cot, pairs[:1], [])
+    assert [m["role"] for m in talk["messages"]][-4:] == ["user", "assistant", "user", "assistant"]
+    assert talk["messages"][-3]["content"] == pairs[0][2] and talk["messages"][-1]["content"] == pairs[0][1]
+
+
+def test_judge_model_stage_trains_a_judge_the_judge_code_can_use(tiny_base, tmp_path):
+    from alignkit.config import build
+    from alignkit.stages import judge_model
+
+    cfg = build(judge_model.Config, {
+        "model": str(tiny_base), "out_dir": str(tmp_path / "jm"), "pairwise_examples": 24,
+        "pointwise_examples": 8, "eval_examples": 6, "max_response_words": 8,
+        "judge": {"model": str(tmp_path / "jm" / "model"), "batch_size": 8},
+        "train": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 8, "mixed_precision": "no"}})
+    metrics = judge_model.main(cfg)
+    assert metrics["steps"] == 2 and metrics["examples"] == 32
+    assert 0.0 <= metrics["heldout_pair_accuracy"] <= 1.0
+    assert -1.0 <= metrics["heldout_score_corr"] <= 1.0
+    [j] = PairwiseJudge(cfg.judge).judge(["I watched"], [" a good film."], [" a bad film."])
+    assert 0.0 < j.prob_a < 1.0

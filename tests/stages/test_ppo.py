@@ -2,7 +2,6 @@
 uninterrupted, end-to-end runs that raise a Python reward, prompt schedule, report figure."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -10,12 +9,12 @@ from safetensors.torch import load_file
 
 from alignkit.config import ConfigError, load_config
 from alignkit.generation import SamplingConfig
-from alignkit.models import LoraSpec, load_causal_lm, load_tokenizer
+from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.roles import RoleSpec, build_roles
 from alignkit.rollout import collect, iteration_prompts
 from alignkit.stages import ppo
 from alignkit.tracking import read_metrics
-from alignkit.training import OptimConfig, make_accelerator
+from alignkit.training import make_accelerator
 
 INTERRUPT = {"at_call": None, "calls": 0}
 
@@ -86,7 +85,7 @@ def _experience(tiny_base, algo):
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo"])
 def test_batch_of_8_equals_2_accumulated_micro_batches_of_4(tiny_base, algo):
     torch.manual_seed(0)
-    roles, exp, a, cfg = _experience(tiny_base, algo)
+    roles, exp, a, _ = _experience(tiny_base, algo)
     accelerator = make_accelerator("no")
     params = roles.policy_parameters() + (roles.value_parameters() if a.uses_value else [])
     results = []

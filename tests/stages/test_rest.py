@@ -287,3 +287,14 @@ def test_guard_stop_keeps_the_best_heldout_model(tiny_base, tmp_path, proxy_modu
     figs = rest.rest_figure(out)
     assert len(figs) == 1 and "guard fired" in figs[0][0]
     assert math.isclose(json.loads((out / "metrics.json").read_text())["kl_to_ref"], 0.1)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_grown_data_round_trips_through_disk(tmp_path, fmt):
+    rows = [{"prompt": "p", "response": "r", "reward": 0.25, "finished": True, "sample": 0},
+            {"prompt": "q", "response": "s t", "reward": -1.5, "finished": False, "sample": 1}]
+    path = rest.grown_path(tmp_path, 3, fmt)
+    rest.save_grown(rows, path)
+    assert path.name == f"grown.{fmt}" and path.parent.name == "grow_3"
+    assert rest.load_grown(path) == rows
+    assert not list(path.parent.glob("*.tmp"))

@@ -79,6 +79,9 @@ class TemplateConfig:
     verdict_request: str = "Which response is better? Answer 1 or 2."
     rationale_max_tokens: int = 128
     answer_prefix: str = "Answer:"
+    # The question before the item: the answer then follows the responses directly, which small
+    # judges learn to read far more easily than text a question-length away.
+    question_first: bool = False
 
     def __post_init__(self):
         fields = {"prompt", "response_a", "response_b"} if self.kind == "pairwise" \
@@ -204,8 +207,9 @@ def _weights_fingerprint(path: str) -> str:
 # Rendering and parsing.
 
 
-def _item(t: TemplateConfig, fields: dict[str, str]) -> str:
-    return t.item.format(**fields)
+def _turn(t: TemplateConfig, fields: dict[str, str], ask: str) -> str:
+    item = t.item.format(**fields)
+    return f"{ask}\n{item}" if t.question_first else f"{item}\n{ask}"
 
 
 def render_messages(t: TemplateConfig, fields: dict[str, str],
@@ -216,16 +220,16 @@ def render_messages(t: TemplateConfig, fields: dict[str, str],
     for ex in t.few_shot:
         ex_fields = {k: str(v) for k, v in ex.items() if k not in ("answer", "rationale")}
         if t.chain_of_thought:
-            messages += [{"role": "user", "content": f"{_item(t, ex_fields)}\n{t.rationale_request}"},
+            messages += [{"role": "user", "content": _turn(t, ex_fields, t.rationale_request)},
                          {"role": "assistant", "content": ex["rationale"]},
                          {"role": "user", "content": t.verdict_request},
                          {"role": "assistant", "content": str(ex["answer"])}]
         else:
-            messages += [{"role": "user", "content": f"{_item(t, ex_fields)}\n{t.question}"},
+            messages += [{"role": "user", "content": _turn(t, ex_fields, t.question)},
                          {"role": "assistant", "content": str(ex["answer"])}]
     if not t.chain_of_thought:
-        return messages + [{"role": "user", "content": f"{_item(t, fields)}\n{t.question}"}]
-    messages.append({"role": "user", "content": f"{_item(t, fields)}\n{t.rationale_request}"})
+        return messages + [{"role": "user", "content": _turn(t, fields, t.question)}]
+    messages.append({"role": "user", "content": _turn(t, fields, t.rationale_request)})
     if rationale is None:
         return messages
     return messages + [{"role": "assistant", "content": rationale},

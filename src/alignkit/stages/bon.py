@@ -108,9 +108,11 @@ def score_samples(prompts: list[str], responses: list[str], cfg: Config) -> dict
 
     scores = {"proxy_reward": make_reward_source(cfg.reward, chat=cfg.chat)(prompts, responses)}
     gold_spec = f"gold:{cfg.task}" + (":chat" if cfg.chat else "") if cfg.task else None
-    if gold_spec:
-        scores["gold_reward"] = make_reward_source(gold_spec)(prompts, responses)
-    if cfg.heldout and cfg.heldout not in (gold_spec, f"gold:{cfg.task}"):
+    golds = (gold_spec, f"gold:{cfg.task}")
+    if gold_spec:  # selecting by the gold reward itself (a verifier) needs no second pass
+        scores["gold_reward"] = scores["proxy_reward"] if cfg.reward in golds \
+            else make_reward_source(gold_spec)(prompts, responses)
+    if cfg.heldout and cfg.heldout not in golds:
         scores["heldout_reward"] = make_reward_source(cfg.heldout, chat=cfg.chat)(prompts, responses)
     return scores
 

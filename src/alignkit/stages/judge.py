@@ -96,6 +96,12 @@ def main(cfg: Config) -> dict:
     for split in cfg.splits:
         pairs = _read(Path(cfg.pairs_dir) / f"pairs_{split}.jsonl")
         pairs = pairs[:cfg.limit] if cfg.limit else pairs
+        # Pairs enter the store as sampled (a, b) before any label: stored in (chosen, rejected)
+        # order, every reference label would read "a", and kappa would be 0 by construction.
+        with store.transaction():
+            for p in pairs:
+                if p["response_a"] != p["response_b"]:
+                    store.add_pair_from_texts(p["prompt"], p["response_a"], p["response_b"])
         reference = Path(cfg.pairs_dir) / f"{split}.jsonl"
         if reference.exists():
             store.import_preferences(reference, source=cfg.reference_source,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from alignkit.config import require
-from alignkit.feedback.judges import JudgeConfig, render
+from alignkit.feedback.judges import JudgeConfig, render, render_messages
 from alignkit.training import LoopConfig, OptimConfig, make_accelerator, train
 
 
@@ -38,6 +38,9 @@ class Config:
     eval_examples: int = 200          # held-out pairs / responses judged after (and during) training
     max_response_words: int = 40      # cut continuations to 4..this many words, as sampled ones are
     min_latent_gap: float = 0.3       # training pairs whose writers' intents clearly differ
+    # With judge.pairwise.chain_of_thought: the rationale the judge learns to write before its
+    # verdict (Lee et al. 2023 Sec. 2.1.2), here each review's 1-10 score from its latent.
+    rationale: str = "Review 1: {score_a}. Review 2: {score_b}."
     corpus_seed: int = 1
     max_length: int = 256
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
@@ -48,8 +51,10 @@ class Config:
         require(bool(self.model), "model is required (the base causal LM to fine-tune)")
         require(self.task in LATENT_CORPORA, f"judge-model knows the latent labels of "
                 f"{sorted(LATENT_CORPORA)}, not {self.task!r}")
-        require(not self.judge.pairwise.chain_of_thought and not self.judge.pointwise.chain_of_thought,
-                "judge-model trains direct answers; switch chain_of_thought off")
+        require(not self.judge.pointwise.chain_of_thought, "judge-model trains direct pointwise "
+                "answers; switch judge.pointwise.chain_of_thought off")
+        require(not self.judge.pairwise.chain_of_thought or self.judge.format == "chat",
+                "a chain-of-thought judge is trained on chat conversations (judge.format=chat)")
         require(self.pairwise_examples + self.pointwise_examples > 0, "no training examples asked for")
 
 
@@ -78,7 +83,7 @@ def score_of(latent: float) -> int:
 
 def judging_examples(cfg: Config, n_pairs: int, n_points: int, seed: int,
                      min_gap: float = 0.0) -> tuple[list, list]:
-    """``(pairwise, pointwise)`` examples: ``(fields, answer)`` with fields for the templates;
+    """``(pairwise, pointwise)`` examples ``(fields, answer, rationale)`` for the templates;
     pairs whose latents differ by less than ``min_gap`` are skipped (their label is mostly noise)."""
     rng = random.Random(seed)
     corpus = LATENT_CORPORA[cfg.task](6 * n_pairs + n_points, cfg.corpus_seed + seed)
@@ -89,11 +94,12 @@ def judging_examples(cfg: Config, n_pairs: int, n_points: int, seed: int,
         prompt, resp_a = _split(text_a, rng, cfg.max_response_words)
         _, resp_b = _split(text_b, rng, cfg.max_response_words)   # both continue the same prompt
         pairs.append(({"prompt": prompt, "response_a": resp_a, "response_b": resp_b},
-                      "1" if lat_a > lat_b else "2"))
+                      "1" if lat_a > lat_b else "2",
+                      cfg.rationale.format(score_a=score_of(lat_a), score_b=score_of(lat_b))))
     points = []
     for text, latent in corpus[6 * n_pairs:]:
         prompt, response = _split(text, rng, cfg.max_response_words)
-        points.append(({"prompt": prompt, "response": response}, str(score_of(latent))))
+        points.append(({"prompt": prompt, "response": response}, str(score_of(latent)), None))
     return pairs, points
 
 
@@ -102,7 +108,11 @@ def sft_records(cfg: Config, pairs: list, points: list) -> list[dict]:
     j = cfg.judge
     records = []
     for template, items in ((j.pairwise, pairs), (j.pointwise, points)):
-        for fields, answer in items:
+        for fields, answer, rationale in items:
+            if template.chain_of_thought:   # both assistant turns are targets
+                messages = render_messages(template, fields, rationale)
+                records.append({"messages": messages + [{"role": "assistant", "content": answer}]})
+                continue
             prompt = render(template, fields, j.format)
             completion = [{"role": "assistant", "content": answer}] if j.format == "chat" \
                 else " " + answer
@@ -119,10 +129,10 @@ def heldout_check(cfg: Config, model_path: str, pairs: list, points: list, backe
     out: dict = {}
     if pairs:
         judge = PairwiseJudge(judge_cfg, backend=backend)
-        fields = [f for f, _ in pairs]
+        fields = [f for f, _, _ in pairs]
         res = judge.judge([f["prompt"] for f in fields], [f["response_a"] for f in fields],
                           [f["response_b"] for f in fields])
-        right = [(r.label == "a") == (answer == "1") for r, (_, answer) in zip(res, pairs)
+        right = [(r.label == "a") == (answer == "1") for r, (_, answer, _) in zip(res, pairs)
                  if r.label in ("a", "b")]
         from alignkit.feedback.judges import position_bias_rate
 
@@ -131,9 +141,9 @@ def heldout_check(cfg: Config, model_path: str, pairs: list, points: list, backe
     if points:
         import numpy as np
 
-        scores = PointwiseJudge(judge_cfg, backend=backend).scores([f["prompt"] for f, _ in points],
-                                                  [f["response"] for f, _ in points])
-        ok = [(s, int(a)) for s, (_, a) in zip(scores, points) if s is not None]
+        scores = PointwiseJudge(judge_cfg, backend=backend).scores(
+            [f["prompt"] for f, _, _ in points], [f["response"] for f, _, _ in points])
+        ok = [(s, int(a)) for s, (_, a, _) in zip(scores, points) if s is not None]
         out["heldout_score_corr"] = float(np.corrcoef([s for s, _ in ok], [a for _, a in ok])[0, 1])
     return out
 
@@ -156,10 +166,15 @@ def main(cfg: Config) -> dict:
         with (out / "judge_data.jsonl").open("w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in records)
     # A judging prompt cut short would hide a response from the judge: drop, never truncate.
-    examples, stats = build_dataset(records, tokenizer, format="prompt_completion",
-                                    max_length=cfg.max_length, overlong="drop")
+    examples, kept, dropped = [], 0, 0
+    for fmt in ("prompt_completion", "messages"):   # direct answers; chain-of-thought talks
+        part = [r for r in records if ("messages" in r) == (fmt == "messages")]
+        if part:
+            built, stats = build_dataset(part, tokenizer, format=fmt, max_length=cfg.max_length,
+                                         overlong="drop")
+            examples, kept, dropped = examples + built, kept + stats.kept, dropped + stats.dropped
     accelerator.print(f"alignkit judge-model: {len(pairs)} pairwise + {len(points)} pointwise "
-                      f"examples, {stats.dropped} too long")
+                      f"examples, {dropped} too long")
     model = load_causal_lm(cfg.model, tokenizer=tokenizer)
     pad = tokenizer.pad_token_id
     # Held-out pairs (another stream of the corpus) are judged during training, through the judge.
@@ -182,7 +197,7 @@ def main(cfg: Config) -> dict:
         save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"), "steps": result.step,
-             "examples": stats.kept, "dropped": stats.dropped, "model": str(out / "model"),
+             "examples": kept, "dropped": dropped, "model": str(out / "model"),
              **result.eval_metrics}
     return tracker.finish(final)
 

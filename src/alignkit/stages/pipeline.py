@@ -23,6 +23,8 @@ MODULES = {
     "label": "alignkit.stages.label",
     "rm": "alignkit.stages.reward",
     "dpo": "alignkit.stages.dpo",
+    "ppo": "alignkit.stages.ppo",
+    "rest": "alignkit.stages.rest",
     "evaluate": "alignkit.stages.evaluate",
 }
 
@@ -64,6 +66,10 @@ def _wiring(out: Path, src: Path, task: str, variant: str) -> dict[str, Callable
                                 "eval": str(labels / "eval.jsonl")}},
         "dpo": lambda: {"model": sft_model, "out_dir": str(out / stage_dir("dpo", variant)),
                         "data": {"train": str(labels / "train.jsonl")}},
+        "ppo": lambda: {"model": sft_model, "reward": f"model:{src / 'rm' / 'model'}", "task": task,
+                        "out_dir": str(out / stage_dir("ppo", variant)), "eval": {"num_prompts": 0}},
+        "rest": lambda: {"model": sft_model, "reward": f"model:{src / 'rm' / 'model'}", "task": task,
+                         "out_dir": str(out / stage_dir("rest", variant))},
         "evaluate": lambda: {"policy": str((src if variant in ("", "sft") else out)
                                            / stage_dir(variant or "sft") / "model"),
                              "reference": sft_model, "task": task,

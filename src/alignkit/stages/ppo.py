@@ -62,7 +62,9 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class KLConfig:
-    estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL in the reward (PPO, RLOO) and metric
+    # Per-token KL estimator of the shaped reward (PPO, RLOO) and of the kl_to_ref metric; GRPO's
+    # loss term is always k3 (Shao et al. 2024, eq. 4).
+    estimator: Literal["k1", "k2", "k3"] = "k1"
     beta: float = 0.05                 # the coefficient (its start value when adaptive)
     adaptive: bool = False             # Ziegler et al. 2019's proportional controller
     target: float = 6.0                # nats per response
@@ -97,7 +99,9 @@ class PPOConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    num_prompts: int = 200             # held-out test prompts of the task (0: no evaluation)
+    num_prompts: int = 200             # the first prompts of the split (0: no evaluation)
+    split: str = "test"                # held-out prompts; "train": the questions trained on
+    samples_per_prompt: int = 1
     batch_size: int = 64
     seed: int = 1234
     initial: bool = True               # also evaluate the starting policy (initial_* metrics)
@@ -319,6 +323,7 @@ def _eval_config(cfg: Config):
 
     e = cfg.eval
     return evaluate.Config(policy=cfg.model, task=cfg.task, chat=cfg.chat, num_prompts=e.num_prompts,
+                           split=e.split, samples_per_prompt=e.samples_per_prompt,
                            batch_size=e.batch_size, seed=e.seed, sampling=e.sampling)
 
 

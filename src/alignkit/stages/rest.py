@@ -99,10 +99,17 @@ class ImproveConfig:
 class EvalConfig:
     prompts: str | None = None          # "task:NAME" (test split) or a prompt file; default task
     num_prompts: int = 200
+    samples_per_prompt: int = 1         # more samples per prompt: less sampling noise per step
     batch_size: int = 64
     seed: int = 1234
     success_at: float | None = None     # also report the share of gold rewards >= this
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        # The *_sem metrics treat the samples as independent: with several per prompt they are
+        # a lower bound (samples of one prompt are correlated).
+        require(self.num_prompts > 0 and self.samples_per_prompt >= 1,
+                "eval.num_prompts must be > 0 and eval.samples_per_prompt >= 1")
 
 
 @dataclass(frozen=True)
@@ -441,18 +448,6 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 # The stage.
 
 
-def _guard_fields(d: GuardDecision | None) -> dict:
-    if d is None:
-        return {}
-    return {"guard_streak": d.streak, "guard_fired": d.fired, "best_step": d.best_step}
-
-
-def _observe(guard: HackingGuard | None, metrics: dict, key: str | None) -> GuardDecision | None:
-    if guard is None or metrics.get(key) is None:
-        return None
-    return guard.update(metrics["proxy_reward_mean"], metrics[key])
-
-
 def _step_dir(out: Path, g: int, i: int) -> Path:
     return out / f"grow_{g}" / f"improve_{i}"
 
@@ -497,57 +492,68 @@ def main(cfg: Config) -> dict:
     judges = make_judges(cfg)
     grow_prompts = load_prompts(cfg.grow.prompts or f"task:{cfg.task}", "train",
                                 cfg.grow.num_prompts, cfg.chat)
-    eval_prompts = load_prompts(cfg.eval.prompts or f"task:{cfg.task}", "test",
-                                cfg.eval.num_prompts, cfg.chat)
+    eval_prompts = [p for p in load_prompts(cfg.eval.prompts or f"task:{cfg.task}", "test",
+                                            cfg.eval.num_prompts, cfg.chat)
+                    for _ in range(cfg.eval.samples_per_prompt)]
     guard = HackingGuard(cfg.guard.patience, cfg.guard.min_delta, cfg.guard.stop) \
         if judges.heldout_key is not None else None
     mix = sft_mix(cfg, tokenizer)
 
-    initial = out / "initial" / "metrics.json"
-    if initial.exists():
-        m0 = json.loads(initial.read_text())
-    else:
+    def evaluate_at(policy, folder: Path, extra: dict | None = None) -> None:
+        _evaluate_into(policy, reference, tokenizer, eval_prompts, cfg, judges, folder, extra)
+
+    if not (out / "initial" / "metrics.json").exists():
         policy0 = reference if cfg.reference is None else load_causal_lm(cfg.model, tokenizer=tokenizer)
-        m0, rows = evaluate(policy0, reference, tokenizer, eval_prompts, cfg, judges)
-        _write_rows(out / "initial" / "samples.jsonl", rows)
-        initial.write_text(json.dumps(m0, indent=2) + "\n")
-    d = _observe(guard, m0, judges.heldout_key)
-    tracker.truncate_after(-1)  # the log is rebuilt from the step markers, so resume == uninterrupted
-    tracker.log(0, {**m0, **_guard_fields(d)})
-    models, metrics_by_step = {0: cfg.model}, {0: m0}
-    policy_path, stopped, fired_at = cfg.model, False, None
+        evaluate_at(policy0, out / "initial")
+    tracker.truncate_after(-1)  # the log is rebuilt from the step markers: resume == uninterrupted
+    models, metrics_by_step = {0: cfg.model}, {0: _read(out / "initial")}
+    decision = _watch(guard, metrics_by_step[0], judges.heldout_key, tracker, 0)
+    policy_path, fired_at = cfg.model, None
     for g in range(cfg.grow_steps):
-        if stopped:
-            break
-        grown = None
+        grown = None  # read or sampled only when one of this Grow's Improve steps is not done
         for i in range(cfg.improve_steps):
+            if decision is not None and decision.stop:
+                break
             k = g * cfg.improve_steps + i + 1
             step_dir = _step_dir(out, g, i)
-            done = step_dir / "metrics.json"
-            if done.exists():
-                metrics = json.loads(done.read_text())
-            else:
-                if grown is None:
-                    grown = _grown(cfg, g, policy_path, tokenizer, grow_prompts, judges)
-                metrics = run_improve(cfg, g, i, k, grown, policy_path, tokenizer, mix)
-                policy = load_causal_lm(step_dir / "model", tokenizer=tokenizer)
-                m, rows = evaluate(policy, reference, tokenizer, eval_prompts, cfg, judges)
-                metrics.update(m)
-                _write_rows(step_dir / "samples.jsonl", rows)
-                done.write_text(json.dumps(metrics, indent=2) + "\n")
-            d = _observe(guard, metrics, judges.heldout_key)
-            tracker.log(k, {**metrics, **_guard_fields(d)})
+            if not (step_dir / "metrics.json").exists():
+                grown = grown or _grown(cfg, g, policy_path, tokenizer, grow_prompts, judges)
+                trained = run_improve(cfg, g, i, k, grown, policy_path, tokenizer, mix)
+                evaluate_at(load_causal_lm(step_dir / "model", tokenizer=tokenizer), step_dir, trained)
             policy_path = str(step_dir / "model")
-            models[k], metrics_by_step[k] = policy_path, metrics
-            if d is not None and d.fired:
-                fired_at = k if fired_at is None else fired_at
-                print(f"[rest] WARNING reward hacking suspected at step {k}: held-out signal fell "
-                      f"for {d.streak} steps while the proxy rose (best step {d.best_step})",
-                      flush=True)
-            if d is not None and d.stop:
-                stopped = True
-                break
+            models[k], metrics_by_step[k] = policy_path, _read(step_dir)
+            decision = _watch(guard, metrics_by_step[k], judges.heldout_key, tracker, k)
+            if decision is not None and decision.fired and fired_at is None:
+                fired_at = k
+    stopped = decision is not None and decision.stop
     return _finish(cfg, tracker, models, metrics_by_step, guard, stopped, fired_at)
+
+
+def _evaluate_into(policy, reference, tokenizer, prompts, cfg: Config, judges: Judges,
+                   folder: Path, extra: dict | None = None) -> None:
+    """Evaluate ``policy``; write ``folder/samples.jsonl`` and, last, the marker ``metrics.json``."""
+    metrics, rows = evaluate(policy, reference, tokenizer, prompts, cfg, judges)
+    _write_rows(folder / "samples.jsonl", rows)
+    (folder / "metrics.json").write_text(json.dumps({**(extra or {}), **metrics}, indent=2) + "\n")
+
+
+def _read(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def _watch(guard: HackingGuard | None, metrics: dict, key: str | None, tracker,
+           k: int) -> GuardDecision | None:
+    """Feed the guard one step, log the step, warn when the guard fires."""
+    d = guard.update(metrics["proxy_reward_mean"], metrics[key]) \
+        if guard is not None and metrics.get(key) is not None else None
+    fields = {} if d is None else {"guard_streak": d.streak, "guard_fired": d.fired,
+                                   "best_step": d.best_step}
+    tracker.log(k, {**metrics, **fields})
+    if d is not None and d.fired:
+        print(f"[rest] WARNING reward hacking suspected at step {k}: the held-out signal fell for "
+              f"{d.streak} steps while the proxy rose (best step {d.best_step})"
+              + ("; stopping" if d.stop else ""), flush=True)
+    return d
 
 
 def _grown(cfg: Config, g: int, policy_path: str, tokenizer, prompts: list[str],
