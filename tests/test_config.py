@@ -78,3 +78,13 @@ def test_stage_sections_validate():
     with pytest.raises(ConfigError, match="optim.lr must be > 0"):
         build(OptimConfig, {"lr": 0.0})
     assert build(LoopConfig, {"batch_size": 4}).batch_size == 4
+
+
+def test_partial_section_keeps_the_stage_defaults():
+    @dataclass(frozen=True)
+    class Stage:
+        optim: Inner = field(default_factory=lambda: Inner(lr=0.5, kind="b"))
+
+    cfg = build(Stage, {"optim": {"lr": 0.1}})
+    assert cfg.optim == Inner(lr=0.1, kind="b")   # kind from the stage default, not Inner's
+    assert build(Stage, {}).optim == Inner(lr=0.5, kind="b")

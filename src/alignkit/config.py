@@ -121,6 +121,15 @@ def _name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _stage_default(f: dataclasses.Field) -> dict:
+    """The section's default as the stage declares it; {} when it is not valid on its own
+    (a section with required keys, such as ``data.train``)."""
+    try:
+        return dataclasses.asdict(f.default_factory())
+    except (ValueError, TypeError):
+        return {}
+
+
 def build(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
@@ -133,7 +142,13 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
     for name, f in fields.items():
         key = prefix + name
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], key)
+            value = data[name]
+            if (isinstance(value, dict) and dataclasses.is_dataclass(hints[name])
+                    and f.default_factory is not dataclasses.MISSING):
+                # A partly given section keeps the stage's own defaults for the other keys
+                # (e.g. PPO's constant schedule when only optim.lr is set).
+                value = {**_stage_default(f), **value}
+            kwargs[name] = _coerce(value, hints[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if dataclasses.is_dataclass(hints[name]):
                 kwargs[name] = build(hints[name], {}, prefix=key + ".")
