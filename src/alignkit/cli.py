@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "dpo": "alignkit.stages.dpo",
     "label": "alignkit.stages.label",
     "label-ai": "alignkit.stages.judge",
+    "judge-model": "alignkit.stages.judge_model",
     "evaluate": "alignkit.stages.evaluate",
     "ppo": "alignkit.stages.ppo",
     "rest": "alignkit.stages.rest",
