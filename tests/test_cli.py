@@ -48,3 +48,20 @@ def test_unknown_config_key_names_the_key(tmp_path, capsys):
 def test_unknown_command(capsys):
     code, err = run_cli(["frobnicate"], capsys)
     assert code == 2 and "unknown command 'frobnicate'" in err
+
+
+def count_e(prompts, responses):
+    return [float(r.count("e")) for r in responses]
+
+
+def test_a_stage_run_on_its_own_writes_a_report_with_its_figures(tiny_base, tmp_path, capsys):
+    main(["ppo", f"model={tiny_base}", f"reward=python:{__name__}:count_e", "task=sentiment",
+          f"out_dir={tmp_path}", "iterations=2", "rollout.prompts_per_iteration=4",
+          "rollout.batch_size=4", "rollout.sampling.max_new_tokens=4", "ppo.epochs=1",
+          "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "eval.num_prompts=4",
+          "eval.sampling.max_new_tokens=4", "tensorboard=false"])
+    report = (tmp_path / "report.html").read_text()
+    assert str(tmp_path / "report.html") in capsys.readouterr().out
+    assert "sqrt(KL to the reference)" in report           # the stage's own figure
+    assert report.count("data:image/png") == 2             # curves + that figure
+    assert "Samples (ppo)" in report and "gold_reward_mean=" in report

@@ -101,3 +101,12 @@ def test_save_and_reload_gives_the_same_tokenizer(tok, tmp_path):
     assert again.chat_template == tok.chat_template
     assert (again.apply_chat_template(CHAT, tokenize=True, return_dict=False)
             == tok.apply_chat_template(CHAT, tokenize=True, return_dict=False))
+
+
+def test_digits_are_one_token_each_even_when_frequent():
+    # "12" and "345" occur in every document, so a plain BPE would merge them; digits stay split.
+    tok = train_tokenizer([f"Q: 12 + 345 = ? A: {i}" for i in range(300)], vocab_size=400)
+    text = " 12 + 345 = 357"
+    pieces = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False).input_ids)
+    assert [p for p in pieces if p.strip("Ġ").isdigit()] == list("12345357")
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 STAGES: dict[str, str] = {
@@ -57,10 +58,14 @@ def _stage_command(name: str, argv: list[str]) -> None:
     from alignkit.data.io import DataError
 
     try:
-        module.main(cfg)
+        metrics = module.main(cfg)
     except (DataError, ConfigError) as exc:
         print(f"alignkit {name}: {exc}", file=sys.stderr)
         sys.exit(2)
+    if hasattr(module, "figures") and isinstance(metrics, dict) and os.environ.get("RANK", "0") == "0":
+        from alignkit.report import write_stage_report
+
+        print(f"alignkit {name}: report {write_stage_report(name, module, cfg.out_dir, metrics)}")
 
 
 def _tool_command(name: str, argv: list[str]) -> None:

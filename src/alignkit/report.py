@@ -1,8 +1,9 @@
 """The HTML report of a pipeline run: headline table, training curves, samples.
 
 Self-contained (plots inlined as PNG), so the file can be mailed or attached to an issue.
-Stages may contribute extra figures through ``FIGURES``: name -> function(out_dir, summary)
-returning a list of ``(title, matplotlib figure)``.
+A stage module contributes its own plots with ``figures(run_dir) -> [(title, Figure)]`` (drawn
+from that run's files) and, for plots that compare stages, ``summary_figures(summary)``. A stage
+run on its own (``alignkit ppo ...``) gets the same per-stage section in its own report.html.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any
 
 from alignkit.tracking import read_metrics
-
-FIGURES: dict[str, Callable[[Path, dict], list]] = {}
 
 # Curves worth plotting per stage when present in metrics.jsonl.
 CURVES = ["loss", "eval/loss", "accuracy", "eval/pair_accuracy", "eval/gold_pair_accuracy",
@@ -102,29 +102,53 @@ def frontier_figure(summary: dict):
     return fig
 
 
-def write_report(out_dir: Path, cfg: Any, summary: dict, stage_cfgs: dict[str, Any]) -> Path:
+def _img(title: str, fig, level: int = 2) -> str:
+    return f"<h{level}>{html.escape(title)}</h{level}><img src='data:image/png;base64,{_png(fig)}'>"
+
+
+def stage_section(name: str, module: ModuleType | None, run_dir: Path) -> list[str]:
+    """Training curves, the stage's own figures and a few samples of one stage's run folder."""
+    parts = []
+    rows = read_metrics(run_dir)
+    fig = stage_curves(name, rows) if rows else None
+    if fig is not None:
+        parts.append(_img(name, fig))
+    for title, extra in getattr(module, "figures", lambda _: [])(run_dir):
+        parts.append(_img(f"{name}: {title}", extra, level=3))
+    samples = _samples(run_dir / "samples.jsonl")
+    if samples:
+        parts.append(f"<h3>Samples ({html.escape(name)})</h3>{samples}")
+    return parts
+
+
+def _page(path: Path, title: str, parts: list[str]) -> Path:
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse}td{border:1px solid #ccc;padding:4px 8px;"
+             "font-size:13px;vertical-align:top}img{max-width:100%}li{margin:4px 0}")
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+                    f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    return path
+
+
+def write_report(out_dir: Path, summary: dict, stages: dict[str, tuple[ModuleType, Any]]) -> Path:
+    """The pipeline's report: headline table, the gold-vs-KL frontier, cross-stage figures, then
+    one section per stage (``stages``: name -> (module, its config with ``out_dir``))."""
     parts = [f"<h1>alignkit run: {html.escape(str(out_dir))}</h1>",
              "<h2>Headline metrics</h2>", _table(summary)]
     frontier = frontier_figure(summary)
     if frontier is not None:
-        parts.append("<h2>Gold reward vs KL to the SFT model</h2>"
-                     f"<img src='data:image/png;base64,{_png(frontier)}'>")
-    for name, scfg in stage_cfgs.items():
-        stage_dir = Path(scfg.out_dir)
-        rows = read_metrics(stage_dir)
-        fig = stage_curves(name, rows) if rows else None
-        if fig is not None:
-            parts.append(f"<h2>{html.escape(name)}</h2><img src='data:image/png;base64,{_png(fig)}'>")
-        samples = _samples(stage_dir / "samples.jsonl")
-        if samples:
-            parts.append(f"<h3>Samples ({html.escape(name)})</h3>{samples}")
-    for fn in FIGURES.values():
-        for title, fig in fn(out_dir, summary):
-            parts.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{_png(fig)}'>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse}td{border:1px solid #ccc;padding:4px 8px;"
-             "font-size:13px;vertical-align:top}img{max-width:100%}li{margin:4px 0}")
-    path = Path(out_dir) / "report.html"
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>alignkit report"
-                    f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    return path
+        parts.append(_img("Gold reward vs KL to the SFT model", frontier))
+    modules = list({id(m): m for m, _ in stages.values()}.values())
+    for module in modules:
+        for title, fig in getattr(module, "summary_figures", lambda _: [])(summary):
+            parts.append(_img(title, fig))
+    for name, (module, cfg) in stages.items():
+        parts += stage_section(name, module, Path(cfg.out_dir))
+    return _page(Path(out_dir) / "report.html", "alignkit report", parts)
+
+
+def write_stage_report(name: str, module: ModuleType, run_dir: Path, metrics: dict) -> Path:
+    """report.html of a stage run on its own: its final metrics, curves and figures."""
+    parts = [f"<h1>alignkit {html.escape(name)}: {html.escape(str(run_dir))}</h1>",
+             _table({name: metrics}), *stage_section(name, module, Path(run_dir))]
+    return _page(Path(run_dir) / "report.html", f"alignkit {name}", parts)

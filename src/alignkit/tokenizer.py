@@ -49,7 +49,7 @@ CHAT_TEMPLATE = (
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024,
                     min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on ``texts``.
+    """Train a byte-level BPE tokenizer on ``texts``; every digit is its own token.
 
     Ids 0..5 are ``<|pad|> <|bos|> <|eos|> <|system|> <|user|> <|assistant|>``; pad and eos are
     distinct so that padding can never be confused with (and mask) a real end-of-sequence target.
@@ -61,7 +61,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024,
 
     backend = Tokenizer(models.BPE())
     # No normaliser and no prefix space: decode(encode(text)) must give back text exactly.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits are split one per token (as Llama and PaLM do), so "37 + 45" is digit by digit and
+    # a model can learn column arithmetic instead of a lookup table of multi-digit tokens.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

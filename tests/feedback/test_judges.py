@@ -425,7 +425,7 @@ def test_judge_labeler_for_online_dpo(tiny_base, tmp_path):
 
 
 def test_report_figures(tmp_path):
-    from alignkit.stages.judge import figures
+    from alignkit.stages.judge import summary_figures
 
     pairs = [("p", f"x{i}", f"y{i}") for i in range(4)]
     sim = [{"prompt": p, "chosen": x, "rejected": y} for p, x, y in pairs]
@@ -436,13 +436,13 @@ def test_report_figures(tmp_path):
     summary = {"label": {"train": str(tmp_path / "sim.jsonl")},
                "label_ai": {"train": str(tmp_path / "ai.jsonl")},
                "rm": {"gold_pair_accuracy": 0.76}, "rm@ai": {"gold_pair_accuracy": 0.7}}
-    got = figures(tmp_path, summary)
+    got = summary_figures(summary)
     assert [t for t, _ in got] == ["AI labels vs simulated labels",
                                    "Reward models: simulated vs AI labels"]
     # One confidence bin (0.9) holding 3 agreeing labels of 4.
     offsets = got[0][1].axes[0].collections[0].get_offsets()
     assert len(offsets) == 1 and list(offsets[0]) == pytest.approx([0.925, 0.75])
-    assert figures(tmp_path, {}) == []
+    assert summary_figures({}) == []
 
 
 # -- the offline judge LM (alignkit judge-model) ------------------------------------------

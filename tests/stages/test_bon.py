@@ -107,4 +107,4 @@ def test_bon_stage_end_to_end(tiny_base, tmp_path, monkeypatch):
     assert np.mean([c["proxy_reward"] for c in chosen]) == pytest.approx(proxy[2])
     assert summary["n4/gold_reward_mean"] == pytest.approx(rows[2]["gold_reward_mean"])
     assert summary["gold_reward_gain"] == pytest.approx(rows[2]["gold_reward_mean"] - rows[0]["gold_reward_mean"])
-    assert len(bon.bon_figure(out)) == 1
+    assert len(bon.figures(out)) == 1

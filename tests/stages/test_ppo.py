@@ -219,7 +219,8 @@ def test_hacking_figure_plots_proxy_and_gold_against_sqrt_kl(tmp_path):
     rows = [{"step": i + 1, "kl_to_ref": kl, "proxy_reward_mean": p, "gold_reward_mean": g}
             for i, (kl, p, g) in enumerate([(0.0, 0.1, 0.4), (4.0, 0.9, 0.6), (16.0, 1.5, 0.2)])]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fig = ppo.hacking_figure(tmp_path)
+    [(title, fig)] = ppo.figures(tmp_path)
+    assert "sqrt(KL" in title
     proxy_line = fig.axes[0].get_lines()[0]
     gold_line = fig.axes[1].get_lines()[0]
     assert list(proxy_line.get_xdata()) == [0.0, 2.0, 4.0]

@@ -284,7 +284,7 @@ def test_guard_stop_keeps_the_best_heldout_model(tiny_base, tmp_path, proxy_modu
     assert not (out / "grow_1" / "improve_1").exists()          # stopped before step 4
     assert torch.equal(_weights(out / "model"), _weights(out / "grow_0" / "improve_0" / "model"))
     assert not torch.equal(_weights(out / "model"), _weights(out / "grow_1" / "improve_0" / "model"))
-    figs = rest.rest_figure(out)
+    figs = rest.figures(out)
     assert len(figs) == 1 and "guard fired" in figs[0][0]
     assert math.isclose(json.loads((out / "metrics.json").read_text())["kl_to_ref"], 0.1)
 

@@ -171,7 +171,7 @@ def main(cfg: Config) -> dict:
     return tracker.finish(summary)
 
 
-def bon_figure(run_dir: str | Path) -> list:
+def figures(run_dir: str | Path) -> list:
     """Reward of the chosen sample against KL (bound and plug-in), one point per ``n``."""
     from alignkit.tracking import read_metrics
 

@@ -139,8 +139,8 @@ def main(cfg: Config) -> dict:
     return tracker.finish(summary)
 
 
-def figures(out_dir: Path, summary: dict) -> list:
-    """Report figures (``alignkit.report.FIGURES``): how often the AI label matches the
+def summary_figures(summary: dict) -> list:
+    """Pipeline report figures: how often the AI label matches the
     simulated one as a function of the judge's confidence (a calibrated judge rises from 0.5 at
     confidence 0.5 to 1 at confidence 1), and the gold pair accuracy of reward models trained on
     simulated vs AI labels."""

@@ -123,7 +123,7 @@ def main(cfg: Config) -> dict:
         print(f"[pipeline] {name}: done in {timings[name]:.0f}s", flush=True)
     summary = headline(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    report = write_report(out, cfg, summary, {n: c for n, (_, c) in configs.items()})
+    report = write_report(out, summary, configs)
     print(f"[pipeline] summary: {out / 'summary.json'}\n[pipeline] report:  {report}", flush=True)
     return summary
 

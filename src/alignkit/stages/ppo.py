@@ -493,10 +493,10 @@ def main(cfg: Config) -> dict:
 # Report figure.
 
 
-def hacking_figure(run_dir: str | Path):
+def figures(run_dir: str | Path) -> list:
     """Proxy and gold reward of each iteration's rollouts against ``sqrt(KL to the reference)``:
     the over-optimisation curve of Gao, Schulman & Hilton 2022 (fig. 1: gold rises, peaks and
-    falls with ``sqrt(KL)`` while the proxy keeps rising)."""
+    falls with ``sqrt(KL)`` while the proxy keeps rising). ``[(title, Figure)]``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -506,6 +506,8 @@ def hacking_figure(run_dir: str | Path):
 
     rows = [r for r in read_metrics(run_dir) if r.get("kl_to_ref") is not None
             and r.get("proxy_reward_mean") is not None]
+    if len(rows) < 2:
+        return []
     x = [math.sqrt(max(r["kl_to_ref"], 0.0)) for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot(x, [r["proxy_reward_mean"] for r in rows], marker=".", color="tab:blue",
@@ -519,4 +521,4 @@ def hacking_figure(run_dir: str | Path):
         gold_ax.set_ylabel("gold reward", color="tab:red")
         fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88), fontsize=8)
     ax.grid(alpha=0.3)
-    return fig
+    return [("Proxy and gold reward against sqrt(KL to the reference), per iteration", fig)]

@@ -599,7 +599,7 @@ def _finish(cfg: Config, tracker, models: dict, metrics_by_step: dict,
 # Report figure.
 
 
-def rest_figure(run_dir: str | Path) -> list:
+def figures(run_dir: str | Path) -> list:
     """Per-step curves of a ReST run: rewards, KL to SFT, samples kept; ``[(title, Figure)]``."""
     from alignkit.tracking import read_metrics
 
