@@ -7,9 +7,9 @@ the reference-free losses (SimPO, ORPO). Loop: the shared training loop; chosen 
 go through one forward pass. Save: ``<out_dir>/model``.
 
 Online / iterative DPO (``online.rounds > 0``): each round samples two responses per prompt from
-the current policy, labels the pairs (a reward source, or simulated annotators on a built-in
-task), caches reference log-probs of the new pairs and trains on them; each finished round is
-saved, so a stopped run resumes at the next round.
+the current policy, labels the pairs (simulated annotators on a built-in task, the pairwise AI
+judge, or a reward source), caches reference log-probs of the new pairs and trains on them; each
+finished round is saved, so a stopped run resumes at the next round.
 """
 
 from __future__ import annotations
@@ -62,9 +62,20 @@ class EvalConfig:
 class OnlineConfig:
     rounds: int = 0                 # 0: offline DPO on data.train
     prompts_per_round: int = 256
-    labeler: str = "simulated"      # "simulated" (gold of eval.task, Bradley-Terry draw) or a reward spec
+    # "simulated" (Bradley-Terry draw on the gold of eval.task), "pairwise-judge:CONFIG" (the
+    # RLAIF pairwise judge, both orders), or a reward source (model:, gold:, python:, judge:).
+    labeler: str = "simulated"
     annotator_temperature: float = 0.2
+    # A preference store (SQLite) that also records every round's labelled pairs, as source
+    # "simulated" (simulated, gold:) or "ai", by annotator "online-dpo:<labeler>". (A judge
+    # config's own `store` keeps the judge's soft labels apart, under the judge's id.)
+    store: str | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        require(self.rounds >= 0, "online.rounds must be >= 0")
+        require(self.prompts_per_round >= 1, "online.prompts_per_round must be >= 1")
+        require(self.annotator_temperature >= 0, "online.annotator_temperature must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,14 @@ class Config:
                 "data.train is required for offline DPO (or set online.rounds > 0)")
         require(self.online.rounds == 0 or self.loss.name != "kto",
                 "online rounds produce pairs; use a paired loss, not kto")
+        if self.online.rounds > 0:
+            require(self.eval.task is not None or (self.data.train != "online"
+                                                   and self.online.labeler != "simulated"),
+                    "online DPO needs eval.task: its prompts (data.train=online) and the gold "
+                    "of the simulated labeler come from the built-in task")
+            # Each round resumes from its own checkpoints; one checkpoint path fits no round.
+            require(self.train.resume in ("auto", "never"),
+                    "online DPO resumes round by round: train.resume must be auto or never")
 
 
 # ----------------------------------------------------------------------------------------------
