@@ -10,7 +10,8 @@ from alignkit.stages import pipeline
 TINY = """
 out_dir: {out}
 task: sentiment
-stages: [base, sft, label, rm, evaluate@sft, dpo, evaluate@dpo]
+stages: [base, sft, label, rm, evaluate@sft, dpo, evaluate@dpo, ppo, evaluate@ppo, rest,
+         evaluate@rest, judge_model, label_ai, rm@ai]
 base:
   num_documents: 300
   vocab_size: 400
@@ -29,6 +30,30 @@ rm:
 dpo:
   data: {{max_length: 96}}
   train: {{max_steps: 2, batch_size: 8, micro_batch_size: 8, mixed_precision: "no"}}
+ppo:
+  iterations: 2
+  rollout: {{prompts_per_iteration: 4, batch_size: 4, sampling: {{max_new_tokens: 8}}}}
+  ppo: {{epochs: 1, minibatch_size: 4, micro_batch_size: 4}}
+  tensorboard: false
+rest:
+  grow_steps: 1
+  grow: {{num_prompts: 8, samples_per_prompt: 2, sampling: {{max_new_tokens: 8}}}}
+  filter: {{schedule: percentile, thresholds: [50]}}
+  improve: {{max_length: 64, train: {{batch_size: 4, micro_batch_size: 4, mixed_precision: "no"}}}}
+  eval: {{num_prompts: 4, sampling: {{max_new_tokens: 8}}}}
+judge:
+  batch_size: 16
+  pairwise: {{question_first: true, item: "1: {{prompt}}{{response_a}}\n2: {{prompt}}{{response_b}}",
+             question: "Which is more positive?"}}
+judge_model:
+  pairwise_examples: 16
+  pointwise_examples: 8
+  eval_examples: 4
+  train: {{max_steps: 2, batch_size: 8, micro_batch_size: 8, mixed_precision: "no"}}
+label_ai:
+  limit: 8
+rm@ai:
+  train: {{max_steps: 1, batch_size: 4, micro_batch_size: 4, mixed_precision: "no"}}
 evaluate:
   num_prompts: 8
   sampling: {{max_new_tokens: 16}}
@@ -42,14 +67,33 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     cfg_file.write_text(TINY.format(out=out))
     summary = pipeline.main(pipeline.load(str(cfg_file), []))
     on_disk = json.loads((out / "summary.json").read_text())
-    assert set(on_disk) == {"base", "sft", "label", "rm", "evaluate@sft", "dpo", "evaluate@dpo"}
-    for policy in ("sft", "dpo"):
+    assert set(on_disk) == {"base", "sft", "label", "rm", "evaluate@sft", "dpo", "evaluate@dpo",
+                            "ppo", "evaluate@ppo", "rest", "evaluate@rest", "judge_model",
+                            "label_ai", "rm@ai"}
+    for policy in ("sft", "dpo", "ppo", "rest"):
         assert {"gold_reward_mean", "kl_to_ref"} <= set(on_disk[policy])
+        # The same 8 test prompts for every policy: the frontier compares like with like.
+        evaluated = (out / f"eval_{policy}" / "samples.jsonl").read_text().splitlines()
+        assert [json.loads(r)["prompt"] for r in evaluated] == \
+            [json.loads(r)["prompt"] for r in (out / "eval_sft" / "samples.jsonl").read_text().splitlines()]
+    assert on_disk["ppo"]["kl_to_ref"] == on_disk["evaluate@ppo"]["kl_to_ref"] != 0
+    # PPO and ReST trained against the demo's RM; rm@ai learned from the judge's labels.
+    assert json.loads((out / "ppo" / "metrics.json").read_text())["iterations"] == 2
+    assert "rm/model" in (out / "ppo" / "config.yaml").read_text()
+    ai_train = (out / "labels_ai" / "train.jsonl").read_text().splitlines()
+    assert 4 <= len(ai_train) <= 8 and on_disk["label_ai"]["train_pairs"] == len(ai_train)
+    assert "labels_ai/train.jsonl" in (out / "rm_ai" / "config.yaml").read_text()
+    assert {"ai_agreement_with_simulated", "position_bias_rate", "cost_per_label"} <= set(on_disk["label_ai"])
+    assert "gold_pair_accuracy" in on_disk["rm@ai"]
+    judge_cfg = (out / "labels_ai" / "config.yaml").read_text()
+    assert "Which is more positive?" in judge_cfg and "judge_model/model" in judge_cfg
     assert on_disk["sft"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-4)  # SFT is the reference
     assert {"pair_accuracy", "gold_pair_accuracy"} <= set(on_disk["rm"])
     assert on_disk["dpo"]["steps"] == 2
     report = (out / "report.html").read_text()
     assert "Gold reward vs KL" in report and report.count("data:image/png") >= 3
+    assert "sqrt(KL to the reference)" in report                   # ppo's own figure
+    assert "ReST: per-step rewards" in report and "Reward models: simulated vs AI labels" in report
     # Every stage wrote its own config, metrics.jsonl or metrics.json.
     for stage in ("base", "sft", "rm", "dpo"):
         assert (out / stage / "config.yaml").exists() and (out / stage / "metrics.json").exists()
@@ -69,3 +113,26 @@ def test_pipeline_refuses_unknown_stage_and_bad_section(tmp_path):
     f.write_text("out_dir: x\nstages: [sft]\nsft: {optim: {lrr: 1}}\n")
     with pytest.raises(ConfigError, match="pipeline stage 'sft'.*'optim.lrr'"):
         pipeline.main(pipeline.load(str(f), []))
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    """Each file in configs/ builds into its command's typed config (pipeline files: every stage)."""
+    import yaml
+
+    from alignkit.config import load_config
+    from alignkit.feedback.judges import load_stage_config
+    from alignkit.stages import judge, judge_model, ppo, rest
+
+    raw = yaml.safe_load(open(path))
+    if "stages" in raw:
+        cfg = pipeline.load(path, [])
+        for name in cfg.stages:
+            pipeline.stage_config(name, cfg)
+    elif "judge_model" in raw or "label_ai" in raw:
+        load_stage_config(judge_model.Config, path, "judge_model", [])
+        load_stage_config(judge.Config, path, "label_ai", [])
+    else:
+        module = ppo if "iterations" in raw else rest if "grow_steps" in raw else None
+        assert module is not None, f"{path}: which command is this config for?"
+        load_config(module.Config, path, [])

@@ -30,6 +30,7 @@ class Config:
     split: str = "test"
     batch_size: int = 64
     seed: int = 1234
+    success_at: float | None = None   # also report gold_success: the share of gold >= this
     out_dir: str = "runs/eval"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -92,6 +93,8 @@ def evaluate_policy(policy, tokenizer, cfg: Config, reference=None, proxy=None) 
                                        seed=cfg.seed, batch_size=cfg.batch_size)
     gold = GoldReward(cfg.task, chat=cfg.chat)(prompts, responses)
     metrics = summarize(gold, "gold_reward")
+    if cfg.success_at is not None:   # e.g. 1.0 on arithmetic: accuracy
+        metrics.update(summarize([float(g >= cfg.success_at) for g in gold], "gold_success"))
     lengths = rollout.response_mask.sum(-1).float()
     metrics["response_length"] = float(lengths.mean())
     metrics["finished_fraction"] = float(rollout.finished.float().mean())

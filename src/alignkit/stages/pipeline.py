@@ -26,10 +26,14 @@ MODULES = {
     "ppo": "alignkit.stages.ppo",
     "rest": "alignkit.stages.rest",
     "evaluate": "alignkit.stages.evaluate",
+    "judge_model": "alignkit.stages.judge_model",
+    "label_ai": "alignkit.stages.judge",
+    "bon": "alignkit.stages.bon",
 }
 
-# Policy stages: their evaluation (``evaluate@<stage>``) is folded into their summary entry.
-POLICY_STAGES = ("sft", "dpo", "ppo", "rest")
+# Stages that hold a judge: the pipeline's top-level ``judge:`` section (one judge, its templates
+# and prices) is shared by them, under their own ``judge`` keys.
+JUDGE_STAGES = ("judge_model", "label_ai")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,9 @@ class Config:
     def __post_init__(self):
         unknown = [s for s in self.stages if s.split("@")[0] not in MODULES]
         require(not unknown, f"unknown pipeline stage {unknown[:1]}; known: {sorted(MODULES)}")
+        stray = [k for k in self.sections if k.split("@")[0] not in MODULES and k != "judge"]
+        require(not stray, f"unknown config section {stray[:1]}: not a stage "
+                f"({sorted(MODULES)}) nor 'judge'")
 
 
 def stage_dir(kind: str, variant: str = "") -> str:
@@ -56,20 +63,30 @@ def _wiring(out: Path, src: Path, task: str, variant: str) -> dict[str, Callable
     base_model = str(src / "base" / "model")
     sft_model = str(src / "sft" / "model")
     labels = src / "labels"
+    rm_model = f"model:{src / 'rm' / 'model'}"
     return {
         "base": lambda: {"task": task, "out_dir": str(out / "base")},
         "sft": lambda: {"model": base_model, "out_dir": str(out / "sft"),
                         "data": {"train": f"task:{task}", "eval": f"task:{task}"}},
         "label": lambda: {"policy": sft_model, "task": task, "out_dir": str(labels)},
-        "rm": lambda: {"model": sft_model, "out_dir": str(out / "rm"), "gold_task": task,
-                       "data": {"train": str(labels / "train.jsonl"),
+        # rm@ai: the same reward model trained on the AI judge's labels of the same pairs.
+        "rm": lambda: {"model": sft_model, "out_dir": str(out / stage_dir("rm", variant)),
+                       "gold_task": task,
+                       "data": {"train": str((out / "labels_ai" if variant == "ai" else labels)
+                                             / "train.jsonl"),
                                 "eval": str(labels / "eval.jsonl")}},
         "dpo": lambda: {"model": sft_model, "out_dir": str(out / stage_dir("dpo", variant)),
                         "data": {"train": str(labels / "train.jsonl")}},
-        "ppo": lambda: {"model": sft_model, "reward": f"model:{src / 'rm' / 'model'}", "task": task,
+        "ppo": lambda: {"model": sft_model, "reward": rm_model, "task": task,
                         "out_dir": str(out / stage_dir("ppo", variant)), "eval": {"num_prompts": 0}},
-        "rest": lambda: {"model": sft_model, "reward": f"model:{src / 'rm' / 'model'}", "task": task,
+        "rest": lambda: {"model": sft_model, "reward": rm_model, "task": task,
                          "out_dir": str(out / stage_dir("rest", variant))},
+        "bon": lambda: {"model": sft_model, "reward": rm_model, "task": task,
+                        "out_dir": str(out / stage_dir("bon", variant))},
+        "judge_model": lambda: {"model": base_model, "task": task,
+                                "out_dir": str(out / "judge_model")},
+        "label_ai": lambda: {"pairs_dir": str(labels), "out_dir": str(out / "labels_ai"),
+                             "judge": {"model": str(out / "judge_model" / "model")}},
         "evaluate": lambda: {"policy": str((src if variant in ("", "sft") else out)
                                            / stage_dir(variant or "sft") / "model"),
                              "reference": sft_model, "task": task,
@@ -93,6 +110,8 @@ def stage_config(name: str, cfg: Config) -> Any:
         if variant else (cfg.sections.get(name, {}) or {})
     if not isinstance(given, dict):
         raise ConfigError(f"config key {name!r}: expected a mapping")
+    if kind in JUDGE_STAGES:
+        given = {**given, "judge": _merge(cfg.sections.get("judge") or {}, given.get("judge") or {})}
     out = Path(cfg.out_dir)
     src = Path(cfg.from_run) if cfg.from_run else out
     data = _merge(_wiring(out, src, cfg.task, variant)[kind](), given)
