@@ -489,3 +489,24 @@ def test_judge_model_stage_trains_a_judge_the_judge_code_can_use(tiny_base, tmp_
     assert -1.0 <= metrics["heldout_score_corr"] <= 1.0
     [j] = PairwiseJudge(cfg.judge).judge(["I watched"], [" a good film."], [" a bad film."])
     assert 0.0 < j.prob_a < 1.0
+
+
+def test_label_with_a_judge_writes_ai_labels_of_the_same_pairs(tiny_base, tmp_path):
+    from alignkit.cli import main as cli_main
+
+    config = tmp_path / "judge.yaml"
+    _write_judge_yaml(config, tiny_base)
+    out = tmp_path / "labels"
+    cli_main(["label", f"policy={tiny_base}", "train_prompts=5", "eval_prompts=3",
+              "sampling.max_new_tokens=6", f"out_dir={out}", f"judge={config}"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"] == str(out / "ai" / "train.jsonl")       # the stage's output: AI labels
+    assert metrics["simulated_train"] == str(out / "train.jsonl")
+    pairs = [json.loads(x) for x in (out / "pairs_train.jsonl").read_text().splitlines()]
+    ai = [json.loads(x) for x in (out / "ai" / "train.jsonl").read_text().splitlines()]
+    assert len(ai) == metrics["train_pairs"] and 0 < len(ai) <= len(pairs)
+    sampled = {(p["prompt"], frozenset((p["response_a"], p["response_b"]))) for p in pairs}
+    assert all((r["prompt"], frozenset((r["chosen"], r["rejected"]))) in sampled for r in ai)
+    eval_pairs = (out / "pairs_eval.jsonl").read_text().splitlines()
+    assert metrics["requests"] == 2 * (len(pairs) + len(eval_pairs))  # both orders of every pair
+    assert "ai_agreement_with_simulated" in metrics and "position_bias_rate" in metrics

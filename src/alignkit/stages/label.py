@@ -5,6 +5,11 @@ built-in annotator is simulated: a Bradley-Terry draw on the task's hidden gold 
 configurable rationality (Gao, Schulman & Hilton 2022's synthetic-labels setup). Output: JSONL
 preference files ``train.jsonl`` / ``eval.jsonl`` (prompt, chosen, rejected) that the reward
 model and DPO stages read, plus the unlabelled ``pairs_*.jsonl`` for other labelers.
+
+``judge=CONFIG`` (a judge config file, e.g. ``configs/judge.yaml``) labels the same pairs with an
+AI judge as well (:mod:`alignkit.stages.judge`, written to ``<out_dir>/ai/``): the stage's
+``train``/``eval`` outputs are then the AI labels, and the simulated labels stay beside them as
+the yardstick of the judge's agreement.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Config:
     train_prompts: int = 2000
     eval_prompts: int = 200
     pairs_per_prompt: int = 1     # independent pairs drawn for each prompt
+    judge: str = ""               # a judge config file: label with that AI judge too
     batch_size: int = 64
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -93,4 +99,17 @@ def main(cfg: Config) -> dict:
               f"(empty or identical), {len(records)} labelled", flush=True)
     summary["train"] = str(out / "train.jsonl")
     summary["eval"] = str(out / "eval.jsonl")
+    if cfg.judge:
+        summary.update(_judge_labels(cfg, out))
     return tracker.finish(summary)
+
+
+def _judge_labels(cfg: Config, out: Path) -> dict:
+    """The AI judge's labels of the pairs just written (``out/ai``), with its agreement metrics."""
+    from alignkit.feedback.judges import load_judge_config
+    from alignkit.stages import judge
+
+    ai = judge.main(judge.Config(judge=load_judge_config(cfg.judge), pairs_dir=str(out),
+                                 out_dir=str(out / "ai"), reference_source="simulated"))
+    return {**{k: v for k, v in ai.items() if k not in ("train", "eval")},
+            "train": ai["train"], "eval": ai["eval"], "simulated_train": str(out / "train.jsonl")}
