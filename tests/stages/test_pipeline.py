@@ -122,7 +122,7 @@ def test_every_shipped_config_validates(path):
 
     from alignkit.config import load_config
     from alignkit.feedback.judges import load_stage_config
-    from alignkit.stages import judge, judge_model, ppo, rest
+    from alignkit.stages import dpo, judge, judge_model, ppo, rest
 
     raw = yaml.safe_load(open(path))
     if "stages" in raw:
@@ -133,6 +133,7 @@ def test_every_shipped_config_validates(path):
         load_stage_config(judge_model.Config, path, "judge_model", [])
         load_stage_config(judge.Config, path, "label_ai", [])
     else:
-        module = ppo if "iterations" in raw else rest if "grow_steps" in raw else None
+        module = (ppo if "iterations" in raw else rest if "grow_steps" in raw
+                  else dpo if "loss" in raw else None)
         assert module is not None, f"{path}: which command is this config for?"
         load_config(module.Config, path, [])
