@@ -149,10 +149,12 @@ def test_parameter_counts_one_base_plus_adapters_vs_four_models(tiny_base, tiny_
     assert s["params_one_model"] == d["params_one_model"] == one
     assert s["params_in_memory"] == one + adapters + heads      # exactly one base
     assert s["params_ratio_vs_one_model"] < 1.5   # rank-4 adapters are large on a 32-wide model
+    assert s["params_ratio_without_adapters"] == pytest.approx((one + heads) / one)   # ~1.0
     # policy + reference + value + reward: four bodies (the scalar models swap the tied LM head
     # for a 1-output score head, so each is one model plus hidden_size weights).
     assert d["params_in_memory"] == 4 * one + 2 * shared.value_head.weight.numel()
     assert d["params_ratio_vs_one_model"] == pytest.approx(4.0, abs=0.01)
+    assert d["params_ratio_without_adapters"] == d["params_ratio_vs_one_model"]   # no adapters
     assert s["params_trainable"] == adapters - sum(p.numel() for p in shared.adapter_parameters(REWARD)) \
         + shared.value_head.weight.numel()
 

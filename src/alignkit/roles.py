@@ -70,12 +70,14 @@ def token_values(body, head: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     return values * rollout.response_mask
 
 
-def params_in_memory(modules) -> int:
-    """Parameters held by ``modules``, each tensor counted once (a shared base, tied weights)."""
+def params_in_memory(modules, adapters: bool = True) -> int:
+    """Parameters held by ``modules``, each tensor counted once (a shared base, tied weights);
+    ``adapters=False`` leaves LoRA adapter weights out."""
     seen: dict[int, int] = {}
     for module in modules:
-        for p in module.parameters():
-            seen[id(p)] = p.numel()
+        for name, p in module.named_parameters():
+            if adapters or "lora_" not in name:
+                seen[id(p)] = p.numel()
     return sum(seen.values())
 
 
@@ -363,9 +365,12 @@ def memory_report(roles) -> dict[str, float]:
     import resource
 
     held = params_in_memory(roles.held())
+    without_adapters = params_in_memory(roles.held(), adapters=False)
     one_model = roles.one_model_params()
     trainable = params_in_memory([torch.nn.ParameterList(
         roles.policy_parameters() + (roles.value_parameters() if roles.value is not None else []))])
     return {"params_in_memory": held, "params_trainable": trainable,
             "params_one_model": one_model, "params_ratio_vs_one_model": held / one_model,
+            # The issue's yardstick: models held, adapters aside (shared ~1.0, separate ~4.0).
+            "params_ratio_without_adapters": without_adapters / one_model,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
