@@ -9,12 +9,13 @@ For each Grow step ``g = 0 .. G-1``:
   normalised reward exceeds ``tau_i`` (ReST §2: ``F(x, y; tau) = 1[R(x, y) > tau]``, with
   ``tau_0 <= tau_1 <= ...``), optionally mix in the original SFT data, and fine-tune the
   previous policy on them at ``lr * lr_decay**i``: behaviour cloning (NLL) by default, or
-  reward-weighted BC (each sample's NLL times its normalised reward).
+  reward-weighted BC (each sample's NLL times its normalised reward). Normalising and
+  thresholding live in :mod:`alignkit.filtering`.
 
 After every Improve step the policy is evaluated on held-out prompts (proxy reward, gold reward
-on built-in tasks, a held-out signal, KL to the SFT model) and the reward-hacking guard sees
-(proxy, held-out). Expert iteration / RAFT (Anthony et al. 2017; Dong et al. 2023) is this stage
-with one Improve step per Grow (``configs/raft.yaml``).
+on built-in tasks, a held-out signal, KL to the SFT model) and the reward-hacking guard
+(:mod:`alignkit.guard`) sees (proxy, held-out). Expert iteration / RAFT (Anthony et al. 2017;
+Dong et al. 2023) is this stage with one Improve step per Grow (``configs/raft.yaml``).
 
 Files under ``out_dir``: ``initial/metrics.json`` (the SFT model), ``grow_<g>/grown.jsonl``,
 ``grow_<g>/improve_<i>/{model, metrics.json, metrics.jsonl, samples.jsonl}``, ``metrics.jsonl``
@@ -26,7 +27,6 @@ regrown, and an Improve step stopped mid-training resumes from its own checkpoin
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from alignkit.config import require
+from alignkit.filtering import FilterConfig, select
 from alignkit.generation import SamplingConfig
+from alignkit.guard import GuardConfig, GuardDecision, HackingGuard
 from alignkit.models import LoraSpec
 from alignkit.training import LoopConfig, LossOutput, OptimConfig
 
@@ -54,28 +56,6 @@ class GrowConfig:
     def __post_init__(self):
         require(self.num_prompts > 0, "grow.num_prompts must be > 0")
         require(self.samples_per_prompt >= 1, "grow.samples_per_prompt must be >= 1")
-
-
-@dataclass(frozen=True)
-class FilterConfig:
-    schedule: Literal["absolute", "percentile"] = "absolute"
-    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7])  # one per Improve step
-    # minmax: over the grown set; prompt_minmax: within each prompt's N samples (absolute
-    # threshold 0.99 then keeps each prompt's best sample: RAFT); range: fixed [lo, hi] -> [0, 1]
-    normalize: Literal["minmax", "prompt_minmax", "range"] = "minmax"
-    range: list[float] | None = None
-    require_finished: bool = True        # drop samples cut at max_new_tokens (BC would add EOS)
-
-    def __post_init__(self):
-        t = self.thresholds
-        require(len(t) >= 1, "filter.thresholds needs one threshold per Improve step")
-        require(t == sorted(t), f"filter.thresholds must rise, got {t}")
-        top = 1.0 if self.schedule == "absolute" else 100.0
-        require(all(0.0 <= x <= top for x in t), f"filter.thresholds must lie in [0, {top:g}] "
-                f"for schedule {self.schedule!r}, got {t}")
-        if self.normalize == "range":
-            require(self.range is not None and len(self.range) == 2 and self.range[0] < self.range[1],
-                    "filter.normalize=range needs filter.range: [lo, hi] with lo < hi")
 
 
 @dataclass(frozen=True)
@@ -113,18 +93,6 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class GuardConfig:
-    heldout: str | None = None          # reward spec of the held-out signal; default gold:TASK
-    patience: int = 2                   # k consecutive steps of held-out down while proxy up
-    min_delta: float = 0.0              # changes smaller than this count as flat
-    stop: bool = False                  # stop, and keep the best (held-out) model as final
-
-    def __post_init__(self):
-        require(self.patience >= 1, "guard.patience must be >= 1")
-        require(self.min_delta >= 0, "guard.min_delta must be >= 0")
-
-
-@dataclass(frozen=True)
 class Config:
     model: str = ""                     # the starting (SFT) policy
     reference: str | None = None        # KL yardstick; default: model
@@ -150,93 +118,6 @@ class Config:
     @property
     def improve_steps(self) -> int:  # I
         return len(self.filter.thresholds)
-
-
-# ----------------------------------------------------------------------------------------------
-# Filtering: normalise the grown rewards, then keep those above the step's threshold.
-
-
-def normalize_rewards(rewards: list[float], method: str, value_range: list[float] | None = None,
-                      groups: list | None = None) -> np.ndarray:
-    """Map rewards to [0, 1]: min-max over the grown set, over each prompt's ``N`` samples
-    (``prompt_minmax``, with ``groups`` the prompt of each sample), or a fixed ``[lo, hi]``.
-
-    Rewards that are all equal (in the set, or in a prompt's group) carry no ranking and map to
-    0, so an absolute threshold keeps none of them (use ``range`` for a verifier's fixed scale).
-    """
-    r = np.asarray(rewards, dtype=np.float64)
-    if method == "prompt_minmax":
-        members: dict = {}
-        for j, key in enumerate(groups):
-            members.setdefault(key, []).append(j)
-        out = np.zeros_like(r)
-        for idx in members.values():
-            out[idx] = normalize_rewards(r[idx], "minmax")
-        return out
-    if method == "range":
-        lo, hi = value_range
-    else:
-        lo, hi = float(r.min()), float(r.max())
-        if hi == lo:
-            return np.zeros_like(r)
-    return np.clip((r - lo) / (hi - lo), 0.0, 1.0)
-
-
-def keep_mask(normalized: np.ndarray, threshold: float, schedule: str) -> np.ndarray:
-    """Samples the Improve step trains on.
-
-    ``absolute``: normalised reward strictly above ``tau`` (ReST's ``1[R > tau]``).
-    ``percentile``: normalised reward at or above the ``tau``-th percentile of the grown set, so
-    percentile 0 keeps everything and ties at the cut are all kept (verifier rewards tie a lot).
-    """
-    if schedule == "absolute":
-        return normalized > threshold
-    return normalized >= np.percentile(normalized, threshold)
-
-
-def select(grown: list[dict], cfg: FilterConfig, step: int) -> tuple[list[int], np.ndarray]:
-    """Indices of the kept samples of Improve ``step`` and the normalised rewards of all."""
-    norm = normalize_rewards([g["reward"] for g in grown], cfg.normalize, cfg.range,
-                             [g["prompt"] for g in grown])
-    mask = keep_mask(norm, cfg.thresholds[step], cfg.schedule)
-    ok = [bool(g["response"].strip()) and (g["finished"] or not cfg.require_finished) for g in grown]
-    return [j for j in range(len(grown)) if mask[j] and ok[j]], norm
-
-
-# ----------------------------------------------------------------------------------------------
-# The reward-hacking guard (Gao, Schulman & Hilton 2022: past a point, optimising a proxy
-# lowers the true reward). Pure: fed numbers, returns a decision; no files, no models.
-
-
-@dataclass(frozen=True)
-class GuardDecision:
-    step: int            # 0 = the first update (the SFT model)
-    streak: int          # consecutive updates with held-out down and proxy up
-    fired: bool          # streak >= patience: warn
-    stop: bool           # fired and configured to stop
-    best_step: int       # update with the highest held-out signal so far
-    best_heldout: float
-
-
-class HackingGuard:
-    def __init__(self, patience: int, min_delta: float = 0.0, stop: bool = False):
-        self.patience, self.min_delta, self.stop = patience, min_delta, stop
-        self.step, self.streak = -1, 0
-        self.previous: tuple[float, float] | None = None
-        self.best_step, self.best_heldout = -1, -math.inf
-
-    def update(self, proxy: float, heldout: float) -> GuardDecision:
-        self.step += 1
-        if self.previous is not None:
-            last_proxy, last_heldout = self.previous
-            hacking = heldout < last_heldout - self.min_delta and proxy > last_proxy + self.min_delta
-            self.streak = self.streak + 1 if hacking else 0
-        self.previous = (proxy, heldout)
-        if heldout > self.best_heldout:
-            self.best_step, self.best_heldout = self.step, heldout
-        fired = self.streak >= self.patience
-        return GuardDecision(self.step, self.streak, fired, fired and self.stop, self.best_step,
-                             self.best_heldout)
 
 
 # ----------------------------------------------------------------------------------------------
