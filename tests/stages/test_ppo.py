@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignkit.algorithms import ALGORITHMS
 from alignkit.config import ConfigError, load_config
 from alignkit.generation import SamplingConfig
 from alignkit.models import load_causal_lm, load_tokenizer
@@ -68,7 +69,7 @@ def _experience(tiny_base, algo):
         f"model={tiny_base}", f"reward=python:{__name__}:count_e", "rollout.prompts=unused",
         "rollout.prompts_per_iteration=4", "rollout.samples_per_prompt=2", f"ppo.algo={algo}",
         "ppo.minibatch_size=8", "kl.beta=0.1"])
-    a = ppo.ALGORITHMS[algo]
+    a = ALGORITHMS[algo]
     roles = build_roles("separate", RoleSpec(model=str(tiny_base), reference=None, reward=cfg.reward),
                         tok, needs_value=a.uses_value)
     texts = [f"Review {i}: the film" + " was" * i for i in range(4) for _ in range(2)]
