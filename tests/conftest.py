@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny base model + tokenizer on the sentiment task, saved with
-save_pretrained, so stages load it through from_pretrained exactly as they load real models."""
+save_pretrained, so stages load it through from_pretrained exactly as they load real models;
+``one_thread`` for modules that run tiny models (``pytestmark = usefixtures("one_thread")``)."""
 
 from pathlib import Path
 
@@ -26,3 +27,13 @@ def tiny_base(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models spend their time in per-op overhead; extra threads only contend (10x slower
+    on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

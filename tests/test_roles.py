@@ -15,13 +15,7 @@ from alignkit.roles import (POLICY, REWARD, VALUE, RoleSpec, backbone, build_rol
 LORA = LoraSpec(r=4, alpha=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models spend their time in per-op overhead; extra threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from alignkit.rollout import (GeneratorState, RunningMoments, ScoreConfig, colle
                               training_scores)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models spend their time in per-op overhead; extra threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count_e(prompts, responses):

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("flask")
 
 from alignkit.feedback.judges import HttpConfig, JudgeConfig, PairwiseJudge  # noqa: E402
-from alignkit.serve import Engine, create_app  # noqa: E402
+from alignkit.serve import Engine, create_app, serve_until_interrupted  # noqa: E402
 
 PAIR = (["I watched"], [" a good film."], [" a dull film."])
 
@@ -165,6 +165,21 @@ def test_api_key(engine, monkeypatch):
         monkeypatch.setenv("ALIGNKIT_TEST_KEY", "s3cret")
         [outcome] = PairwiseJudge(cfg).judge(*PAIR)[0].outcomes
         assert outcome.error is None and outcome.raw is not None and outcome.prompt_tokens > 0
+
+
+def test_ctrl_c_stops_serving_and_closes_the_socket():
+    class Interrupted:
+        closed = False
+
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def server_close(self):
+            self.closed = True
+
+    server = Interrupted()
+    serve_until_interrupted(server)                    # returns: Ctrl+C is the way to stop
+    assert server.closed
 
 
 # -- the HTTP judge against the server ----------------------------------------------------

@@ -320,6 +320,12 @@ def run(args: argparse.Namespace) -> None:
     server = make_server(args.host, args.port, create_app(engine, api_key), threaded=True)
     print(f"alignkit serve: {engine.name} on http://{args.host}:{server.server_port}/v1 "
           f"(Ctrl+C to stop)", flush=True)
+    serve_until_interrupted(server)
+
+
+def serve_until_interrupted(server) -> None:
+    """Serve a werkzeug ``server`` until Ctrl+C, then close its socket (``alignkit serve`` and
+    ``alignkit annotate``)."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:

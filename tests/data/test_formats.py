@@ -1,7 +1,6 @@
 import copy
 import json
 import logging
-import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,16 +12,6 @@ from alignkit.data.formats import (
 )
 from alignkit.data.io import DataError, Record
 from alignkit.logprobs import IGNORE_INDEX as IGN
-from alignkit.tokenizer import train_tokenizer
-
-WORDS = "the cat dog sat on mat a big small red blue runs fast slow happy sad".split()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + "." for _ in range(300)]
-    return train_tokenizer(texts, vocab_size=400)
 
 
 def plain(tok, text):

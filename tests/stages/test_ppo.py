@@ -20,14 +20,7 @@ from alignkit.training import make_accelerator
 INTERRUPT = {"at_call": None, "calls": 0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models spend their time in per-op overhead; extra threads only contend (10x slower
-    on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count_e(prompts, responses):

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> None:
 
     from alignkit.feedback.annotate.app import create_app
     from alignkit.feedback.store import PreferenceStore
+    from alignkit.serve import serve_until_interrupted
 
     if args.labels_per_pair < 1:
         sys.exit("alignkit annotate: --labels-per-pair must be >= 1")
@@ -63,12 +64,7 @@ def run(args: argparse.Namespace) -> None:
             f"  no annotators yet: alignkit store annotator add NAME --store {args.store}",
             flush=True,
         )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(server)
 
 
 def _is_loopback(host: str) -> bool:
