@@ -189,9 +189,15 @@ def _rl(spec, algo: str, roles: str = "separate"):
 
     tracking.Tracker = ClockRLTracker  # ppo.main imports it from alignkit.tracking at call time
     optim = OptimConfig(lr=1e-5, schedule="constant", warmup_steps=0, max_grad_norm=1.0)
+    # PPO with separate roles scores with a reward model, as the peer does (the model folder with
+    # a fresh score head: a fourth model in memory and a forward per rollout); the shared
+    # placement would need that RM as an adapter on its base, and the critic-free cases use the
+    # cheap text function on both sides.
+    reward = (f"model:{spec['model_dir']}" if algo == "ppo" and roles == "separate"
+              else "python:common:reward_of_texts")
     with tempfile.TemporaryDirectory() as out:
         cfg = ppo.Config(
-            model=spec["model_dir"], reward="python:common:reward_of_texts", out_dir=out,
+            model=spec["model_dir"], reward=reward, out_dir=out,
             iterations=spec["warmup"] + spec["steps"], roles=roles,
             rollout=ppo.RolloutConfig(prompts=f"{spec['data_dir']}/prompts.jsonl",
                                       prompts_per_iteration=p, samples_per_prompt=k, batch_size=rows,
@@ -199,7 +205,7 @@ def _rl(spec, algo: str, roles: str = "separate"):
                                                               temperature=1.0, top_p=1.0, top_k=0)),
             kl=ppo.KLConfig(beta=beta),
             ppo=ppo.PPOConfig(algo=algo, epochs=spec.get("ppo_epochs", 1), minibatch_size=rows,
-                              micro_batch_size=rows),
+                              micro_batch_size=spec.get("micro_batch", rows)),
             optim=optim, value_optim=optim, eval=ppo.EvalConfig(num_prompts=0, initial=False),
             seed=spec["seed"], resume="never", tensorboard=False,
             mixed_precision="bf16" if spec["precision"] == "bf16" else "no")

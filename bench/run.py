@@ -50,8 +50,16 @@ FULL = {
     "sample": dict(batch=32, new_tokens=64, warmup=1, steps=2),
     "grpo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2),
     "rloo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2),
-    "ppo": dict(prompts_per_iter=16, new_tokens=64, warmup=1, steps=2, ppo_epochs=1),
-    "ppo_shared": dict(prompts_per_iter=16, new_tokens=64, warmup=1, steps=2, ppo_epochs=1),
+    # micro_batch: rows per forward (gradient accumulation up to the 16-row minibatch), on both
+    # sides; activation memory is the same for both placements, so it is kept small enough that
+    # the placement's own memory (weights, optimiser states) shows in the peak. mmap_threshold:
+    # glibc's fixed MALLOC_MMAP_THRESHOLD_ for these processes (both sides), so that freed
+    # activation buffers go back to the OS and peak RSS tracks live memory; with the default
+    # dynamic threshold the heap keeps them and the peak says more about the allocator.
+    "ppo": dict(prompts_per_iter=16, new_tokens=64, warmup=1, steps=2, ppo_epochs=1, micro_batch=4,
+                mmap_threshold=131072),
+    "ppo_shared": dict(prompts_per_iter=16, new_tokens=64, warmup=1, steps=2, ppo_epochs=1,
+                       micro_batch=4, mmap_threshold=131072),
 }
 QUICK = {
     "sft": dict(batch=2, warmup=1, steps=1, max_len=64),
@@ -376,8 +384,10 @@ def main() -> int:
                             continue
                         s = dict(spec, side="alignkit" if side == "alignkit" else "trl")
                         py = sys.executable if side == "alignkit" else str(peer_py[PEER_OF_CASE.get(case, "trl")])
+                        child_env = dict(env, **({"MALLOC_MMAP_THRESHOLD_": str(s["mmap_threshold"])}
+                                                 if s.get("mmap_threshold") else {}))
                         r = run_child([py, str(BENCH / "worker.py"), json.dumps(s)], logs / f"{tag}.log",
-                                      run_timeout, env)
+                                      run_timeout, child_env)
                         r["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
                         runs[side].append(r)
                         if r.get("versions"):

@@ -279,8 +279,11 @@ def ppo(spec):
         return query_responses, logits
 
     ppo_module.batch_generation = counting_generation
-    common = _common_args(dict(spec, batch=p), "", group_by_length=False)
+    micro = spec.get("micro_batch", p)
+    common = _common_args(dict(spec, batch=micro), "", group_by_length=False)
     common.pop("max_steps")
+    # local batch = micro x accumulation x 1 mini-batch = p prompts per rollout, as on our side
+    common["gradient_accumulation_steps"] = p // micro
     with tempfile.TemporaryDirectory() as out:
         common["output_dir"] = out
         args = PPOConfig(**common, total_episodes=n, num_ppo_epochs=spec.get("ppo_epochs", 1),
