@@ -431,8 +431,9 @@ def _watch(guard: HackingGuard | None, metrics: dict, key: str | None, tracker,
                                    "best_step": d.best_step}
     tracker.log(k, {**metrics, **fields})
     if d is not None and d.fired:
-        print(f"[rest] WARNING reward hacking suspected at step {k}: the held-out signal fell for "
-              f"{d.streak} steps while the proxy rose (best step {d.best_step})"
+        print(f"[rest] WARNING reward hacking suspected at step {k}: the held-out signal has been "
+              f"below its best (step {d.best_step}: {d.best_heldout:.4g}) for {d.streak} steps "
+              f"while the proxy stayed above its value there"
               + ("; stopping" if d.stop else ""), flush=True)
     return d
 
