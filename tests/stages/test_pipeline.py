@@ -69,7 +69,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     on_disk = json.loads((out / "summary.json").read_text())
     assert set(on_disk) == {"base", "sft", "label", "rm", "evaluate@sft", "dpo", "evaluate@dpo",
                             "ppo", "evaluate@ppo", "rest", "evaluate@rest", "judge_model",
-                            "label_ai", "rm@ai"}
+                            "label_ai", "rm@ai", "rlaif"}
     for policy in ("sft", "dpo", "ppo", "rest"):
         assert {"gold_reward_mean", "kl_to_ref"} <= set(on_disk[policy])
         # The same 8 test prompts for every policy: the frontier compares like with like.
@@ -84,6 +84,11 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert 4 <= len(ai_train) <= 8 and on_disk["label_ai"]["train_pairs"] == len(ai_train)
     assert "labels_ai/train.jsonl" in (out / "rm_ai" / "config.yaml").read_text()
     assert {"ai_agreement_with_simulated", "position_bias_rate", "cost_per_label"} <= set(on_disk["label_ai"])
+    rlaif = on_disk["rlaif"]                 # the RLAIF headline, next to the stages
+    assert rlaif["ai_agreement_with_simulated"] == on_disk["label_ai"]["ai_agreement_with_simulated"]
+    assert rlaif["cost_per_label"] == on_disk["label_ai"]["cost_per_label"]
+    assert rlaif["rm_gold_pair_accuracy_ai_labels"] == on_disk["rm@ai"]["gold_pair_accuracy"]
+    assert rlaif["rm_gold_pair_accuracy_simulated_labels"] == on_disk["rm"]["gold_pair_accuracy"]
     assert "gold_pair_accuracy" in on_disk["rm@ai"]
     judge_cfg = (out / "labels_ai" / "config.yaml").read_text()
     assert "Which is more positive?" in judge_cfg and "judge_model/model" in judge_cfg

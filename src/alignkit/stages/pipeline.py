@@ -147,9 +147,15 @@ def main(cfg: Config) -> dict:
     return summary
 
 
+RLAIF_HEADLINE = ("ai_agreement_with_simulated", "ai_kappa_with_simulated", "position_bias_rate",
+                  "cost_per_label", "labels_per_second")
+
+
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
     """Fold ``evaluate@<stage>`` results into ``<stage>`` so every policy stage reports
-    ``gold_reward_mean`` and ``kl_to_ref`` (to the SFT model) in one place."""
+    ``gold_reward_mean`` and ``kl_to_ref`` (to the SFT model) in one place; with AI labels, add an
+    ``rlaif`` entry: the judge's agreement, position bias and cost, and both reward models' gold
+    pair accuracy side by side."""
     out = dict(summary)
     for name, metrics in summary.items():
         kind, _, variant = name.partition("@")
@@ -157,6 +163,13 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
             out[variant] = {**out[variant], **{k: v for k, v in metrics.items()
                                                if k.startswith(("gold_", "proxy_", "kl_"))
                                                or k == "response_length"}}
+    if isinstance(summary.get("label_ai"), dict):
+        rlaif = {k: summary["label_ai"][k] for k in RLAIF_HEADLINE if k in summary["label_ai"]}
+        for name, key in (("rm", "rm_gold_pair_accuracy_simulated_labels"),
+                          ("rm@ai", "rm_gold_pair_accuracy_ai_labels")):
+            if isinstance(summary.get(name), dict) and "gold_pair_accuracy" in summary[name]:
+                rlaif[key] = summary[name]["gold_pair_accuracy"]
+        out["rlaif"] = rlaif
     return out
 
 
