@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import CountingCollate, StepClock, load_jsonl, training_result
+from common import CountingCollate, StepClock, load_jsonl, rl_result, training_result
 
 
 class ClockTracker:
@@ -210,13 +210,7 @@ def _rl(spec, algo: str, roles: str = "separate"):
             seed=spec["seed"], resume="never", tensorboard=False,
             mixed_precision="bf16" if spec["precision"] == "bf16" else "no")
         final = ppo.main(cfg)
-    seconds, per_step = clock.timed(spec["warmup"], spec["steps"])
-    w, s = spec["warmup"], spec["steps"]
-    tokens = sum(gen_tokens[w:w + s])
-    return {"seconds": seconds, "steps": s, "tokens": tokens, "items": rows * s,
-            "tokens_per_s": tokens / seconds, "items_per_s": rows * s / seconds,
-            "iters_per_s": s / seconds, "step_s_median": statistics.median(per_step),
-            "step_s": per_step, "roles": roles,
+    return {**rl_result(spec, clock, gen_tokens, rows), "roles": roles,
             **{k: v for k, v in final.items() if "memory" in k or "params" in k}}
 
 

@@ -124,6 +124,17 @@ def training_result(clock: StepClock, counter: CountingCollate, warmup: int, ste
     return out
 
 
+def rl_result(spec: dict, clock: StepClock, gen_tokens: list[int], per_iter: int) -> dict:
+    """Throughput of an RL case: ``gen_tokens`` generated per iteration, ``per_iter`` completions."""
+    seconds, per_step = clock.timed(spec["warmup"], spec["steps"])
+    w, s = spec["warmup"], spec["steps"]
+    tokens = sum(gen_tokens[w:w + s])
+    return {"seconds": seconds, "steps": s, "tokens": tokens, "items": per_iter * s,
+            "tokens_per_s": tokens / seconds, "items_per_s": per_iter * s / seconds,
+            "iters_per_s": s / seconds, "step_s_median": statistics.median(per_step),
+            "step_s": per_step}
+
+
 def emit(result: dict) -> None:
     result.setdefault("peak_rss_self_mb", peak_rss_mb())
     sys.stdout.flush()

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import (CountingCollate, Skip, StepClock, load_jsonl, reward_of_ids,
+from common import (CountingCollate, Skip, StepClock, load_jsonl, reward_of_ids, rl_result,
                     training_result)
 
 
@@ -189,16 +189,6 @@ def _tokens_through_eos(responses: torch.Tensor, eos: int) -> int:
 # ------------------------------------------------------------------------------ RL iterations
 
 
-def _rl_result(spec, clock, gen_tokens, per_iter):
-    seconds, per_step = clock.timed(spec["warmup"], spec["steps"])
-    w, s = spec["warmup"], spec["steps"]
-    tokens = sum(gen_tokens[w:w + s])
-    return {"seconds": seconds, "steps": s, "tokens": tokens, "items": per_iter * s,
-            "tokens_per_s": tokens / seconds, "items_per_s": per_iter * s / seconds,
-            "iters_per_s": s / seconds, "step_s_median": statistics.median(per_step),
-            "step_s": per_step}
-
-
 def _group_rl(spec, trainer_cls, config_cls, extra_args):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -225,7 +215,7 @@ def _group_rl(spec, trainer_cls, config_cls, extra_args):
         clock = StepClock()
         trainer.add_callback(_clock_callback(clock, None))
         trainer.train()
-    return _rl_result(spec, clock, gen_tokens, p * k)
+    return rl_result(spec, clock, gen_tokens, p * k)
 
 
 def grpo(spec):
@@ -295,7 +285,7 @@ def ppo(spec):
         clock = StepClock()
         trainer.add_callback(_clock_callback(clock, None))
         trainer.train()
-    return _rl_result(spec, clock, gen_tokens, p)
+    return rl_result(spec, clock, gen_tokens, p)
 
 
 CASES = {"sft": sft, "rm": rm, "dpo": dpo, "sample": sample, "grpo": grpo, "rloo": rloo, "ppo": ppo}

@@ -123,7 +123,7 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Op
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (one pass over all parameters; CPU and CUDA) is the same AdamW update,
-    # about 3x faster than the per-tensor loop on small models where the step is a large share.
+    # ~2.6x faster than the per-tensor loop in a microbenchmark of 10M parameters on 2 CPU cores.
     fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                              fused=fused or None)

@@ -111,5 +111,4 @@ def _judge_labels(cfg: Config, out: Path) -> dict:
 
     ai = judge.main(judge.Config(judge=load_judge_config(cfg.judge), pairs_dir=str(out),
                                  out_dir=str(out / "ai"), reference_source="simulated"))
-    return {**{k: v for k, v in ai.items() if k not in ("train", "eval")},
-            "train": ai["train"], "eval": ai["eval"], "simulated_train": str(out / "train.jsonl")}
+    return {**ai, "simulated_train": str(out / "train.jsonl")}   # train/eval: the AI labels
