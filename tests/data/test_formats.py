@@ -148,6 +148,21 @@ def test_string_pairs_in_chat_become_user_and_assistant_turns(tok):
     assert enc == encode_prompt_completion([], [user("hi"), assistant("the cat.")], tok, max_length=64)
 
 
+def test_chat_switch_renders_string_records_as_the_equivalent_message_records(tok):
+    strings = [{"prompt": "hi", "completion": "the cat."}]
+    turns = [{"prompt": [user("hi")], "completion": [assistant("the cat.")]}]
+    rows, _ = build_dataset(strings, tok, max_length=64, chat=True)
+    assert rows == build_dataset(turns, tok, max_length=64)[0]
+    assert rows != build_dataset(strings, tok, max_length=64)[0]     # plain text without the switch
+    pref = [{"prompt": "hi", "chosen": "yes.", "rejected": "no."}]
+    pref_turns = [{"prompt": [user("hi")], "chosen": [assistant("yes.")], "rejected": [assistant("no.")]}]
+    assert (build_dataset(pref, tok, max_length=64, chat=True)[0]
+            == build_dataset(pref_turns, tok, max_length=64)[0])
+    conversation = [{"messages": [user("hi"), assistant("yes")]}]    # already chat: unchanged
+    assert (build_dataset(conversation, tok, max_length=64, chat=True)[0]
+            == build_dataset(conversation, tok, max_length=64)[0])
+
+
 def test_trailing_user_turn_is_context(tok):
     enc = encode_prompt_completion([], [user("hi"), assistant("yes"), user("bye")], tok, max_length=64)
     assert tok.decode(enc.input_ids) == "<|bos|><|user|>hi<|assistant|>yes<|eos|><|user|>bye"

@@ -10,7 +10,7 @@ import torch
 from alignkit.config import ConfigError, build
 from alignkit.feedback.store import PreferenceStore
 from alignkit.stages import dpo
-from alignkit.stages.online_dpo import label_with, round_prompts, store_source, training_records
+from alignkit.stages.online_dpo import label_with, round_prompts, store_source
 from alignkit.tasks import get_task
 
 PER_ROUND = 6
@@ -136,8 +136,7 @@ def test_training_examples_start_with_the_prompt_tokens_the_policy_sampled_from(
 
     tok = load_tokenizer(tiny_base)
     records = [{"prompt": "I watched it", "chosen": " a great film.", "rejected": " dull."}]
-    [ex], _ = build_dataset(training_records(records, chat), tok, format="preference",
-                            max_length=64)
+    [ex], _ = build_dataset(records, tok, format="preference", max_length=64, chat=chat)
     [sampled] = encode_prompts(["I watched it"], tok, chat)
     n = len(sampled)
     for key in ("chosen", "rejected"):

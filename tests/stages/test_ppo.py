@@ -220,3 +220,11 @@ def test_hacking_figure_plots_proxy_and_gold_against_sqrt_kl(tmp_path):
     assert list(proxy_line.get_xdata()) == [0.0, 2.0, 4.0]
     assert list(proxy_line.get_ydata()) == [0.1, 0.9, 1.5]
     assert list(gold_line.get_ydata()) == [0.4, 0.6, 0.2]
+    # With a success threshold the rollouts' success rate gets its own curve per iteration.
+    for r, s in zip(rows, (0.25, 0.5, 0.75)):
+        r["gold_success_mean"] = s
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    [_, (title, fig)] = ppo.figures(tmp_path)
+    assert "Success rate" in title
+    line = fig.axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [0.25, 0.5, 0.75]

@@ -73,7 +73,7 @@ def _cfg(model, out, reward, **extra):
         "improve": {"lr_decay": 0.5, "max_length": 96, "optim": {"lr": 3e-3, "warmup_steps": 0},
                     "train": {"epochs": 1.0, "batch_size": 4, "micro_batch_size": 4,
                               "mixed_precision": "no", "log_every": 1}},
-        "eval": {"num_prompts": 4, "sampling": {"max_new_tokens": 10}},
+        "eval": {"num_prompts": 4, "success_at": 0.0, "sampling": {"max_new_tokens": 10}},
         **extra}
     return build(rest.Config, data)
 
@@ -109,6 +109,10 @@ def test_rest_resume_skips_finished_steps_and_equals_uninterrupted(tiny_base, tm
     assert rows[0]["kl_to_ref"] == 0.0 and rows[4]["kl_to_ref"] != 0.0   # k1 on 4 samples: any sign
     grown = (tmp_path / "straight" / "grow_1" / "grown.jsonl").read_text().splitlines()
     assert len(grown) == 24 and {"prompt", "response", "reward", "gold_reward"} <= set(json.loads(grown[0]))
+    last = [json.loads(x) for x in
+            (tmp_path / "straight" / "grow_1" / "improve_1" / "samples.jsonl").read_text().splitlines()]
+    assert rows[4]["gold_success_mean"] == pytest.approx(
+        sum(r["gold_reward"] >= 0.0 for r in last) / len(last))
 
     # Crash in the first Improve step of Grow 1 (step 3), after that Grow step wrote its data.
     grows.clear()

@@ -477,9 +477,25 @@ _ENCODERS: dict[type, Callable[..., tuple[dict | None, bool]]] = {
 }
 
 
+def as_chat(sample: Sample) -> Sample:
+    """``sample`` with its plain-string fields as chat turns: the prompt one user turn, each
+    completion one assistant turn. Message lists are left as they are."""
+    def turn(value: Text, role: str) -> Text:
+        return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+    if isinstance(sample, PromptSample):
+        return PromptSample(turn(sample.prompt, "user"))
+    if isinstance(sample, PreferenceSample):
+        return PreferenceSample(turn(sample.prompt, "user"), turn(sample.chosen, "assistant"),
+                                turn(sample.rejected, "assistant"))
+    if sample.prompt == "":   # a whole conversation already
+        return sample
+    return PairSample(turn(sample.prompt, "user"), turn(sample.completion, "assistant"), sample.label)
+
+
 def build_dataset(source: str | Path | Iterable[Mapping[str, Any]], tokenizer, format: str = "auto", *,
-                  max_length: int, overlong: Overlong = "truncate",
-                  split: str = "train") -> tuple[list[dict], DataStats]:
+                  max_length: int, overlong: Overlong = "truncate", split: str = "train",
+                  chat: bool = False) -> tuple[list[dict], DataStats]:
     """Load, validate and tokenise a dataset.
 
     ``source`` is a path (see :func:`alignkit.data.io.load_records`) or records (plain dicts are
@@ -490,6 +506,8 @@ def build_dataset(source: str | Path | Iterable[Mapping[str, Any]], tokenizer, f
     - unpaired: ``input_ids``, ``labels``, ``label``
     - preference: ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels``
     - prompt: ``input_ids`` (collate with :func:`alignkit.data.collate.collate_prompts`)
+
+    ``chat=True`` renders plain-string records as chat turns (:func:`as_chat`).
     """
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
@@ -506,6 +524,8 @@ def build_dataset(source: str | Path | Iterable[Mapping[str, Any]], tokenizer, f
     rows, truncated, dropped = [], 0, 0
     for rec in records:
         sample = parse_record(rec, format)
+        if chat:
+            sample = as_chat(sample)
         try:
             row, was_truncated = _ENCODERS[type(sample)](sample, tokenizer, max_length, overlong)
         except ValueError as e:

@@ -20,6 +20,10 @@ class DataConfig:
     overlong: Literal["truncate", "drop"] = "truncate"
     task_samples: int = 4000        # records drawn from a built-in task for training
     eval_samples: int = 200
+    # String records are one chat exchange: the prompt a user turn, each completion an assistant
+    # turn, tokenised with the chat template as chat-mode sampling renders them (e.g. the output
+    # of `alignkit label chat=true`). Message-list records are chat already.
+    chat: bool = False
 
     def __post_init__(self):
         require(bool(self.train), "data.train is required (a path, or task:NAME)")

@@ -276,12 +276,16 @@ def load_reference(cfg: Config, tokenizer):
     return load_causal_lm(cfg.reference or cfg.model, tokenizer=tokenizer).eval()
 
 
-def prepare_examples(source, tokenizer, cfg: Config, reference) -> tuple[list[dict], object]:
+def prepare_examples(source, tokenizer, cfg: Config, reference,
+                     chat: bool | None = None) -> tuple[list[dict], object]:
+    """Tokenised training pairs (``chat``: string records as chat turns; default ``data.chat``),
+    with the reference's log-probs cached when there is a reference."""
     from alignkit.data.formats import build_dataset
 
     fmt = "unpaired" if cfg.loss.name == "kto" else "preference"
     examples, stats = build_dataset(source, tokenizer, format=fmt, max_length=cfg.data.max_length,
-                                    overlong=cfg.data.overlong)
+                                    overlong=cfg.data.overlong,
+                                    chat=cfg.data.chat if chat is None else chat)
     if cfg.loss.name == "kto":
         add_kto_mismatch(examples)
     if reference is not None:

@@ -83,6 +83,14 @@ def summarize(values: list[float], prefix: str) -> dict:
             f"{prefix}_sem": math.sqrt(var / max(n, 1))}
 
 
+def success_metrics(gold, success_at: float | None) -> dict:
+    """``gold_success_{mean,std,sem}``: the share of gold rewards >= ``success_at`` (on
+    ``arithmetic`` with ``success_at=1.0``, accuracy); nothing when ``success_at`` is None."""
+    if success_at is None:
+        return {}
+    return summarize([float(g >= success_at) for g in gold], "gold_success")
+
+
 def evaluate_policy(policy, tokenizer, cfg: Config, reference=None, proxy=None) -> tuple[dict, list[dict]]:
     from alignkit.rewards import GoldReward
 
@@ -93,8 +101,7 @@ def evaluate_policy(policy, tokenizer, cfg: Config, reference=None, proxy=None) 
                                        seed=cfg.seed, batch_size=cfg.batch_size)
     gold = GoldReward(cfg.task, chat=cfg.chat)(prompts, responses)
     metrics = summarize(gold, "gold_reward")
-    if cfg.success_at is not None:   # e.g. 1.0 on arithmetic: accuracy
-        metrics.update(summarize([float(g >= cfg.success_at) for g in gold], "gold_success"))
+    metrics.update(success_metrics(gold, cfg.success_at))
     lengths = rollout.response_mask.sum(-1).float()
     metrics["response_length"] = float(lengths.mean())
     metrics["finished_fraction"] = float(rollout.finished.float().mean())

@@ -33,6 +33,8 @@ class AnnotatorConfig:
 class Config:
     policy: str = ""
     task: str = "sentiment"
+    # Sample through the chat template. The records stay plain strings (the store and the judges
+    # read them); train a reward model or DPO on them with data.chat=true.
     chat: bool = False
     out_dir: str = "runs/labels"
     train_prompts: int = 2000

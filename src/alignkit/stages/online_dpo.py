@@ -96,16 +96,6 @@ def record_in_store(store_path: str, pairs_path: Path, labeler: str) -> dict:
                                         annotator=f"online-dpo:{labeler}")
 
 
-def training_records(records: list[dict], chat: bool) -> list[dict]:
-    """Preference records as the policy saw them: with ``chat`` the responses become assistant
-    turns (the prompt string one user turn), so training tokenises prompt and response with the
-    chat template exactly as sampling did; plain text otherwise."""
-    if not chat:
-        return records
-    return [{**r, "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in records]
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -169,9 +159,10 @@ def run_online(cfg) -> dict:
         if on.store:
             counts = record_in_store(on.store, pairs_path, on.labeler)
             print(f"[online] round {r}: store {on.store}: {counts}", flush=True)
+        # In chat mode the responses train as assistant turns, tokenised as sampling rendered them.
         examples, stats = prepare_examples(
-            training_records(records, cfg.eval.chat), tokenizer, cfg,
-            None if cfg.loss.name in REFERENCE_FREE else reference)
+            records, tokenizer, cfg, None if cfg.loss.name in REFERENCE_FREE else reference,
+            chat=cfg.eval.chat)
         accelerator = make_accelerator(cfg.train.mixed_precision)
         model = apply_lora(policy.train(), cfg.lora)
         round_tracker = Tracker(round_dir, enabled=accelerator.is_main_process, stage=f"online r{r}")

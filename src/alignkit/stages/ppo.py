@@ -258,17 +258,14 @@ def _eval_config(cfg: Config):
     e = cfg.eval
     return evaluate.Config(policy=cfg.model, task=cfg.task, chat=cfg.chat, num_prompts=e.num_prompts,
                            split=e.split, samples_per_prompt=e.samples_per_prompt,
-                           batch_size=e.batch_size, seed=e.seed, sampling=e.sampling)
+                           batch_size=e.batch_size, seed=e.seed, sampling=e.sampling,
+                           success_at=e.success_at)
 
 
 def _evaluate(roles, tokenizer, cfg: Config) -> tuple[dict, list[dict]]:
     from alignkit.stages.evaluate import evaluate_policy
 
-    metrics, rows = evaluate_policy(roles.policy, tokenizer, _eval_config(cfg), roles.reference,
-                                    roles.reward)
-    if cfg.eval.success_at is not None:  # e.g. the arithmetic verifier's "correct" (gold 1.0)
-        metrics["success_rate"] = sum(r["gold_reward"] >= cfg.eval.success_at for r in rows) / len(rows)
-    return metrics, rows
+    return evaluate_policy(roles.policy, tokenizer, _eval_config(cfg), roles.reference, roles.reward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +325,7 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
     if sampled.gold is not None:
         metrics["gold_reward_mean"] = float(sampled.gold.mean())
         if cfg.eval.success_at is not None:
-            metrics["success_rate"] = float((sampled.gold >= cfg.eval.success_at).float().mean())
+            metrics["gold_success_mean"] = float((sampled.gold >= cfg.eval.success_at).float().mean())
     if algo.uses_value:
         metrics["explained_variance"] = explained_variance(exp.values, exp.returns, exp.mask)
     metrics.update(optimise(roles, exp, algo, cfg, beta, opt, state.rng.generator, accelerator))
@@ -361,7 +358,7 @@ def _initial_eval(roles, tokenizer, cfg: Config, out: Path) -> dict:
         return json.loads(path.read_text())
     metrics, _ = _evaluate(roles, tokenizer, cfg)
     initial = {f"initial_{k}": v for k, v in metrics.items()
-               if k.startswith(("gold_reward", "proxy_reward", "response_length", "success"))}
+               if k.startswith(("gold_reward", "gold_success", "proxy_reward", "response_length"))}
     path.write_text(json.dumps(initial, indent=2) + "\n")
     return initial
 
@@ -455,4 +452,14 @@ def figures(run_dir: str | Path) -> list:
         gold_ax.set_ylabel("gold reward", color="tab:red")
         fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88), fontsize=8)
     ax.grid(alpha=0.3)
-    return [("Proxy and gold reward against sqrt(KL to the reference), per iteration", fig)]
+    out = [("Proxy and gold reward against sqrt(KL to the reference), per iteration", fig)]
+    success = [(r["step"], r["gold_success_mean"]) for r in rows
+               if r.get("gold_success_mean") is not None]
+    if success:   # e.g. accuracy on arithmetic (eval.success_at=1.0)
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        ax.plot(*zip(*success), marker=".")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("share of rollouts with gold >= success_at")
+        ax.grid(alpha=0.3)
+        out.append(("Success rate of each iteration's rollouts (training prompts)", fig))
+    return out

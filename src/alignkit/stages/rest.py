@@ -297,7 +297,7 @@ def make_judges(cfg: Config) -> Judges:
 
 def evaluate(policy, reference, tokenizer, prompts: list[str], cfg: Config,
              judges: Judges) -> tuple[dict, list[dict]]:
-    from alignkit.stages.evaluate import sample_policy, sequence_kl, summarize
+    from alignkit.stages.evaluate import sample_policy, sequence_kl, success_metrics, summarize
 
     e = cfg.eval
     policy.eval()
@@ -312,8 +312,8 @@ def evaluate(policy, reference, tokenizer, prompts: list[str], cfg: Config,
         metrics.update(summarize(values, name))
         for row, v in zip(rows, values):
             row[name] = v
-    if e.success_at is not None and "gold_reward" in scores:
-        metrics["gold_success"] = float(np.mean([g >= e.success_at for g in scores["gold_reward"]]))
+    if "gold_reward" in scores:
+        metrics.update(success_metrics(scores["gold_reward"], e.success_at))
     temperature = e.sampling.temperature if e.sampling.temperature > 0 else 1.0
     kl = sequence_kl(policy, reference, rollout, temperature) if policy is not reference else None
     metrics["kl_to_ref"] = float(kl.mean()) if kl is not None else 0.0
@@ -496,7 +496,8 @@ def figures(run_dir: str | Path) -> list:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for key, label in (("proxy_reward_mean", "proxy"), ("gold_reward_mean", "gold"),
-                       ("heldout_reward_mean", "held-out")):
+                       ("heldout_reward_mean", "held-out"),
+                       ("gold_success_mean", "accuracy (gold >= success_at)")):
         pts = [(r["step"], r[key], r.get(key.replace("_mean", "_sem"), 0)) for r in rows
                if r.get(key) is not None]
         if pts:

@@ -106,12 +106,12 @@ def main(cfg: Config) -> dict:
     d = cfg.data
     examples, stats = build_dataset(sft_source(d.train, "train", d.task_samples), tokenizer,
                                     format="preference", max_length=d.max_length,
-                                    overlong=d.overlong)
+                                    overlong=d.overlong, chat=d.chat)
     eval_fn = None
     if d.eval:
         eval_records = load_records(d.eval)
         eval_examples, _ = build_dataset(eval_records, tokenizer, format="preference",
-                                         max_length=d.max_length, overlong="truncate")
+                                         max_length=d.max_length, overlong="truncate", chat=d.chat)
         margins = gold_margins(cfg.gold_task, [dict(r) for r in eval_records]) \
             if cfg.gold_task else None
         eval_fn = lambda m: evaluate_pairs(m, eval_examples, tokenizer.pad_token_id, margins)  # noqa: E731

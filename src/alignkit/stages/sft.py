@@ -75,12 +75,12 @@ def main(cfg: Config) -> dict:
     d = cfg.data
     train_src = sft_source(d.train, "train", d.task_samples, seed=cfg.train.seed)
     examples, stats = build_dataset(train_src, tokenizer, format=d.format,
-                                    max_length=d.max_length, overlong=d.overlong)
+                                    max_length=d.max_length, overlong=d.overlong, chat=d.chat)
     eval_examples = []
     if d.eval:
         eval_src = sft_source(d.eval, "test", d.eval_samples, seed=cfg.train.seed)
         eval_examples, _ = build_dataset(eval_src, tokenizer, format=d.format,
-                                         max_length=d.max_length, overlong=d.overlong)
+                                         max_length=d.max_length, overlong=d.overlong, chat=d.chat)
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)
     pad = tokenizer.pad_token_id
     accelerator.print(f"alignkit sft: {stats}")
