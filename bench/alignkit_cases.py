@@ -134,7 +134,8 @@ def sample(spec):
     model = load_causal_lm(spec["model_dir"], dtype=dtype, tokenizer=tok).eval()
     prompts = [encode_prompt(r["prompt"], tok) for r in load_jsonl(f"{spec['data_dir']}/prompts.jsonl")]
     b = spec["batch"]
-    cfg = SamplingConfig(max_new_tokens=spec["new_tokens"], temperature=1.0, top_p=1.0, top_k=0)
+    cfg = SamplingConfig(max_new_tokens=spec["new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+                         compile=spec.get("compile", False))
     gen = torch.Generator().manual_seed(spec["seed"])
     times, tokens = [], []
     for rep in range(spec["warmup"] + spec["steps"]):
@@ -202,7 +203,8 @@ def _rl(spec, algo: str, roles: str = "separate"):
             rollout=ppo.RolloutConfig(prompts=f"{spec['data_dir']}/prompts.jsonl",
                                       prompts_per_iteration=p, samples_per_prompt=k, batch_size=rows,
                                       sampling=SamplingConfig(max_new_tokens=spec["new_tokens"],
-                                                              temperature=1.0, top_p=1.0, top_k=0)),
+                                                              temperature=1.0, top_p=1.0, top_k=0,
+                                                              compile=spec.get("compile", False))),
             kl=ppo.KLConfig(beta=beta),
             ppo=ppo.PPOConfig(algo=algo, epochs=spec.get("ppo_epochs", 1), minibatch_size=rows,
                               micro_batch_size=spec.get("micro_batch", rows)),

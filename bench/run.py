@@ -47,9 +47,12 @@ FULL = {
     "sft": dict(batch=8, warmup=1, steps=3, max_len=256),
     "rm": dict(batch=4, warmup=1, steps=3, max_len=256),
     "dpo": dict(batch=4, warmup=1, steps=3, max_len=256),
-    "sample": dict(batch=32, new_tokens=64, warmup=1, steps=2),
-    "grpo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2),
-    "rloo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2),
+    # compile: alignkit's decode step through torch.compile (sampling.compile); the warm-up step
+    # pays the compilation, as the first rollout of a long run would. The peer's generate() has
+    # no equivalent switch for a dynamic cache.
+    "sample": dict(batch=32, new_tokens=64, warmup=1, steps=2, compile=True),
+    "grpo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2, compile=True),
+    "rloo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2, compile=True),
     # micro_batch: rows per forward (gradient accumulation up to the 16-row minibatch), on both
     # sides; activation memory is the same for both placements, so it is kept small enough that
     # the placement's own memory (weights, optimiser states) shows in the peak. mmap_threshold:

@@ -350,15 +350,15 @@ def test_bad_prompts_rejected():
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decode_equals_eager():
-    """compile_decode=True (one compilation, ~20 s on 2 cores) gives the same tokens and logps,
+    """sampling.compile=true (one compilation, ~20 s on 2 cores) gives the same tokens and logps,
     across row compaction (rows finishing early) and a second call with other prompt lengths."""
     model = _model("llama")
     for lengths in (PROMPT_LENGTHS, (4, 12, 2, 8, 3)):
         kw = dict(eos_token_id=EOS, pad_token_id=PAD)
         eager = generate(model, _prompts(lengths), SamplingConfig(max_new_tokens=12),
                          generator=torch.Generator().manual_seed(1), **kw)
-        compiled = generate(model, _prompts(lengths), SamplingConfig(max_new_tokens=12),
-                            generator=torch.Generator().manual_seed(1), compile_decode=True, **kw)
+        compiled = generate(model, _prompts(lengths), SamplingConfig(max_new_tokens=12, compile=True),
+                            generator=torch.Generator().manual_seed(1), **kw)
         assert eager.finished.any() and not eager.finished.all()
         assert torch.equal(compiled.response_ids, eager.response_ids)
         torch.testing.assert_close(compiled.logps, eager.logps, rtol=0, atol=1e-5)
