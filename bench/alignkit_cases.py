@@ -202,6 +202,7 @@ def _rl(spec, algo: str, roles: str = "separate"):
             iterations=spec["warmup"] + spec["steps"], roles=roles,
             rollout=ppo.RolloutConfig(prompts=f"{spec['data_dir']}/prompts.jsonl",
                                       prompts_per_iteration=p, samples_per_prompt=k, batch_size=rows,
+                                      reuse_sampling_logps=spec.get("reuse_logps", False),
                                       sampling=SamplingConfig(max_new_tokens=spec["new_tokens"],
                                                               temperature=1.0, top_p=1.0, top_k=0,
                                                               compile=spec.get("compile", False))),

@@ -49,10 +49,15 @@ FULL = {
     "dpo": dict(batch=4, warmup=1, steps=3, max_len=256),
     # compile: alignkit's decode step through torch.compile (sampling.compile); the warm-up step
     # pays the compilation, as the first rollout of a long run would. The peer's generate() has
-    # no equivalent switch for a dynamic cache.
+    # no equivalent switch for a dynamic cache. reuse_logps: the sampled log-probs are the old
+    # policy's (rollout.reuse_sampling_logps), the same values as a forward's within float error.
+    # TRL's GRPO at one update per rollout runs no old-policy forward either (its ratio's
+    # denominator is the detached current log-prob); its RLOO runs one.
     "sample": dict(batch=32, new_tokens=64, warmup=1, steps=2, compile=True),
-    "grpo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2, compile=True),
-    "rloo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2, compile=True),
+    "grpo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2, compile=True,
+                 reuse_logps=True),
+    "rloo": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2, compile=True,
+                 reuse_logps=True),
     # micro_batch: rows per forward (gradient accumulation up to the 16-row minibatch), on both
     # sides; activation memory is the same for both placements, so it is kept small enough that
     # the placement's own memory (weights, optimiser states) shows in the peak. mmap_threshold:

@@ -125,6 +125,32 @@ def test_resumed_run_equals_uninterrupted(tiny_base, prompt_file, tmp_path):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
 
 
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_reusing_the_sampled_logps_skips_a_forward_and_changes_nothing(tiny_base, prompt_file,
+                                                                      tmp_path, algo, monkeypatch):
+    from alignkit import rollout
+
+    calls = []
+    real = rollout.rollout_logps
+    monkeypatch.setattr(rollout, "rollout_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = {"ppo.algo": algo, "rollout.samples_per_prompt": 4, "rollout.prompts_per_iteration": 2,
+          "iterations": 2, "optim.lr": 1e-3}   # Adam amplifies float error at a large lr
+    ppo.main(config(tiny_base, prompt_file, tmp_path / "forward", **kw))
+    per_iteration = len(calls) // 2                             # policy + reference
+    calls.clear()
+    ppo.main(config(tiny_base, prompt_file, tmp_path / "reused",
+                    **kw, **{"rollout.reuse_sampling_logps": "true"}))
+    assert (per_iteration, len(calls) // 2) == (2, 1)          # the reference forward only
+    a, b = read_metrics(tmp_path / "forward"), read_metrics(tmp_path / "reused")
+    for ra, rb in zip(a, b):
+        assert rb["logprob_gap_max"] < 1e-5                     # measured on the training forward
+        for key in ("proxy_reward_mean", "kl_to_ref", "entropy", "policy_loss", "approx_kl"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-4), key   # float error only
+    wa = load_file(tmp_path / "forward" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "reused" / "model" / "model.safetensors")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-4
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

@@ -51,6 +51,10 @@ class RolloutConfig:
     samples_per_prompt: int = 1       # k; RLOO and GRPO need k >= 2
     batch_size: int = 64              # rows per generation chunk
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Old log-probs = those recorded while sampling (equal to a forward pass's within float
+    # error): one policy forward fewer per iteration. logprob_gap_max is then measured on the
+    # first training forward, before the first update.
+    reuse_sampling_logps: bool = False
 
     def __post_init__(self):
         require(self.prompts_per_iteration > 0, "rollout.prompts_per_iteration must be > 0")
@@ -158,11 +162,12 @@ class Config:
 
 
 def accumulate(roles, mb: Experience, algo: Algorithm, ppo: PPOConfig, beta: float,
-               temperature: float, accelerator) -> dict[str, float]:
+               temperature: float, accelerator, measure_gap: bool = False) -> dict[str, float]:
     """Accumulate the gradients of one minibatch (policy and, for PPO, value) into ``.grad``.
 
     The normalisers are those of the whole minibatch (:func:`alignkit.losses.reduce_loss`), so the
-    gradient does not depend on ``ppo.micro_batch_size``. Returns summed metrics and their counts.
+    gradient does not depend on ``ppo.micro_batch_size``. Returns summed metrics and their counts;
+    ``measure_gap`` adds ``logprob_gap_max``, the largest |new - old| log-prob (before an update).
     """
     _, policy_norm = loss_weights(algo.reduction, mb.mask)
     value_norm = float(mb.mask.sum())
@@ -182,6 +187,9 @@ def accumulate(roles, mb: Experience, algo: Algorithm, ppo: PPOConfig, beta: flo
         stats["clipfrac"] += float((ppo_clipped(new_logps, sub.old_logps, sub.advantages,
                                                 ppo.clip_eps) * mask).sum())
         stats["approx_kl"] += float((kl_penalty(sub.old_logps, new_logps.detach(), "k3") * mask).sum())
+        if measure_gap:
+            gap = float(((new_logps.detach() - sub.old_logps).abs() * mask).max())
+            stats["logprob_gap_max"] = max(stats.get("logprob_gap_max", 0.0), gap)
         if algo.uses_value:
             with accelerator.autocast():
                 values = roles.values(sub.rollout)
@@ -205,13 +213,17 @@ def optimise(roles, exp: Experience, algo: Algorithm, cfg: Config, beta: float, 
     """``ppo.epochs`` passes over the experience in shuffled minibatches; mean metrics."""
     temperature = cfg.rollout.sampling.temperature or 1.0
     totals: dict[str, float] = {}
+    gap = {}
     n_steps = 0
     roles.train(True)
     for _ in range(cfg.ppo.epochs):
         order = torch.randperm(len(exp), generator=generator).tolist()
         for s in range(0, len(exp), cfg.ppo.minibatch_size):
             stats = accumulate(roles, exp.take(order[s:s + cfg.ppo.minibatch_size]), algo, cfg.ppo,
-                               beta, temperature, accelerator)
+                               beta, temperature, accelerator,
+                               measure_gap=cfg.rollout.reuse_sampling_logps and n_steps == 0)
+            if "logprob_gap_max" in stats:   # the sampled log-probs vs the first training forward
+                gap["logprob_gap_max"] = stats.pop("logprob_gap_max")
             stats["grad_norm"] = _step(accelerator, opt["policy"], opt["policy_sched"],
                                        roles.policy_parameters(), cfg.optim.max_grad_norm)
             if algo.uses_value:
@@ -225,7 +237,7 @@ def optimise(roles, exp: Experience, algo: Algorithm, cfg: Config, beta: float, 
                 totals[k] = totals.get(k, 0.0) + v
             n_steps += 1
     roles.train(False)
-    out = {k: v / n_steps for k, v in totals.items()}
+    out = {**{k: v / n_steps for k, v in totals.items()}, **gap}
     if not algo.uses_value:
         out.pop("value_loss")
     out["lr"] = opt["policy_sched"].get_last_lr()[0]
@@ -305,7 +317,7 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
     rows = [i for i in chosen for _ in range(k)]   # k consecutive samples per prompt
     sampled = collect(roles, [ids[i] for i in rows], [texts[i] for i in rows], tokenizer,
                       cfg.rollout.sampling, state.rng.generator, batch_size=cfg.rollout.batch_size,
-                      gold=gold)
+                      gold=gold, recompute_logps=not cfg.rollout.reuse_sampling_logps)
     exp = sampled.experience
     finished = exp.rollout.finished
     scores = training_scores(sampled.proxy, finished, cfg.score, state.moments)
