@@ -142,3 +142,13 @@ def test_every_shipped_config_validates(path):
                   else dpo if "loss" in raw else None)
         assert module is not None, f"{path}: which command is this config for?"
         load_config(module.Config, path, [])
+
+
+def test_chat_labels_train_rm_and_dpo_as_chat_turns(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("stages: [label, rm, dpo]\nlabel: {chat: true}\n")
+    cfg = pipeline.load(str(f), [])
+    assert pipeline.stage_config("rm", cfg)[1].data.chat is True
+    assert pipeline.stage_config("dpo", cfg)[1].data.chat is True
+    f.write_text("stages: [label, rm, dpo]\n")
+    assert pipeline.stage_config("dpo", pipeline.load(str(f), []))[1].data.chat is False

@@ -57,9 +57,11 @@ def stage_dir(kind: str, variant: str = "") -> str:
     return f"{kind}_{variant}" if variant else kind.replace("@", "_")
 
 
-def _wiring(out: Path, src: Path, task: str, variant: str) -> dict[str, Callable[[], dict]]:
+def _wiring(out: Path, src: Path, task: str, variant: str,
+            label_chat: bool = False) -> dict[str, Callable[[], dict]]:
     """Defaults that connect one stage's outputs to the next stage's inputs (``src``: where the
-    upstream artifacts live, ``out`` unless the pipeline reuses an earlier run)."""
+    upstream artifacts live, ``out`` unless the pipeline reuses an earlier run). Labels sampled
+    through the chat template (``label.chat``) train RM and DPO as chat turns (``data.chat``)."""
     base_model = str(src / "base" / "model")
     sft_model = str(src / "sft" / "model")
     labels = src / "labels"
@@ -74,9 +76,9 @@ def _wiring(out: Path, src: Path, task: str, variant: str) -> dict[str, Callable
                        "gold_task": task,
                        "data": {"train": str((out / "labels_ai" if variant == "ai" else labels)
                                              / "train.jsonl"),
-                                "eval": str(labels / "eval.jsonl")}},
+                                "eval": str(labels / "eval.jsonl"), "chat": label_chat}},
         "dpo": lambda: {"model": sft_model, "out_dir": str(out / stage_dir("dpo", variant)),
-                        "data": {"train": str(labels / "train.jsonl")}},
+                        "data": {"train": str(labels / "train.jsonl"), "chat": label_chat}},
         "ppo": lambda: {"model": sft_model, "reward": rm_model, "task": task,
                         "out_dir": str(out / stage_dir("ppo", variant)), "eval": {"num_prompts": 0}},
         "rest": lambda: {"model": sft_model, "reward": rm_model, "task": task,
@@ -114,7 +116,8 @@ def stage_config(name: str, cfg: Config) -> Any:
         given = {**given, "judge": _merge(cfg.sections.get("judge") or {}, given.get("judge") or {})}
     out = Path(cfg.out_dir)
     src = Path(cfg.from_run) if cfg.from_run else out
-    data = _merge(_wiring(out, src, cfg.task, variant)[kind](), given)
+    label_chat = bool((cfg.sections.get("label") or {}).get("chat", False))
+    data = _merge(_wiring(out, src, cfg.task, variant, label_chat)[kind](), given)
     try:
         return module, build(module.Config, data)
     except ConfigError as exc:
