@@ -375,10 +375,11 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: Samplin
     prompts at a time. Runs without autograd; the model's train/eval mode is left as it is (call
     ``model.eval()`` first to switch dropout off).
 
-    ``compile_decode=True`` (or ``cfg.compile``) runs the one-token decode step through ``torch.compile`` (the prefill
-    stays eager). Off by default: it needs a working compiler toolchain, the first call per model
-    pays the compilation (~10-20 s for a small model on CPU), and a changed model structure
-    re-traces; it pays off in long RL loops that sample thousands of batches from one policy.
+    ``compile_decode=True`` (or ``cfg.compile``) runs the one-token decode step through
+    ``torch.compile`` (the prefill stays eager). Off by default: it needs a working compiler
+    toolchain, the first call per model pays the compilation (~10-20 s for a small model on CPU),
+    and a changed model structure re-traces (a LoRA policy recompiles once when its adapters are
+    first toggled); it pays off in long RL loops that sample thousands of batches from one policy.
     """
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise ValueError("generate() supports decoder-only causal LMs")
