@@ -8,13 +8,13 @@ tracker is replaced, by a clock that marks the end of every optimiser step.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 
 import torch
 
-from common import CountingCollate, StepClock, load_jsonl, rl_result, training_result
+from common import (CountingCollate, StepClock, load_jsonl, rl_result, sampling_result,
+                    training_result)
 
 
 class ClockTracker:
@@ -145,16 +145,7 @@ def sample(spec):
                        pad_token_id=tok.pad_token_id, generator=gen)
         times.append(time.perf_counter() - t)
         tokens.append(int(out.response_mask.sum()))
-    return _sampling_result(spec, times, tokens)
-
-
-def _sampling_result(spec, times, tokens):
-    w = spec["warmup"]
-    seconds = sum(times[w:])
-    return {"seconds": seconds, "steps": spec["steps"], "tokens": sum(tokens[w:]),
-            "items": spec["batch"] * spec["steps"], "tokens_per_s": sum(tokens[w:]) / seconds,
-            "items_per_s": spec["batch"] * spec["steps"] / seconds,
-            "step_s_median": statistics.median(times[w:]), "step_s": times[w:]}
+    return sampling_result(spec, times, tokens)
 
 
 # Driven through `alignkit.stages.ppo.main` itself (rollout -> reward -> advantages -> update, as

@@ -135,6 +135,17 @@ def rl_result(spec: dict, clock: StepClock, gen_tokens: list[int], per_iter: int
             "step_s": per_step}
 
 
+def sampling_result(spec: dict, times: list[float], tokens: list[int]) -> dict:
+    """Throughput of the sampling case: one call per step, ``spec["batch"]`` completions each;
+    ``times``/``tokens`` per call, warm-up calls first."""
+    w = spec["warmup"]
+    seconds = sum(times[w:])
+    return {"seconds": seconds, "steps": spec["steps"], "tokens": sum(tokens[w:]),
+            "items": spec["batch"] * spec["steps"], "tokens_per_s": sum(tokens[w:]) / seconds,
+            "items_per_s": spec["batch"] * spec["steps"] / seconds,
+            "step_s_median": statistics.median(times[w:]), "step_s": times[w:]}
+
+
 def emit(result: dict) -> None:
     result.setdefault("peak_rss_self_mb", peak_rss_mb())
     sys.stdout.flush()

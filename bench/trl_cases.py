@@ -10,14 +10,13 @@ for DPO. Timing and token counting are identical to the alignkit side (bench/com
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 
 import torch
 
 from common import (CountingCollate, Skip, StepClock, load_jsonl, reward_of_ids, rl_result,
-                    training_result)
+                    sampling_result, training_result)
 
 
 def _clock_callback(clock: StepClock, counter: CountingCollate | None):
@@ -172,12 +171,7 @@ def sample(spec):
                                  pad_token_id=tok.pad_token_id)
         times.append(time.perf_counter() - t)
         tokens.append(_tokens_through_eos(out[:, batch["input_ids"].shape[1]:], tok.eos_token_id))
-    w = spec["warmup"]
-    seconds = sum(times[w:])
-    return {"seconds": seconds, "steps": spec["steps"], "tokens": sum(tokens[w:]),
-            "items": b * spec["steps"], "tokens_per_s": sum(tokens[w:]) / seconds,
-            "items_per_s": b * spec["steps"] / seconds, "step_s_median": statistics.median(times[w:]),
-            "step_s": times[w:]}
+    return sampling_result(spec, times, tokens)
 
 
 def _tokens_through_eos(responses: torch.Tensor, eos: int) -> int:

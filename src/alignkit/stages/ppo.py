@@ -213,7 +213,7 @@ def optimise(roles, exp: Experience, algo: Algorithm, cfg: Config, beta: float, 
     """``ppo.epochs`` passes over the experience in shuffled minibatches; mean metrics."""
     temperature = cfg.rollout.sampling.temperature or 1.0
     totals: dict[str, float] = {}
-    gap = {}
+    gap = None   # with reused sampling log-probs: measured on the first minibatch, before an update
     n_steps = 0
     roles.train(True)
     for _ in range(cfg.ppo.epochs):
@@ -222,8 +222,8 @@ def optimise(roles, exp: Experience, algo: Algorithm, cfg: Config, beta: float, 
             stats = accumulate(roles, exp.take(order[s:s + cfg.ppo.minibatch_size]), algo, cfg.ppo,
                                beta, temperature, accelerator,
                                measure_gap=cfg.rollout.reuse_sampling_logps and n_steps == 0)
-            if "logprob_gap_max" in stats:   # the sampled log-probs vs the first training forward
-                gap["logprob_gap_max"] = stats.pop("logprob_gap_max")
+            if "logprob_gap_max" in stats:
+                gap = stats.pop("logprob_gap_max")
             stats["grad_norm"] = _step(accelerator, opt["policy"], opt["policy_sched"],
                                        roles.policy_parameters(), cfg.optim.max_grad_norm)
             if algo.uses_value:
@@ -237,7 +237,9 @@ def optimise(roles, exp: Experience, algo: Algorithm, cfg: Config, beta: float, 
                 totals[k] = totals.get(k, 0.0) + v
             n_steps += 1
     roles.train(False)
-    out = {**{k: v / n_steps for k, v in totals.items()}, **gap}
+    out = {k: v / n_steps for k, v in totals.items()}
+    if gap is not None:
+        out["logprob_gap_max"] = gap
     if not algo.uses_value:
         out.pop("value_loss")
     out["lr"] = opt["policy_sched"].get_last_lr()[0]
@@ -309,6 +311,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cfg: Config,
                   state: LoopState, opt: dict, accelerator, gold) -> dict:
     from alignkit.rollout import collect, training_scores
+    from alignkit.stages.evaluate import success_metrics
 
     start = time.perf_counter()
     texts, ids = prompts
@@ -336,8 +339,9 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
                "tokens_per_s": float(lengths.sum()) / max(sampled.generation_seconds, 1e-9)}
     if sampled.gold is not None:
         metrics["gold_reward_mean"] = float(sampled.gold.mean())
-        if cfg.eval.success_at is not None:
-            metrics["gold_success_mean"] = float((sampled.gold >= cfg.eval.success_at).float().mean())
+        success = success_metrics(sampled.gold.tolist(), cfg.eval.success_at)
+        if success:
+            metrics["gold_success_mean"] = success["gold_success_mean"]
     if algo.uses_value:
         metrics["explained_variance"] = explained_variance(exp.values, exp.returns, exp.mask)
     metrics.update(optimise(roles, exp, algo, cfg, beta, opt, state.rng.generator, accelerator))
