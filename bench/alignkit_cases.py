@@ -57,6 +57,13 @@ def _train(spec, model, examples, lengths, collate, weight_of, loss_fn, extra=No
     return training_result(clock, counter, spec["warmup"], spec["steps"], spec["batch"], extra)
 
 
+def _pack(spec, model) -> int:
+    """The stage's packing decision (``train.packing``, on by default)."""
+    from alignkit.training import pack_hidden_size
+
+    return pack_hidden_size(model, _loop(spec)[0])
+
+
 def _records(spec, kind, n, keys):
     return [{k: r[k] for k in keys} for r in load_jsonl(f"{spec['data_dir']}/{kind}.jsonl", n)]
 
@@ -66,7 +73,7 @@ def _dataset_tokens(examples, fields=("input_ids",)) -> int:
 
 
 def sft(spec):
-    from alignkit.data.collate import collate_sft
+    from alignkit.data.collate import collate_rows
     from alignkit.data.formats import build_dataset
     from alignkit.models import load_causal_lm, load_tokenizer
     from alignkit.stages.sft import causal_lm_loss, n_targets
@@ -76,9 +83,9 @@ def sft(spec):
     examples, _ = build_dataset(_records(spec, "sft", n, ("prompt", "completion")), tok,
                                 format="prompt_completion", max_length=spec["max_len"])
     model = load_causal_lm(spec["model_dir"], tokenizer=tok)
-    pad = tok.pad_token_id
+    pad, pack = tok.pad_token_id, _pack(spec, model)
     return _train(spec, model, examples, [len(e["input_ids"]) for e in examples],
-                  lambda b: collate_sft(b, pad), n_targets, causal_lm_loss,
+                  lambda b: collate_rows(b, pad, pack), n_targets, causal_lm_loss,
                   {"dataset_tokens": _dataset_tokens(examples)})
 
 
@@ -93,9 +100,9 @@ def rm(spec):
     examples, _ = build_dataset(_records(spec, "pref", n, ("prompt", "chosen", "rejected")), tok,
                                 format="preference", max_length=spec["max_len"])
     model = load_scalar_model(spec["model_dir"], tokenizer=tok)
-    pad = tok.pad_token_id
+    pad, pack = tok.pad_token_id, _pack(spec, model)
     lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
-    return _train(spec, model, examples, lengths, lambda b: collate_preference(b, pad),
+    return _train(spec, model, examples, lengths, lambda b: collate_preference(b, pad, pack),
                   lambda e: 1.0, make_loss(0.0),
                   {"dataset_tokens": _dataset_tokens(examples, ("chosen_input_ids", "rejected_input_ids"))})
 
@@ -116,9 +123,9 @@ def dpo(spec):
     del reference
     ref_s = time.perf_counter() - t0
     model = load_causal_lm(spec["model_dir"], tokenizer=tok)
-    pad = tok.pad_token_id
+    pad, pack = tok.pad_token_id, _pack(spec, model)
     lengths = [sum(len(e[k]) for k in e if k.endswith("input_ids")) for e in examples]
-    return _train(spec, model, examples, lengths, lambda b: collate_dap(b, pad), lambda e: 1.0,
+    return _train(spec, model, examples, lengths, lambda b: collate_dap(b, pad, pack), lambda e: 1.0,
                   make_loss(LossConfig(name="dpo", beta=0.1)),
                   {"dataset_tokens": _dataset_tokens(examples, ("chosen_input_ids", "rejected_input_ids")),
                    "ref_precompute_s": ref_s})

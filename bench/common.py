@@ -52,7 +52,10 @@ def load_jsonl(path: str | Path, n: int | None = None) -> list[dict]:
 
 
 def real_tokens(batch) -> int:
-    """Non-pad tokens of a collated batch: the sum of every ``*attention_mask`` tensor in it."""
+    """Non-pad tokens of a collated batch: the sum of every ``*attention_mask`` tensor in it, or
+    the tokens owned by a sequence in a packed batch."""
+    if "sequence_index" in batch:  # alignkit's packed rows: -1 marks the padding of a row tail
+        return int((batch["sequence_index"] >= 0).sum())
     total = 0
     for key, value in batch.items():
         if key.endswith("attention_mask") and hasattr(value, "sum"):

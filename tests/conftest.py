@@ -37,3 +37,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_lm():
+    """Factory of tiny random causal LMs (vocabulary 30, hidden 32, pad id 0): "llama" or "gpt2"."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    def make(arch: str = "llama", seed: int = 0):
+        torch.manual_seed(seed)
+        if arch == "gpt2":
+            return GPT2LMHeadModel(GPT2Config(vocab_size=30, n_embd=32, n_layer=2, n_head=4,
+                                              n_positions=64, pad_token_id=0, resid_pdrop=0.0,
+                                              embd_pdrop=0.0, attn_pdrop=0.0))
+        return LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=4, pad_token_id=0))
+    return make

@@ -59,3 +59,27 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 use_cache=False)
     logits, targets = shift_for_next_token(out.logits, labels)
     return token_logps(logits, targets)
+
+
+def causal_logits(model, batch: dict) -> torch.Tensor:
+    """Logits ``[R, T, V]`` of a right-padded batch (``attention_mask``) or a packed one
+    (``position_ids`` restarting at every sequence, no mask: see ``collate_packed``)."""
+    if "sequence_index" in batch:
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     use_cache=False).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 use_cache=False).logits
+
+
+def sum_per_sequence(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Sum next-token values ``[R, T-1]`` (aligned with ``labels[:, 1:]``) per sequence: ``[N]``.
+
+    A padded batch has one sequence per row; a packed one says which sequence owns each token
+    (``sequence_index``), and the value predicting token ``t + 1`` belongs to that token's owner.
+    """
+    if "sequence_index" not in batch:
+        return values.sum(-1)
+    owner = batch["sequence_index"][:, 1:]
+    keep = owner >= 0
+    out = values.new_zeros(int(batch["num_sequences"]))
+    return out.index_add(0, owner[keep], values[keep])

@@ -41,7 +41,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, tokeniz
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     _fit_vocab(model, tokenizer)
-    return model
+    return fuse_activations(model)
 
 
 def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None):
@@ -56,7 +56,52 @@ def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32, toke
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     _fit_vocab(model, tokenizer)
+    return fuse_activations(model)
+
+
+def fuse_activations(model):
+    """Swap the tanh-approximated GELU written as seven elementwise ops (``gelu_new``: GPT-2 and
+    its kin; ``gelu_fast``) for PyTorch's one-kernel ``gelu(approximate="tanh")``, the same
+    function (Hendrycks & Gimpel 2016, eq. in §2) to float rounding. On GPT-2 shapes the
+    unfused version's temporaries cost ~8% of a training step on CPU. In place; returns ``model``.
+    """
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(module, name, GELUTanh())
     return model
+
+
+@torch.no_grad()
+def supports_packing(model) -> bool:
+    """Whether ``model`` confines attention to each sequence of a packed row.
+
+    Packed rows follow transformers' padding-free convention: position ids restart at 0 for
+    every sequence and no attention mask is given. Models whose attention builds its mask with
+    ``transformers.masking_utils`` (Llama, GPT-2, Mistral, Qwen, ... with eager, SDPA or flash
+    attention) honour it; others would silently attend across sequences. So it is checked: two
+    short sequences, packed vs one at a time, must give the same last hidden states.
+    """
+    param = next(model.parameters())
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(vocab, (1, n), generator=gen).to(param.device) for n in (5, 7)]
+    positions = torch.cat([torch.arange(s.shape[1]) for s in seqs])[None].to(param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(input_ids=torch.cat(seqs, 1), position_ids=positions, use_cache=False,
+                       output_hidden_states=True).hidden_states[-1].float()
+        alone = torch.cat([model(input_ids=s, use_cache=False, output_hidden_states=True)
+                           .hidden_states[-1].float() for s in seqs], 1)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    finally:
+        model.train(was_training)
+    tol = 1e-4 if param.dtype == torch.float32 else 3e-2
+    return bool((packed - alone).abs().max() <= tol * (1.0 + alone.abs().max()))
 
 
 def _fit_vocab(model, tokenizer) -> None:

@@ -52,6 +52,9 @@ class LoopConfig:
     batch_size: int = 16        # items per optimiser step, over all processes and accumulation
     micro_batch_size: int = 8   # items per forward pass on one process
     group_by_length: bool = True
+    # Pack sequences into rows without padding between them (position ids restart per sequence)
+    # when the model is checked to support it (alignkit.models.supports_packing); else pad.
+    packing: bool = True
     eval_every: int = 0         # 0: only at the end
     save_every: int = 0         # 0: only at the end
     log_every: int = 10
@@ -93,6 +96,20 @@ def make_accelerator(mixed_precision: str):
     # once per process (it assumes each rank's dataloader shrank), which would change the LR.
     return Accelerator(mixed_precision=mixed_precision, cpu=not cuda,
                        step_scheduler_with_optimizer=False)
+
+
+def pack_hidden_size(model, loop: LoopConfig, accelerator=None) -> int:
+    """The ``pack_hidden_size`` argument of the collate functions: the model's hidden size when
+    ``loop.packing`` is on and the model supports packed rows, else 0 (right padding)."""
+    from alignkit.models import supports_packing
+
+    if not loop.packing:
+        return 0
+    if not supports_packing(model):
+        (accelerator.print if accelerator else print)("alignkit: this model does not confine attention to packed sequences; "
+                          "training on padded batches (train.packing=false silences this)")
+        return 0
+    return int(model.config.hidden_size)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:

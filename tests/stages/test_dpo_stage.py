@@ -65,7 +65,7 @@ def test_dpo_loss_through_the_stage_equals_the_pure_function():
     cache_reference(ref, ex, PAD)
     batch = collate_dap(ex, PAD)
     out = make_loss(LossConfig(name="dpo", beta=0.3))(policy, batch)
-    logps, _ = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logps, _ = completion_logps(policy, batch)
     expect = dpo_loss(logps[:4], logps[4:], batch["ref_chosen_logps"].float(),
                       batch["ref_rejected_logps"].float(), 0.3)
     assert torch.allclose(out.values, expect, atol=1e-6)
@@ -116,3 +116,20 @@ def test_kto_mismatch_pairs_prompt_with_next_completion():
     c1 = [t for t, l in zip(ex[1]["input_ids"], ex[1]["labels"]) if l != -100]
     assert ex[0]["kl_input_ids"] == p0 + c1
     assert ex[0]["kl_labels"] == [-100] * len(p0) + c1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_batch_gives_the_padded_log_probs_and_gradients(arch, tiny_lm):
+    ex = pref_examples(6)
+    grads, sums = [], []
+    for pack in (0, 32):
+        model = tiny_lm(arch)
+        batch = collate_dap(ex, PAD, pack)
+        logps, counts = completion_logps(model, batch)
+        (logps * torch.arange(1.0, 13.0)).sum().backward()
+        sums.append((logps.detach(), counts))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert "sequence_index" in collate_dap(ex, PAD, 32)
+    assert torch.equal(sums[0][1], sums[1][1])
+    assert torch.allclose(sums[0][0], sums[1][0], atol=1e-5, rtol=0)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)

@@ -63,3 +63,11 @@ def _plain(c):
     import dataclasses
 
     return json.loads(json.dumps(dataclasses.asdict(c)))
+
+
+def test_sft_on_packed_batches_trains_as_on_padded_ones(tiny_base, tmp_path):
+    packed = sft.main(cfg(tiny_base, tmp_path / "packed", save_every=0))
+    padded = sft.main(cfg(tiny_base, tmp_path / "padded", save_every=0, packing=False))
+    assert packed["train_loss"] == pytest.approx(padded["train_loss"], abs=1e-5)
+    assert torch.allclose(weights(tmp_path / "packed" / "model"),
+                          weights(tmp_path / "padded" / "model"), atol=1e-5)

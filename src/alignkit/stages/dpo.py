@@ -24,10 +24,12 @@ import torch
 from alignkit.config import require
 from alignkit.data.sources import DataConfig
 from alignkit.generation import SamplingConfig
-from alignkit.logprobs import IGNORE_INDEX, shift_for_next_token, token_logps
+from alignkit.logprobs import (IGNORE_INDEX, causal_logits, shift_for_next_token, sum_per_sequence,
+                               token_logps)
 from alignkit.losses import dpo_implicit_rewards, get_loss, kto_reference_point
 from alignkit.models import LoraSpec
-from alignkit.training import LoopConfig, LossOutput, OptimConfig, make_accelerator, train
+from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
+                               pack_hidden_size, train)
 
 REFERENCE_FREE = {"simpo", "orpo"}
 PAIRED = {"dpo", "cdpo", "ipo", "hinge", "simpo", "orpo"}
@@ -111,13 +113,13 @@ class Config:
 # Sequence log-probs: one forward pass over a padded batch, summed over completion tokens.
 
 
-def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of each row's labelled tokens and their count: ``([N], [N])``."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logits, targets = shift_for_next_token(logits, labels)
+def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each sequence's labelled tokens and their count: ``([N], [N])``, for a
+    padded or a packed batch."""
+    logits, targets = shift_for_next_token(causal_logits(model, batch), batch["labels"])
     per_token = token_logps(logits, targets)
-    return per_token.sum(-1), (targets != IGNORE_INDEX).sum(-1).float()
+    return (sum_per_sequence(per_token, batch),
+            sum_per_sequence((targets != IGNORE_INDEX).float(), batch))
 
 
 @torch.no_grad()
@@ -133,9 +135,8 @@ def cache_reference(reference, examples: list[dict], pad_id: int, batch_size: in
         chunk = examples[s:s + batch_size]
         for key in fields:
             rows = [{"input_ids": e[f"{key}input_ids"], "labels": e[f"{key}labels"]} for e in chunk]
-            batch = collate_sft(rows, pad_id)
-            logps, _ = completion_logps(reference, batch["input_ids"].to(device),
-                                        batch["attention_mask"].to(device), batch["labels"].to(device))
+            batch = {k: v.to(device) for k, v in collate_sft(rows, pad_id).items()}
+            logps, _ = completion_logps(reference, batch)
             for e, v in zip(chunk, logps.tolist()):
                 e[f"ref_{key}logps"] = v
 
@@ -202,15 +203,16 @@ ADAPTERS: dict[str, Callable] = {
 }
 
 
-def collate_dap(examples: list[dict], pad_id: int) -> dict:
+def collate_dap(examples: list[dict], pad_id: int, pack_hidden_size: int = 0) -> dict:
     """All sequences of the batch in one right-padded block (chosen rows, then rejected rows;
-    or completions then KTO mismatched pairs), plus the cached reference values."""
-    from alignkit.data.collate import collate_sft
+    or completions then KTO mismatched pairs), or packed in that order when
+    ``pack_hidden_size`` > 0, plus the cached reference values."""
+    from alignkit.data.collate import collate_rows
 
     fields = _sequence_fields(examples[0])
     rows = [{"input_ids": e[f"{k}input_ids"], "labels": e[f"{k}labels"]}
             for k in fields for e in examples]
-    batch = collate_sft(rows, pad_id)
+    batch = collate_rows(rows, pad_id, pack_hidden_size)
     for key in ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps"):
         if key in examples[0]:
             batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float64)
@@ -224,8 +226,7 @@ def make_loss(cfg: LossConfig):
     paired = cfg.name in PAIRED
 
     def loss_fn(model, batch) -> LossOutput:
-        logps, lengths = completion_logps(model, batch["input_ids"], batch["attention_mask"],
-                                          batch["labels"])
+        logps, lengths = completion_logps(model, batch)
         b = logps.shape[0] // 2
         names = ("chosen_", "rejected_") if paired else ("", "kl_")
         pol = {f"{names[0]}logps": logps[:b], f"{names[1]}logps": logps[b:],
@@ -295,10 +296,10 @@ def prepare_examples(source, tokenizer, cfg: Config, reference,
 
 def fit(model, examples, cfg: Config, tokenizer, out: Path, tracker, accelerator, eval_fn,
         loop: LoopConfig | None = None):
-    pad = tokenizer.pad_token_id
+    pad, pack = tokenizer.pad_token_id, pack_hidden_size(model, loop or cfg.train, accelerator)
     return train(model, examples,
                  lengths=[sum(len(e[k]) for k in e if k.endswith("input_ids")) for e in examples],
-                 collate=lambda b: collate_dap(b, pad), weight_of=lambda e: 1.0,
+                 collate=lambda b: collate_dap(b, pad, pack), weight_of=lambda e: 1.0,
                  loss_fn=make_loss(cfg.loss), loop=loop or cfg.train, optim=cfg.optim,
                  out_dir=out, tracker=tracker, accelerator=accelerator, eval_fn=eval_fn)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from alignkit.config import require
 from alignkit.feedback.judges import JudgeConfig, render, render_messages
-from alignkit.training import LoopConfig, OptimConfig, make_accelerator, train
+from alignkit.training import LoopConfig, OptimConfig, make_accelerator, pack_hidden_size, train
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def heldout_check(cfg: Config, model_path: str, pairs: list, points: list, backe
 
 
 def main(cfg: Config) -> dict:
-    from alignkit.data.collate import collate_sft
+    from alignkit.data.collate import collate_rows
     from alignkit.data.formats import build_dataset
     from alignkit.models import load_causal_lm, load_tokenizer, save_model
     from alignkit.stages.sft import causal_lm_loss, n_targets
@@ -176,7 +176,7 @@ def main(cfg: Config) -> dict:
     accelerator.print(f"alignkit judge-model: {len(pairs)} pairwise + {len(points)} pointwise "
                       f"examples, {dropped} too long")
     model = load_causal_lm(cfg.model, tokenizer=tokenizer)
-    pad = tokenizer.pad_token_id
+    pad, pack = tokenizer.pad_token_id, pack_hidden_size(model, cfg.train, accelerator)
     # Held-out pairs (another stream of the corpus) are judged during training, through the judge.
     held_pairs, held_points = judging_examples(
         cfg, cfg.eval_examples if cfg.pairwise_examples else 0,
@@ -189,7 +189,7 @@ def main(cfg: Config) -> dict:
         return heldout_check(cfg, str(out / "model"), held_pairs, held_points, backend)
 
     result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],
-                   collate=lambda b: collate_sft(b, pad), weight_of=n_targets,
+                   collate=lambda b: collate_rows(b, pad, pack), weight_of=n_targets,
                    loss_fn=causal_lm_loss, loop=cfg.train, optim=cfg.optim, out_dir=out,
                    tracker=tracker, accelerator=accelerator,
                    eval_fn=eval_fn if cfg.eval_examples else None)

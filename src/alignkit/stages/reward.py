@@ -18,7 +18,8 @@ from alignkit.config import require
 from alignkit.data.sources import DataConfig, sft_source
 from alignkit.losses import bradley_terry_loss
 from alignkit.models import LoraSpec
-from alignkit.training import LoopConfig, LossOutput, OptimConfig, make_accelerator, train
+from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
+                               pack_hidden_size, train)
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,39 @@ class Config:
 
 
 def pair_rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of the chosen (first half) and rejected (second half) rows of one forward pass."""
-    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits[:, 0].float()
+    """Scores of the chosen (first half) and rejected (second half) sequences of one forward
+    pass over a padded or a packed batch."""
+    if "sequence_index" in batch:
+        scores = packed_scores(model, batch)
+    else:
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits[:, 0].float()
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
+
+
+def score_head(model) -> torch.nn.Module | None:
+    """The scalar head of a sequence-classification model (``score`` in transformers' decoder
+    classes; through PEFT, its outermost wrapper), or None."""
+    return next((m for name, m in model.named_modules() if name.split(".")[-1] == "score"), None)
+
+
+def packed_scores(model, batch) -> torch.Tensor:
+    """Score ``[N]`` of every sequence of a packed batch: the head's output at each sequence's
+    last token, read by a hook (the model's own pooling picks one token per row)."""
+    head = score_head(model)
+    per_token = []
+    hook = head.register_forward_hook(lambda mod, args, out: per_token.append(out))
+    try:
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    finally:
+        hook.remove()
+    owner = batch["sequence_index"].reshape(-1)
+    keep = owner >= 0
+    where = torch.arange(owner.numel(), device=owner.device)
+    last = torch.full((int(batch["num_sequences"]),), -1, dtype=torch.long, device=owner.device)
+    last = last.scatter_reduce(0, owner[keep], where[keep], reduce="amax")
+    return per_token[0].reshape(owner.numel(), -1)[last, 0].float()
 
 
 def make_loss(margin: float):
@@ -119,10 +148,11 @@ def main(cfg: Config) -> dict:
                        task_type="SEQ_CLS")
     accelerator.print(f"alignkit rm: {stats}")
     pad = tokenizer.pad_token_id
+    pack = pack_hidden_size(model, cfg.train, accelerator) if score_head(model) is not None else 0
     result = train(model, examples,
                    lengths=[max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
                             for e in examples],
-                   collate=lambda b: collate_preference(b, pad), weight_of=lambda e: 1.0,
+                   collate=lambda b: collate_preference(b, pad, pack), weight_of=lambda e: 1.0,
                    loss_fn=make_loss(cfg.margin), loop=cfg.train, optim=cfg.optim, out_dir=out,
                    tracker=tracker, accelerator=accelerator, eval_fn=eval_fn)
     if accelerator.is_main_process:

@@ -14,10 +14,11 @@ import torch
 
 from alignkit.config import require
 from alignkit.data.sources import DataConfig, sft_source
-from alignkit.logprobs import IGNORE_INDEX, shift_for_next_token, token_logps
+from alignkit.logprobs import IGNORE_INDEX, causal_logits, shift_for_next_token, token_logps
 from alignkit.losses import sft_loss
 from alignkit.models import LoraSpec
-from alignkit.training import LoopConfig, LossOutput, OptimConfig, make_accelerator, train
+from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
+                               pack_hidden_size, train)
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,7 @@ class Config:
 
 def causal_lm_loss(model, batch) -> LossOutput:
     """Per-token NLL of the labelled (completion) tokens; prompt and padding weigh 0."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits
-    logits, targets = shift_for_next_token(logits, batch["labels"])
+    logits, targets = shift_for_next_token(causal_logits(model, batch), batch["labels"])
     logps = token_logps(logits, targets)
     return LossOutput(values=sft_loss(logps), weights=(targets != IGNORE_INDEX).float())
 
@@ -63,7 +62,7 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 32) ->
 
 
 def main(cfg: Config) -> dict:
-    from alignkit.data.collate import collate_sft
+    from alignkit.data.collate import collate_rows
     from alignkit.data.formats import build_dataset
     from alignkit.models import apply_lora, load_causal_lm, load_tokenizer, save_model
     from alignkit.tracking import Tracker
@@ -82,10 +81,10 @@ def main(cfg: Config) -> dict:
         eval_examples, _ = build_dataset(eval_src, tokenizer, format=d.format,
                                          max_length=d.max_length, overlong=d.overlong, chat=d.chat)
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)
-    pad = tokenizer.pad_token_id
+    pad, pack = tokenizer.pad_token_id, pack_hidden_size(model, cfg.train, accelerator)
     accelerator.print(f"alignkit sft: {stats}")
     result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],
-                   collate=lambda b: collate_sft(b, pad), weight_of=n_targets,
+                   collate=lambda b: collate_rows(b, pad, pack), weight_of=n_targets,
                    loss_fn=causal_lm_loss, loop=cfg.train, optim=cfg.optim, out_dir=out,
                    tracker=tracker, accelerator=accelerator,
                    eval_fn=(lambda m: eval_loss(m, eval_examples, pad)) if eval_examples else None)
