@@ -59,9 +59,9 @@ def _train(spec, model, examples, lengths, collate, weight_of, loss_fn, extra=No
 
 def _pack(spec, model) -> int:
     """The stage's packing decision (``train.packing``, on by default)."""
-    from alignkit.training import pack_hidden_size
+    from alignkit.training import use_packing
 
-    return pack_hidden_size(model, _loop(spec)[0])
+    return use_packing(model, _loop(spec)[0])
 
 
 def _records(spec, kind, n, keys):

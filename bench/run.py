@@ -69,6 +69,9 @@ FULL = {
     "ppo_shared": dict(prompts_per_iter=16, new_tokens=64, warmup=1, steps=2, ppo_epochs=1,
                        micro_batch=4, mmap_threshold=131072),
 }
+# A step of the 1M-parameter demo model takes ~50-100 ms: 3 timed steps would time a quarter of
+# a second, so its training cells time 20 steps (the data hold 32 batches).
+STEPS_OF_SMALL_MODEL = {"llama-demo": 20}
 QUICK = {
     "sft": dict(batch=2, warmup=1, steps=1, max_len=64),
     "rm": dict(batch=2, warmup=1, steps=1, max_len=64),
@@ -368,6 +371,8 @@ def main() -> int:
             for precision in precisions:
                 spec = dict(sizes[case], case=case, seed=0, precision=precision,
                             model_dir=str(work / "models" / model), data_dir=str(work / "data" / model))
+                if case in TRAINING and model in STEPS_OF_SMALL_MODEL and not args.quick:
+                    spec["steps"] = STEPS_OF_SMALL_MODEL[model]
                 if args.warmup is not None:
                     spec["warmup"] = args.warmup
                 if args.steps is not None:

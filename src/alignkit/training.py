@@ -98,18 +98,18 @@ def make_accelerator(mixed_precision: str):
                        step_scheduler_with_optimizer=False)
 
 
-def pack_hidden_size(model, loop: LoopConfig, accelerator=None) -> int:
-    """The ``pack_hidden_size`` argument of the collate functions: the model's hidden size when
-    ``loop.packing`` is on and the model supports packed rows, else 0 (right padding)."""
+def use_packing(model, loop: LoopConfig, accelerator=None) -> bool:
+    """Whether to pack batches: ``loop.packing`` is on and the model supports packed rows."""
     from alignkit.models import supports_packing
 
     if not loop.packing:
-        return 0
+        return False
     if not supports_packing(model):
-        (accelerator.print if accelerator else print)("alignkit: this model does not confine attention to packed sequences; "
-                          "training on padded batches (train.packing=false silences this)")
-        return 0
-    return int(model.config.hidden_size)
+        (accelerator.print if accelerator else print)(
+            "alignkit: this model does not confine attention to packed sequences; training on "
+            "padded batches (train.packing=false silences this)")
+        return False
+    return True
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:

@@ -5,7 +5,7 @@ import torch
 
 from alignkit.data.collate import (
     collate_packed, collate_preference, collate_prompts, collate_rows, collate_sft,
-    length_grouped_batches, pack_bins, pack_width, pad_sequences,
+    length_grouped_batches, pack_bins, pad_sequences,
 )
 from alignkit.data.formats import build_dataset
 from alignkit.logprobs import IGNORE_INDEX as IGN
@@ -153,20 +153,11 @@ def test_pack_bins_first_fit_decreasing_hand_computed():
     assert pack_bins([4, 12], width=10) == [[1], [0]]  # too long: a bin of its own
 
 
-def test_pack_width_trades_padding_against_attention():
-    lengths = [5, 9, 3, 7, 2]
-    # width 9: 3 rows x 9 columns, cost 27 (1 + 9/6d); width 18: 2 x 18, cost 36 (1 + 18/6d);
-    # width 27: 1 row of 26, cost 26 (1 + 26/6d). With d = 8 the wide row's attention costs too
-    # much (32.1 < 40.1 < 49.5); with d = 1000 it is nearly free (26.7 < 27.2 < 36.7).
-    assert pack_width(lengths, hidden_size=8) == 9
-    assert pack_width(lengths, hidden_size=1000) == 27
-
-
 def test_collate_packed_layout_hand_computed():
     rows = [{"input_ids": [1, 3, 4], "labels": [IGN, 3, 4]},
             {"input_ids": [1, 5, 6, 7, 8], "labels": [1, 5, 6, 7, 8]},
             {"input_ids": [1, 9], "labels": [IGN, 9]}]
-    batch = collate_packed(rows, pad_id=0, width=5)
+    batch = collate_packed(rows)  # width: the longest, 5
     # bins: [1] (5 tokens), [0, 2] (3 + 2): row 1's sequences restart their positions
     assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 3, 4, 1, 9]]
     # the first label of every sequence is dropped (it was never a next-token target)
@@ -174,15 +165,19 @@ def test_collate_packed_layout_hand_computed():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
     assert batch["sequence_index"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 2, 2]]
     assert "attention_mask" not in batch and int(batch["num_sequences"]) == 3
-    # a row shorter than the widest gets an inert tail: no owner, no label, positions continue
-    tail = collate_packed(rows[:1] + rows[2:], pad_id=0, width=3)
+    # a row shorter than the widest gets an inert tail: no owner, no label, position 0
+    tail = collate_packed(rows[:1] + rows[2:])
     assert tail["input_ids"].tolist() == [[1, 3, 4], [1, 9, 1]]
     assert tail["labels"].tolist() == [[IGN, 3, 4], [IGN, 9, IGN]]
-    assert tail["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert tail["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
     assert tail["sequence_index"].tolist() == [[0, 0, 0], [1, 1, -1]]
+    # a wider row packs more: both sequences share one row
+    wide = collate_packed(rows[:1] + rows[2:], width=5)
+    assert wide["input_ids"].tolist() == [[1, 3, 4, 1, 9]]
+    assert wide["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
 
 
 def test_collate_rows_pads_or_packs():
     rows = [{"input_ids": [1, 3, 4], "labels": [IGN, 3, 4]}, {"input_ids": [1, 9], "labels": [IGN, 9]}]
     assert "attention_mask" in collate_rows(rows, pad_id=0)
-    assert collate_rows(rows, pad_id=0, pack_hidden_size=1000)["input_ids"].tolist() == [[1, 3, 4, 1, 9]]
+    assert collate_rows(rows, pad_id=0, pack=True)["input_ids"].tolist() == [[1, 3, 4], [1, 9, 1]]

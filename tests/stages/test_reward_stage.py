@@ -29,10 +29,10 @@ def test_packed_scores_and_gradients_equal_padded(arch, tiny_lm):
     config = tiny_lm(arch).config
     config.num_labels = 1
     scores, grads = [], []
-    for pack in (0, 32):
+    for pack in (False, True):
         torch.manual_seed(1)
         model = AutoModelForSequenceClassification.from_config(config)
-        batch = collate_preference(pairs(), pad_id=0, pack_hidden_size=pack)
+        batch = collate_preference(pairs(), pad_id=0, pack=pack)
         chosen, rejected = pair_rewards(model, batch)
         out = make_loss(0.0)(model, batch)
         (out.values.sum() + (chosen * torch.arange(1.0, 6.0)).sum()).backward()

@@ -82,31 +82,12 @@ def pack_bins(lengths: Sequence[int], width: int) -> list[list[int]]:
     return bins
 
 
-def pack_width(lengths: Sequence[int], hidden_size: int) -> int:
-    """The row width that packs ``lengths`` at the least estimated cost.
-
-    Per layer a token costs ~24·d² FLOPs in the linear layers and ~4·W·d in attention over a row
-    of width W (dense over the row: packed segments are masked, not skipped). So a row of W
-    columns costs ∝ W·(1 + W / (6·d)): wider rows waste less padding but pay more attention.
-    Candidates are 1-4 times the longest sequence.
-    """
-    longest = max(lengths)
-    best, best_cost = longest, float("inf")
-    for k in (1, 2, 3, 4):
-        bins = pack_bins(lengths, k * longest)
-        used = max(sum(lengths[i] for i in b) for b in bins)
-        cost = len(bins) * used * (1.0 + used / (6.0 * hidden_size))
-        if cost < best_cost:
-            best, best_cost = k * longest, cost
-        if len(bins) == 1:
-            break
-    return best
-
-
-def collate_packed(examples: Sequence[Mapping], pad_id: int, width: int) -> dict[str, torch.Tensor]:
+def collate_packed(examples: Sequence[Mapping], width: int = 0) -> dict[str, torch.Tensor]:
     """Pack ``{input_ids, labels}`` rows without padding between them (padding-free batching).
 
-    Sequences are placed into rows of at most ``width`` tokens (:func:`pack_bins`); each keeps
+    Sequences are placed into rows of at most ``width`` tokens (:func:`pack_bins`; default: the
+    longest sequence, so no row is wider than a padded batch and attention, which runs densely
+    over each row, costs no more than padded; wider rows measured slower on CPU). Each keeps
     its own position ids (0, 1, ...), which is how Hugging Face models recognise packed
     sequences and confine attention to each one (``attention_mask`` must then be absent). The
     first label of every sequence is ignored: unpacked, it is never a target, and packed it
@@ -117,7 +98,7 @@ def collate_packed(examples: Sequence[Mapping], pad_id: int, width: int) -> dict
     example each token belongs to, -1 on the filler) and ``num_sequences``.
     """
     lengths = [len(e["input_ids"]) for e in examples]
-    bins = pack_bins(lengths, width)
+    bins = pack_bins(lengths, width or max(lengths))
     ids, labels, positions, owner = [], [], [], []
     for members in bins:
         row_ids, row_labels, row_pos, row_owner = [], [], [], []
@@ -134,17 +115,16 @@ def collate_packed(examples: Sequence[Mapping], pad_id: int, width: int) -> dict
         positions.append(row_pos)
         owner.append(row_owner)
     used = max(len(r) for r in ids)
-    # The tail's token ids are inert (no real token attends to them, no label): they repeat the
-    # row's first token rather than the pad id, which transformers would warn about as padding
-    # without an attention mask.
+    # The tail is inert: no real token attends to it and it has no labels. Its ids repeat the
+    # row's first token rather than the pad id (transformers warns about pad ids without an
+    # attention mask); its positions are all 0, so each filler token is a sequence of its own
+    # and no position exceeds those of real sequences (learned position tables end there).
     ids = [r + [r[0]] * (used - len(r)) for r in ids]
-    # Padding continues the last sequence's positions: it forms no new segment, and being after
-    # every real token of the row it is never attended to by one.
-    positions = [p + list(range(p[-1] + 1, p[-1] + 1 + used - len(p))) for p in positions]
+    positions = [p + [0] * (used - len(p)) for p in positions]
     return {
-        "input_ids": pad_sequences(ids, pad_id),
+        "input_ids": torch.tensor(ids),
         "labels": pad_sequences(labels, IGNORE_INDEX),
-        "position_ids": pad_sequences(positions, 0),
+        "position_ids": torch.tensor(positions),
         "sequence_index": pad_sequences(owner, -1),
         "num_sequences": torch.tensor(len(examples)),
     }
@@ -159,27 +139,23 @@ def collate_prompts(prompt_id_lists: Sequence[Sequence[int]], pad_id: int) -> di
 
 
 def collate_preference(examples: Sequence[Mapping], pad_id: int,
-                       pack_hidden_size: int = 0) -> dict[str, torch.Tensor]:
+                       pack: bool = False) -> dict[str, torch.Tensor]:
     """Stack chosen and rejected into one right-padded batch of ``2B`` rows.
 
     Rows ``0..B-1`` are the chosen answers and rows ``B..2B-1`` the rejected ones, in the same
     order, so ``logps[:B]`` / ``logps[B:]`` are ``policy_chosen_logps`` / ``policy_rejected_logps``.
     One forward pass then serves both halves (and both see the same weights, dropout mode and
     padding width), which is the layout DPO-family losses and reward models expect.
-    ``pack_hidden_size`` > 0 packs the ``2B`` sequences instead (:func:`collate_rows`).
+    ``pack`` packs the ``2B`` sequences instead, in the same order (:func:`collate_packed`).
     """
     rows = [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in examples]
     rows += [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
-    return collate_rows(rows, pad_id, pack_hidden_size)
+    return collate_rows(rows, pad_id, pack)
 
 
-def collate_rows(rows: Sequence[Mapping], pad_id: int, pack_hidden_size: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded (:func:`collate_sft`) or, with ``pack_hidden_size`` > 0 (the model's hidden
-    size), packed rows (:func:`collate_packed`, width from :func:`pack_width`)."""
-    if pack_hidden_size <= 0:
-        return collate_sft(rows, pad_id, "right")
-    width = pack_width([len(r["input_ids"]) for r in rows], pack_hidden_size)
-    return collate_packed(rows, pad_id, width)
+def collate_rows(rows: Sequence[Mapping], pad_id: int, pack: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded (:func:`collate_sft`) or packed (:func:`collate_packed`) rows."""
+    return collate_packed(rows) if pack else collate_sft(rows, pad_id, "right")
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,

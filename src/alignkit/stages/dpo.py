@@ -29,7 +29,7 @@ from alignkit.logprobs import (IGNORE_INDEX, causal_logits, shift_for_next_token
 from alignkit.losses import dpo_implicit_rewards, get_loss, kto_reference_point
 from alignkit.models import LoraSpec
 from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
-                               pack_hidden_size, train)
+                               use_packing, train)
 
 REFERENCE_FREE = {"simpo", "orpo"}
 PAIRED = {"dpo", "cdpo", "ipo", "hinge", "simpo", "orpo"}
@@ -203,16 +203,16 @@ ADAPTERS: dict[str, Callable] = {
 }
 
 
-def collate_dap(examples: list[dict], pad_id: int, pack_hidden_size: int = 0) -> dict:
+def collate_dap(examples: list[dict], pad_id: int, pack: bool = False) -> dict:
     """All sequences of the batch in one right-padded block (chosen rows, then rejected rows;
     or completions then KTO mismatched pairs), or packed in that order when
-    ``pack_hidden_size`` > 0, plus the cached reference values."""
+    ``pack``, plus the cached reference values."""
     from alignkit.data.collate import collate_rows
 
     fields = _sequence_fields(examples[0])
     rows = [{"input_ids": e[f"{k}input_ids"], "labels": e[f"{k}labels"]}
             for k in fields for e in examples]
-    batch = collate_rows(rows, pad_id, pack_hidden_size)
+    batch = collate_rows(rows, pad_id, pack)
     for key in ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps"):
         if key in examples[0]:
             batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float64)
@@ -296,7 +296,7 @@ def prepare_examples(source, tokenizer, cfg: Config, reference,
 
 def fit(model, examples, cfg: Config, tokenizer, out: Path, tracker, accelerator, eval_fn,
         loop: LoopConfig | None = None):
-    pad, pack = tokenizer.pad_token_id, pack_hidden_size(model, loop or cfg.train, accelerator)
+    pad, pack = tokenizer.pad_token_id, use_packing(model, loop or cfg.train, accelerator)
     return train(model, examples,
                  lengths=[sum(len(e[k]) for k in e if k.endswith("input_ids")) for e in examples],
                  collate=lambda b: collate_dap(b, pad, pack), weight_of=lambda e: 1.0,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from alignkit.config import require
 from alignkit.feedback.judges import JudgeConfig, render, render_messages
-from alignkit.training import LoopConfig, OptimConfig, make_accelerator, pack_hidden_size, train
+from alignkit.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def main(cfg: Config) -> dict:
     accelerator.print(f"alignkit judge-model: {len(pairs)} pairwise + {len(points)} pointwise "
                       f"examples, {dropped} too long")
     model = load_causal_lm(cfg.model, tokenizer=tokenizer)
-    pad, pack = tokenizer.pad_token_id, pack_hidden_size(model, cfg.train, accelerator)
+    pad, pack = tokenizer.pad_token_id, use_packing(model, cfg.train, accelerator)
     # Held-out pairs (another stream of the corpus) are judged during training, through the judge.
     held_pairs, held_points = judging_examples(
         cfg, cfg.eval_examples if cfg.pairwise_examples else 0,

@@ -19,7 +19,7 @@ from alignkit.data.sources import DataConfig, sft_source
 from alignkit.losses import bradley_terry_loss
 from alignkit.models import LoraSpec
 from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
-                               pack_hidden_size, train)
+                               use_packing, train)
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def main(cfg: Config) -> dict:
                        task_type="SEQ_CLS")
     accelerator.print(f"alignkit rm: {stats}")
     pad = tokenizer.pad_token_id
-    pack = pack_hidden_size(model, cfg.train, accelerator) if score_head(model) is not None else 0
+    pack = score_head(model) is not None and use_packing(model, cfg.train, accelerator)
     result = train(model, examples,
                    lengths=[max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
                             for e in examples],

@@ -18,7 +18,7 @@ from alignkit.logprobs import IGNORE_INDEX, causal_logits, shift_for_next_token,
 from alignkit.losses import sft_loss
 from alignkit.models import LoraSpec
 from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
-                               pack_hidden_size, train)
+                               use_packing, train)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def main(cfg: Config) -> dict:
         eval_examples, _ = build_dataset(eval_src, tokenizer, format=d.format,
                                          max_length=d.max_length, overlong=d.overlong, chat=d.chat)
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)
-    pad, pack = tokenizer.pad_token_id, pack_hidden_size(model, cfg.train, accelerator)
+    pad, pack = tokenizer.pad_token_id, use_packing(model, cfg.train, accelerator)
     accelerator.print(f"alignkit sft: {stats}")
     result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],
                    collate=lambda b: collate_rows(b, pad, pack), weight_of=n_targets,
