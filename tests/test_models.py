@@ -63,3 +63,12 @@ def test_gpt2_gelu_is_swapped_for_the_fused_kernel_with_the_same_outputs(tiny_lm
     ga = torch.cat([p.grad.flatten() for p in plain.parameters()])
     gb = torch.cat([p.grad.flatten() for p in fused.parameters()])
     assert torch.allclose(ga, gb, atol=1e-5, rtol=1e-4)
+
+
+def test_use_packing_follows_the_switch_and_the_probe(tiny_lm, capsys):
+    from alignkit.training import LoopConfig, use_packing
+
+    assert use_packing(tiny_lm("llama"), LoopConfig())
+    assert not use_packing(tiny_lm("llama"), LoopConfig(packing=False))
+    assert not use_packing(RunningSum(per_sequence=False), LoopConfig())
+    assert "does not confine attention to packed sequences" in capsys.readouterr().out

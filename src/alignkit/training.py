@@ -104,6 +104,9 @@ def use_packing(model, loop: LoopConfig, accelerator=None) -> bool:
 
     if not loop.packing:
         return False
+    if accelerator is not None:
+        # Probe where training runs: e.g. flash attention packs natively on GPU, not on CPU.
+        model.to(accelerator.device)
     if not supports_packing(model):
         (accelerator.print if accelerator else print)(
             "alignkit: this model does not confine attention to packed sequences; training on "
