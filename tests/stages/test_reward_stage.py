@@ -42,3 +42,19 @@ def test_packed_scores_and_gradients_equal_padded(arch, tiny_lm):
     assert torch.allclose(scores[0], scores[1], atol=1e-5, rtol=0)
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
     assert score_head(model) is model.score
+
+
+def test_packed_scores_through_a_lora_reward_model(tiny_lm):
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.models import LoraSpec, apply_lora
+
+    config = tiny_lm("llama").config
+    config.num_labels = 1
+    torch.manual_seed(1)
+    model = apply_lora(AutoModelForSequenceClassification.from_config(config),
+                       LoraSpec(enabled=True, r=4), task_type="SEQ_CLS")
+    torch.nn.init.normal_(score_head(model).modules_to_save["default"].weight)
+    padded = torch.cat(pair_rewards(model, collate_preference(pairs(), pad_id=0)))
+    packed = torch.cat(pair_rewards(model, collate_preference(pairs(), pad_id=0, pack=True)))
+    assert torch.allclose(padded, packed, atol=1e-5, rtol=0)

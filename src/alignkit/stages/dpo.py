@@ -110,7 +110,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sequence log-probs: one forward pass over a padded batch, summed over completion tokens.
+# Sequence log-probs: one forward pass over a padded or packed batch, summed over completion tokens.
 
 
 def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
