@@ -36,6 +36,7 @@ def _loop(spec: dict):
 
     loop = LoopConfig(max_steps=spec["warmup"] + spec["steps"], batch_size=spec["batch"],
                       micro_batch_size=spec["batch"], log_every=1, save_every=0, seed=spec["seed"],
+                      group_by_length=True,  # as the peer's train_sampling_strategy
                       mixed_precision="bf16" if spec["precision"] == "bf16" else "no",
                       resume="never")
     # Constant LR, clipping at 1.0: the peer is configured the same way.

@@ -56,7 +56,10 @@ BASE = dict(max_steps=6, batch_size=8, micro_batch_size=8, mixed_precision="no",
 def test_accumulation_matches_full_batch(tmp_path):
     full, r1 = run(tmp_path / "a", LoopConfig(**BASE))
     accum, r2 = run(tmp_path / "b", LoopConfig(**{**BASE, "micro_batch_size": 3}))
-    assert torch.allclose(flat(full), flat(accum), atol=2e-6, rtol=0)
+    # Six Adam steps of ~1e-2 each: float-rounding differences of the gradients (different
+    # padding per micro-batch) reach ~8e-6 in the parameters; a wrong normaliser moves them by
+    # ~1e-3.
+    assert torch.allclose(flat(full), flat(accum), atol=2e-5, rtol=0)
     assert r1.last_metrics["loss"] == pytest.approx(r2.last_metrics["loss"], abs=1e-6)
     # and the update was not a no-op
     assert not torch.allclose(flat(full), flat(tiny_model()), atol=1e-3)
@@ -145,7 +148,7 @@ def test_two_processes_equal_one(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = torch.load(out + "/flat.pt")
-    assert torch.allclose(flat(single), two, atol=2e-6, rtol=0)
+    assert torch.allclose(flat(single), two, atol=2e-5, rtol=0)  # see the accumulation test
 
 
 def test_stages_with_different_precision_in_one_process():
