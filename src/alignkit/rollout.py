@@ -97,7 +97,7 @@ def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     with torch.no_grad():
         old_logps = (rollout_logps(roles.policy, rollout, temperature) if recompute_logps
-                     else rollout.logps.clone())
+                     else rollout.logps)
         ref_logps = rollout_logps(roles.reference, rollout, temperature)
         values = roles.values(rollout) if roles.value is not None else None
     gap = (float(((old_logps - rollout.logps).abs() * rollout.response_mask).max())

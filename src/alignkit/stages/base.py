@@ -15,7 +15,7 @@ import torch
 
 from alignkit.config import require
 from alignkit.logprobs import IGNORE_INDEX
-from alignkit.training import LoopConfig, LossOutput, OptimConfig, make_accelerator, train
+from alignkit.training import LoopConfig, OptimConfig, make_accelerator, train
 
 
 @dataclass(frozen=True)
@@ -84,20 +84,9 @@ def lm_collate(seqs: list[list[int]], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lm_loss(model, batch) -> LossOutput:
-    from alignkit.logprobs import shift_for_next_token, token_logps
-    from alignkit.losses import sft_loss
-
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits
-    logits, targets = shift_for_next_token(logits, batch["labels"])
-    logps = token_logps(logits, targets)
-    mask = (targets != IGNORE_INDEX).float()
-    return LossOutput(values=sft_loss(logps), weights=mask)
-
-
 def main(cfg: Config) -> dict:
     from alignkit.models import save_model
+    from alignkit.stages.sft import causal_lm_loss
     from alignkit.tasks import get_task
     from alignkit.tokenizer import train_tokenizer
     from alignkit.tracking import Tracker
@@ -114,7 +103,7 @@ def main(cfg: Config) -> dict:
                       f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     result = train(model, seqs, lengths=[len(s) for s in seqs],
                    collate=lambda b: lm_collate(b, tokenizer.pad_token_id),
-                   weight_of=lambda s: len(s) - 1, loss_fn=lm_loss, loop=cfg.train,
+                   weight_of=lambda s: len(s) - 1, loss_fn=causal_lm_loss, loop=cfg.train,
                    optim=cfg.optim, out_dir=out, tracker=tracker, accelerator=accelerator)
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
