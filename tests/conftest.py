@@ -41,7 +41,8 @@ def one_thread():
 
 @pytest.fixture
 def tiny_lm():
-    """Factory of tiny random causal LMs (vocabulary 30, hidden 32, pad id 0): "llama" or "gpt2"."""
+    """Factory of tiny random causal LMs (vocabulary 30, hidden 32, pad id 0): "llama", "gpt2" or
+    "llama-gqa" (4 query heads sharing 2 key/value heads)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     def make(arch: str = "llama", seed: int = 0):
@@ -52,5 +53,6 @@ def tiny_lm():
                                               embd_pdrop=0.0, attn_pdrop=0.0))
         return LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=32, intermediate_size=64,
                                             num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=4, pad_token_id=0))
+                                            num_key_value_heads=2 if arch == "llama-gqa" else 4,
+                                            pad_token_id=0))
     return make

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from alignkit.attention import flat_packing
 from alignkit.models import supports_packing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,9 +33,12 @@ class RunningSum(torch.nn.Module):
         return SimpleNamespace(hidden_states=(h,))
 
 
-def test_transformers_models_honour_packed_position_ids(tiny_lm):
-    assert supports_packing(tiny_lm("llama"))
-    assert supports_packing(tiny_lm("gpt2"))
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+def test_transformers_models_honour_packed_position_ids(tiny_lm, layout):
+    for arch in ("llama", "gpt2", "llama-gqa"):
+        model = tiny_lm(arch)
+        assert supports_packing(model, layout)  # SDPA: a dense mask over the row
+        assert flat_packing(model) and supports_packing(model, layout)  # alignkit_sdpa
     model = tiny_lm("llama").train()
     supports_packing(model)
     assert model.training  # the probe restores the mode
@@ -68,7 +72,12 @@ def test_gpt2_gelu_is_swapped_for_the_fused_kernel_with_the_same_outputs(tiny_lm
 def test_use_packing_follows_the_switch_and_the_probe(tiny_lm, capsys):
     from alignkit.training import LoopConfig, use_packing
 
-    assert use_packing(tiny_lm("llama"), LoopConfig())
+    model = tiny_lm("llama")
+    assert use_packing(model, LoopConfig()) == "flat"
+    assert model.config._attn_implementation == "alignkit_sdpa"
+    eager = tiny_lm("gpt2")
+    eager.set_attn_implementation("eager")  # attention over dense masks: rows, not one flat row
+    assert use_packing(eager, LoopConfig()) == "rows"
     assert not use_packing(tiny_lm("llama"), LoopConfig(packing=False))
     assert not use_packing(RunningSum(per_sequence=False), LoopConfig())
     assert "does not confine attention to packed sequences" in capsys.readouterr().out

@@ -61,12 +61,24 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return token_logps(logits, targets)
 
 
+def packed_inputs(batch: dict) -> dict:
+    """Model inputs of a packed batch (``collate_packed``): ids and per-sequence position ids, no
+    attention mask; a flat row also passes its sequence boundaries under the names flash
+    attention's varlen path reads (``alignkit.attention`` reads them on CPU)."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+              "use_cache": False}
+    if "cu_seq_lens" in batch:
+        cu = batch["cu_seq_lens"].to(device=batch["input_ids"].device, dtype=torch.int32)
+        longest = int(batch["cu_seq_lens"].diff().max())
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    return inputs
+
+
 def causal_logits(model, batch: dict) -> torch.Tensor:
     """Logits ``[R, T, V]`` of a right-padded batch (``attention_mask``) or a packed one
     (``position_ids`` restarting at every sequence, no mask: see ``collate_packed``)."""
     if "sequence_index" in batch:
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     use_cache=False).logits
+        return model(**packed_inputs(batch)).logits
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  use_cache=False).logits
 

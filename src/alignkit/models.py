@@ -75,27 +75,33 @@ def fuse_activations(model):
 
 
 @torch.no_grad()
-def supports_packing(model) -> bool:
-    """Whether ``model`` confines attention to each sequence of a packed row.
+def supports_packing(model, layout: str = "rows") -> bool:
+    """Whether ``model`` confines attention to each sequence of a packed batch in ``layout``.
 
     Packed rows follow transformers' padding-free convention: position ids restart at 0 for
-    every sequence and no attention mask is given. Models whose attention builds its mask with
+    every sequence and no attention mask is given (a flat row also passes the sequence
+    boundaries: ``logprobs.packed_inputs``). Models whose attention builds its mask with
     ``transformers.masking_utils`` (Llama, GPT-2, Mistral, Qwen, ... with eager, SDPA or flash
     attention) honour it; others would silently attend across sequences. So it is checked: two
     short sequences, packed vs one at a time, must give the same last hidden states.
     """
+    from alignkit.data.collate import collate_packed
+    from alignkit.logprobs import packed_inputs
+
     param = next(model.parameters())
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(vocab, (1, n), generator=gen).to(param.device) for n in (5, 7)]
-    positions = torch.cat([torch.arange(s.shape[1]) for s in seqs])[None].to(param.device)
+    seqs = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (5, 7)]
+    batch = collate_packed([{"input_ids": s, "labels": s} for s in seqs], layout, width=12)
+    batch = {k: v.to(param.device) for k, v in batch.items()}
     was_training = model.training
     model.eval()
     try:
-        packed = model(input_ids=torch.cat(seqs, 1), position_ids=positions, use_cache=False,
-                       output_hidden_states=True).hidden_states[-1].float()
-        alone = torch.cat([model(input_ids=s, use_cache=False, output_hidden_states=True)
-                           .hidden_states[-1].float() for s in seqs], 1)
+        packed = model(**packed_inputs(batch), output_hidden_states=True).hidden_states[-1].float()
+        packed = torch.cat([packed[batch["sequence_index"] == i] for i in range(len(seqs))])
+        alone = torch.cat([model(input_ids=torch.tensor([s], device=param.device), use_cache=False,
+                                 output_hidden_states=True).hidden_states[-1][0].float()
+                           for s in seqs])
     except (TypeError, ValueError, RuntimeError, ImportError):  # e.g. flash attention off GPU
         return False
     finally:

@@ -102,21 +102,30 @@ def make_accelerator(mixed_precision: str):
                        step_scheduler_with_optimizer=False)
 
 
-def use_packing(model, loop: LoopConfig, accelerator=None) -> bool:
-    """Whether to pack batches: ``loop.packing`` is on and the model supports packed rows."""
+def use_packing(model, loop: LoopConfig, accelerator=None) -> str | None:
+    """The packed layout to train ``model`` on (``collate_packed``), or None to pad.
+
+    ``"flat"`` (one row, no filler) where attention runs per sequence: flash attention, or
+    transformers' SDPA, which this switches to ``alignkit_sdpa`` (:mod:`alignkit.attention`);
+    ``"rows"`` (rows as wide as the longest sequence) where attention honours packed position
+    ids over dense masks (e.g. eager); None if ``loop.packing`` is off or the model attends
+    across packed sequences.
+    """
+    from alignkit.attention import flat_packing
     from alignkit.models import supports_packing
 
     if not loop.packing:
-        return False
+        return None
     if accelerator is not None:
         # Probe where training runs: e.g. flash attention packs natively on GPU, not on CPU.
         model.to(accelerator.device)
-    if not supports_packing(model):
+    layout = "flat" if flat_packing(model) else "rows"
+    if not supports_packing(model, layout):
         (accelerator.print if accelerator else print)(
             "alignkit: this model does not confine attention to packed sequences; training on "
             "padded batches (train.packing=false silences this)")
-        return False
-    return True
+        return None
+    return layout
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:

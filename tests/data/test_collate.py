@@ -180,4 +180,20 @@ def test_collate_packed_layout_hand_computed():
 def test_collate_rows_pads_or_packs():
     rows = [{"input_ids": [1, 3, 4], "labels": [IGN, 3, 4]}, {"input_ids": [1, 9], "labels": [IGN, 9]}]
     assert "attention_mask" in collate_rows(rows, pad_id=0)
-    assert collate_rows(rows, pad_id=0, pack=True)["input_ids"].tolist() == [[1, 3, 4], [1, 9, 1]]
+    assert collate_rows(rows, pad_id=0, pack="rows")["input_ids"].tolist() == [[1, 3, 4], [1, 9, 1]]
+    assert collate_rows(rows, pad_id=0, pack="flat")["input_ids"].tolist() == [[1, 3, 4, 1, 9]]
+    with pytest.raises(ValueError, match="unknown packing layout 'wide'"):
+        collate_rows(rows, pad_id=0, pack="wide")
+
+
+def test_collate_packed_flat_layout_hand_computed():
+    rows = [{"input_ids": [1, 3, 4], "labels": [IGN, 3, 4]},
+            {"input_ids": [1, 5, 6, 7, 8], "labels": [1, 5, 6, 7, 8]},
+            {"input_ids": [1, 9], "labels": [IGN, 9]}]
+    batch = collate_packed(rows, "flat")  # in order, one row, no filler
+    assert batch["input_ids"].tolist() == [[1, 3, 4, 1, 5, 6, 7, 8, 1, 9]]
+    assert batch["labels"].tolist() == [[IGN, 3, 4, IGN, 5, 6, 7, 8, IGN, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
+    assert batch["sequence_index"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 2, 2]]
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 8, 10]
+    assert "cu_seq_lens" not in collate_packed(rows, "rows")

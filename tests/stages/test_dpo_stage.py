@@ -118,18 +118,22 @@ def test_kto_mismatch_pairs_prompt_with_next_completion():
     assert ex[0]["kl_labels"] == [-100] * len(p0) + c1
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_packed_batch_gives_the_padded_log_probs_and_gradients(arch, tiny_lm):
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-gqa"])
+def test_packed_batch_gives_the_padded_log_probs_and_gradients(arch, layout, tiny_lm):
+    from alignkit.attention import flat_packing
+
     ex = pref_examples(6)
     grads, sums = [], []
-    for pack in (False, True):
+    for pack in (None, layout):
         model = tiny_lm(arch)
+        flat_packing(model)
         batch = collate_dap(ex, PAD, pack)
         logps, counts = completion_logps(model, batch)
         (logps * torch.arange(1.0, 13.0)).sum().backward()
         sums.append((logps.detach(), counts))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert "sequence_index" in collate_dap(ex, PAD, True)
+    assert "sequence_index" in collate_dap(ex, PAD, layout)
     assert torch.equal(sums[0][1], sums[1][1])
     assert torch.allclose(sums[0][0], sums[1][0], atol=1e-5, rtol=0)
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from alignkit.attention import flat_packing
 from alignkit.data.collate import collate_preference
 from alignkit.stages.reward import make_loss, pair_rewards, score_head
 
@@ -22,23 +23,26 @@ def pairs(n=5, seed=0):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_packed_scores_and_gradients_equal_padded(arch, tiny_lm):
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-gqa"])
+def test_packed_scores_and_gradients_equal_padded(arch, layout, tiny_lm):
     from transformers import AutoModelForSequenceClassification
 
     config = tiny_lm(arch).config
     config.num_labels = 1
     scores, grads = [], []
-    for pack in (False, True):
+    for pack in (None, layout):
         torch.manual_seed(1)
         model = AutoModelForSequenceClassification.from_config(config)
+        assert flat_packing(model) or pack != "flat"  # flat rows run alignkit_sdpa
         batch = collate_preference(pairs(), pad_id=0, pack=pack)
         chosen, rejected = pair_rewards(model, batch)
         out = make_loss(0.0)(model, batch)
         (out.values.sum() + (chosen * torch.arange(1.0, 6.0)).sum()).backward()
         scores.append(torch.cat([chosen, rejected]).detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert batch["input_ids"].shape[0] < 10  # 10 sequences really were packed into fewer rows
+    rows = batch["input_ids"].shape[0]  # 10 sequences really were packed into fewer rows
+    assert rows == 1 if layout == "flat" else 1 < rows < 10
     assert torch.allclose(scores[0], scores[1], atol=1e-5, rtol=0)
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
     assert score_head(model) is model.score
@@ -56,5 +60,7 @@ def test_packed_scores_through_a_lora_reward_model(tiny_lm):
                        LoraSpec(enabled=True, r=4), task_type="SEQ_CLS")
     torch.nn.init.normal_(score_head(model).modules_to_save["default"].weight)
     padded = torch.cat(pair_rewards(model, collate_preference(pairs(), pad_id=0)))
-    packed = torch.cat(pair_rewards(model, collate_preference(pairs(), pad_id=0, pack=True)))
-    assert torch.allclose(padded, packed, atol=1e-5, rtol=0)
+    for layout in ("rows", "flat"):
+        flat_packing(model)
+        packed = torch.cat(pair_rewards(model, collate_preference(pairs(), pad_id=0, pack=layout)))
+        assert torch.allclose(padded, packed, atol=1e-5, rtol=0)

@@ -22,6 +22,7 @@ import torch
 from alignkit.logprobs import IGNORE_INDEX
 
 Side = Literal["right", "left"]
+Packing = Literal["rows", "flat"]
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, side: Side = "right") -> torch.Tensor:
@@ -82,23 +83,33 @@ def pack_bins(lengths: Sequence[int], width: int) -> list[list[int]]:
     return bins
 
 
-def collate_packed(examples: Sequence[Mapping], width: int = 0) -> dict[str, torch.Tensor]:
+def collate_packed(examples: Sequence[Mapping], layout: Packing = "rows",
+                   width: int = 0) -> dict[str, torch.Tensor]:
     """Pack ``{input_ids, labels}`` rows without padding between them (padding-free batching).
 
-    Sequences are placed into rows of at most ``width`` tokens (:func:`pack_bins`; default: the
-    longest sequence, so no row is wider than a padded batch and attention, which runs densely
-    over each row, costs no more than padded; wider rows measured slower on CPU). Each keeps
-    its own position ids (0, 1, ...), which is how Hugging Face models recognise packed
-    sequences and confine attention to each one (``attention_mask`` must then be absent). The
-    first label of every sequence is ignored: unpacked, it is never a target, and packed it
-    would be predicted from the end of the previous sequence. The row tail is filler with
-    labels ``IGNORE_INDEX``.
+    ``layout="rows"``: sequences are placed into rows of at most ``width`` tokens
+    (:func:`pack_bins`; default: the longest sequence, so no row is wider than a padded batch
+    and attention, which then runs densely over each row, costs no more than padded). The row
+    tail is filler with labels ``IGNORE_INDEX``. ``layout="flat"``: all sequences, in order, in
+    one row with no filler, plus ``cu_seq_lens`` (``[N + 1]``, where each sequence starts, then
+    the row's end); for attention that runs per sequence given those boundaries (flash
+    attention's varlen kernels, :mod:`alignkit.attention`), see ``logprobs.packed_inputs``.
+
+    Each sequence keeps its own position ids (0, 1, ...), which is how Hugging Face models
+    recognise packed sequences and confine attention to each one (``attention_mask`` must then be
+    absent). The first label of every sequence is ignored: unpacked, it is never a target, and
+    packed it would be predicted from the end of the previous sequence.
 
     Returns ``input_ids``, ``labels``, ``position_ids`` and ``sequence_index`` (``[R, T]``: which
     example each token belongs to, -1 on the filler) and ``num_sequences``.
     """
     lengths = [len(e["input_ids"]) for e in examples]
-    bins = pack_bins(lengths, width or max(lengths))
+    if layout == "flat":
+        bins = [list(range(len(examples)))]
+    elif layout == "rows":
+        bins = pack_bins(lengths, width or max(lengths))
+    else:
+        raise ValueError(f"unknown packing layout {layout!r}; expected 'rows' or 'flat'")
     ids, labels, positions, owner = [], [], [], []
     for members in bins:
         row_ids, row_labels, row_pos, row_owner = [], [], [], []
@@ -121,13 +132,16 @@ def collate_packed(examples: Sequence[Mapping], width: int = 0) -> dict[str, tor
     # and no position exceeds those of real sequences (learned position tables end there).
     ids = [r + [r[0]] * (used - len(r)) for r in ids]
     positions = [p + [0] * (used - len(p)) for p in positions]
-    return {
+    batch = {
         "input_ids": torch.tensor(ids),
         "labels": pad_sequences(labels, IGNORE_INDEX),
         "position_ids": torch.tensor(positions),
         "sequence_index": pad_sequences(owner, -1),
         "num_sequences": torch.tensor(len(examples)),
     }
+    if layout == "flat":
+        batch["cu_seq_lens"] = torch.tensor([0] + lengths).cumsum(0)
+    return batch
 
 
 def collate_prompts(prompt_id_lists: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -139,23 +153,25 @@ def collate_prompts(prompt_id_lists: Sequence[Sequence[int]], pad_id: int) -> di
 
 
 def collate_preference(examples: Sequence[Mapping], pad_id: int,
-                       pack: bool = False) -> dict[str, torch.Tensor]:
+                       pack: Packing | None = None) -> dict[str, torch.Tensor]:
     """Stack chosen and rejected into one right-padded batch of ``2B`` rows.
 
     Rows ``0..B-1`` are the chosen answers and rows ``B..2B-1`` the rejected ones, in the same
     order, so ``logps[:B]`` / ``logps[B:]`` are ``policy_chosen_logps`` / ``policy_rejected_logps``.
     One forward pass then serves both halves (and both see the same weights, dropout mode and
     padding width), which is the layout DPO-family losses and reward models expect.
-    ``pack`` packs the ``2B`` sequences instead, in the same order (:func:`collate_packed`).
+    ``pack`` (a layout) packs the ``2B`` sequences instead, in the same order
+    (:func:`collate_packed`).
     """
     rows = [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in examples]
     rows += [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
     return collate_rows(rows, pad_id, pack)
 
 
-def collate_rows(rows: Sequence[Mapping], pad_id: int, pack: bool = False) -> dict[str, torch.Tensor]:
-    """Right-padded (:func:`collate_sft`) or packed (:func:`collate_packed`) rows."""
-    return collate_packed(rows) if pack else collate_sft(rows, pad_id, "right")
+def collate_rows(rows: Sequence[Mapping], pad_id: int,
+                 pack: Packing | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded (:func:`collate_sft`) or, given a layout, packed (:func:`collate_packed`)."""
+    return collate_packed(rows, pack) if pack else collate_sft(rows, pad_id, "right")
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,

@@ -203,10 +203,10 @@ ADAPTERS: dict[str, Callable] = {
 }
 
 
-def collate_dap(examples: list[dict], pad_id: int, pack: bool = False) -> dict:
+def collate_dap(examples: list[dict], pad_id: int, pack: str | None = None) -> dict:
     """All sequences of the batch in one right-padded block (chosen rows, then rejected rows;
-    or completions then KTO mismatched pairs), or packed in that order when
-    ``pack``, plus the cached reference values."""
+    or completions then KTO mismatched pairs), or packed in that order given a layout
+    (``pack``: ``collate_packed``), plus the cached reference values."""
     from alignkit.data.collate import collate_rows
 
     fields = _sequence_fields(examples[0])

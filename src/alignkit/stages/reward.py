@@ -16,6 +16,7 @@ import torch
 
 from alignkit.config import require
 from alignkit.data.sources import DataConfig, sft_source
+from alignkit.logprobs import packed_inputs
 from alignkit.losses import bradley_terry_loss
 from alignkit.models import LoraSpec
 from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
@@ -64,7 +65,7 @@ def packed_scores(model, batch) -> torch.Tensor:
     per_token = []
     hook = head.register_forward_hook(lambda mod, args, out: per_token.append(out))
     try:
-        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        model(**packed_inputs(batch))
     finally:
         hook.remove()
     owner = batch["sequence_index"].reshape(-1)
@@ -148,7 +149,7 @@ def main(cfg: Config) -> dict:
                        task_type="SEQ_CLS")
     accelerator.print(f"alignkit rm: {stats}")
     pad = tokenizer.pad_token_id
-    pack = score_head(model) is not None and use_packing(model, cfg.train, accelerator)
+    pack = use_packing(model, cfg.train, accelerator) if score_head(model) is not None else None
     result = train(model, examples,
                    lengths=[max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
                             for e in examples],

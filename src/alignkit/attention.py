@@ -1,0 +1,75 @@
+"""Scaled-dot-product attention that runs each sequence of a flat packed row on its own.
+
+A packed batch can hold its sequences in rows as wide as the longest one (attention then runs
+densely over each row, masked to the blocks of its sequences) or in one flat row with no filler
+at all. Flat is the cheaper layout only if attention costs each sequence its own length
+squared, as flash attention's variable-length kernels do on GPU. PyTorch's SDPA on CPU has no
+such kernel: given a flat row it would compute the full row-by-row score matrix under a
+block-diagonal mask. This module registers ``alignkit_sdpa`` with transformers'
+``AttentionInterface``: given the sequence boundaries that flash attention reads
+(``cu_seq_lens_q``, passed through the model's forward kwargs, see
+``alignkit.logprobs.packed_inputs``), it calls causal SDPA once per sequence; without them it
+is transformers' own SDPA, so generation, padded batches and anything else run unchanged.
+
+It also runs a bf16 training step's per-sequence attention in fp32: PyTorch's CPU flash kernel
+is about twice as slow backward in bf16 as in fp32 (its forward is faster in bf16, which is what
+sampling uses), and fp32 is the more accurate of the two.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "alignkit_sdpa"
+
+
+def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                  cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
+    """Attention of ``query`` ``[1, H, T, D]`` over ``key``/``value`` ``[1, H_kv, T, D]``, causal
+    within each sequence ``cu_seq_lens_q[i]:cu_seq_lens_q[i+1]`` of the flat row; the output is
+    ``[1, T, H, D]`` as transformers' attention functions return it."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    # With boundaries given, the mask transformers built from the packed position ids is their
+    # block-diagonal causal mask, which the per-sequence calls apply by construction.
+    flat = (cu_seq_lens_q is not None and query.shape[0] == 1
+            and getattr(module, "is_causal", True) and kwargs.get("sliding_window") is None
+            and getattr(module, "sliding_window", None) is None)
+    if not flat:  # anything else keeps transformers' SDPA path (masks, caches, windows)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    dtype = query.dtype
+    if dtype == torch.bfloat16 and query.device.type == "cpu" and torch.is_grad_enabled():
+        query, key, value = query.float(), key.float(), value.float()
+    lengths = cu_seq_lens_q.diff().tolist()
+    # split (not slicing) so that backward concatenates the gradients once instead of
+    # scattering each sequence's into a zero tensor of the whole row.
+    with torch.autocast(query.device.type, enabled=False):
+        out = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+               for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+    return torch.cat(out, 2).transpose(1, 2).to(dtype), None
+
+
+def register() -> str:
+    """Register ``alignkit_sdpa`` with transformers (idempotent); its masks are SDPA's."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, sequence_sdpa)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def flat_packing(model) -> bool:
+    """Switch a model on transformers' SDPA to ``alignkit_sdpa``; True if its attention now runs
+    per sequence on a flat packed row (``alignkit_sdpa`` or flash attention's varlen kernels)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation == "sdpa" and hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation(register())
+        implementation = config._attn_implementation
+    return implementation == NAME or str(implementation).startswith("flash_attention")

@@ -1,0 +1,88 @@
+"""alignkit_sdpa: per-sequence attention on a flat packed row, transformers' SDPA otherwise."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from alignkit.attention import NAME, flat_packing, sequence_sdpa
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def written_out(q, k, v, lengths, scale):
+    """Causal softmax attention of each sequence on its own, from the definition
+    (Vaswani et al. 2017, eq. 1), key/value heads shared by consecutive query heads."""
+    groups = q.shape[1] // k.shape[1]
+    out, start = [], 0
+    for n in lengths:
+        qs, ks, vs = (t[0, :, start:start + n] for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        scores = qs @ ks.transpose(-1, -2) * scale
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+        out.append(scores.softmax(-1) @ vs)
+        start += n
+    return torch.cat(out, 1).transpose(0, 1)[None]  # [1, T, H, D]
+
+
+def qkv(lengths, heads=4, kv_heads=2, dim=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    t = sum(lengths)
+    return [torch.randn(1, h, t, dim, generator=g).to(dtype).requires_grad_()
+            for h in (heads, kv_heads, kv_heads)]
+
+
+def test_flat_row_attends_within_each_sequence_with_shared_kv_heads():
+    lengths = [3, 6, 1, 5]
+    q, k, v = qkv(lengths)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    cu = torch.tensor([0, 3, 9, 10, 15])
+    out, weights = sequence_sdpa(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu)
+    ref = written_out(q, k, v, lengths, 0.3)
+    assert weights is None and out.shape == (1, 15, 4, 8)
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_bf16_training_attention_runs_in_fp32_and_returns_bf16():
+    lengths = [7, 4]
+    q, k, v = qkv(lengths, kv_heads=4, dtype=torch.bfloat16)
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True)
+    out, _ = sequence_sdpa(module, q, k, v, None, scaling=0.5, cu_seq_lens_q=torch.tensor([0, 7, 11]))
+    assert out.dtype == torch.bfloat16
+    # fp32 arithmetic on the bf16 inputs, rounded once at the end: within bf16's half ulp
+    ref = written_out(q.float(), k.float(), v.float(), lengths, 0.5)
+    assert torch.allclose(out.float(), ref, atol=0, rtol=2 ** -8)
+
+
+def test_without_boundaries_it_is_transformers_sdpa(tiny_lm):
+    """Padded and generation batches (masks, KV cache) take transformers' own path unchanged."""
+    ids = torch.randint(1, 30, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    plain, switched = tiny_lm("llama-gqa"), tiny_lm("llama-gqa")
+    assert flat_packing(switched) and switched.config._attn_implementation == NAME
+    a = plain(input_ids=ids, attention_mask=mask).logits
+    b = switched(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b)
+    a = plain.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    b = switched.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_switch_is_not_saved_and_leaves_other_attention_alone(tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_lm("gpt2")
+    assert flat_packing(model)
+    model.save_pretrained(tmp_path)
+    assert "alignkit" not in (tmp_path / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+    eager = tiny_lm("gpt2")
+    eager.set_attn_implementation("eager")
+    assert not flat_packing(eager) and eager.config._attn_implementation == "eager"
