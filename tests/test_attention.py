@@ -60,6 +60,23 @@ def test_bf16_training_attention_runs_in_fp32_and_returns_bf16():
     assert torch.allclose(out.float(), ref, atol=0, rtol=2 ** -8)
 
 
+def test_mixed_input_dtypes_under_autocast_give_the_autocast_dtype():
+    """Llama under bf16 autocast hands fp32 queries/keys (rotary) and bf16 values."""
+    lengths = [5, 3]
+    q, k, v = qkv(lengths, kv_heads=4)
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = sequence_sdpa(module, q, k, v.bfloat16(), None, scaling=0.5,
+                               cu_seq_lens_q=torch.tensor([0, 5, 8]))
+        with torch.no_grad():  # inference runs in bf16 itself
+            plain, _ = sequence_sdpa(module, q, k, v, None, scaling=0.5,
+                                     cu_seq_lens_q=torch.tensor([0, 5, 8]))
+    ref = written_out(q, k, v.bfloat16().float(), lengths, 0.5)
+    assert out.dtype == plain.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, atol=0, rtol=2 ** -8)
+    assert torch.allclose(plain.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_without_boundaries_it_is_transformers_sdpa(tiny_lm):
     """Padded and generation batches (masks, KV cache) take transformers' own path unchanged."""
     ids = torch.randint(1, 30, (3, 9), generator=torch.Generator().manual_seed(0))
@@ -86,3 +103,22 @@ def test_switch_is_not_saved_and_leaves_other_attention_alone(tiny_lm, tmp_path)
     eager = tiny_lm("gpt2")
     eager.set_attn_implementation("eager")
     assert not flat_packing(eager) and eager.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_flat_packed_bf16_training_forward_matches_padded(arch, tiny_lm):
+    from alignkit.data.collate import collate_packed, collate_sft
+    from alignkit.logprobs import causal_logits
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 30, (n,), generator=g).tolist() for n in (6, 9, 4)]
+    rows = [{"input_ids": r, "labels": r} for r in rows]
+    model = tiny_lm(arch)
+    assert flat_packing(model)
+    padded, flat = collate_sft(rows, pad_id=0), collate_packed(rows, "flat")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = causal_logits(model, padded)
+        b = causal_logits(model, flat)
+    b.float().sum().backward()  # the bf16 backward runs through the fp32 attention
+    a = torch.cat([a[i, :len(r["input_ids"])] for i, r in enumerate(rows)]).float()
+    assert torch.allclose(a, b[0].float(), atol=3e-2, rtol=0)

@@ -41,13 +41,18 @@ def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
                                       scaling=scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    dtype = query.dtype
-    if dtype == torch.bfloat16 and query.device.type == "cpu" and torch.is_grad_enabled():
-        query, key, value = query.float(), key.float(), value.float()
+    device = query.device.type
+    # Under autocast the inputs can differ (Llama's rotary embedding returns fp32 queries and keys
+    # beside bf16 values); SDPA would run in the autocast dtype, and so does the output here.
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    compute = dtype
+    if dtype == torch.bfloat16 and device == "cpu" and torch.is_grad_enabled():
+        compute = torch.float32
+    query, key, value = query.to(compute), key.to(compute), value.to(compute)
     lengths = cu_seq_lens_q.diff().tolist()
     # split (not slicing) so that backward concatenates the gradients once instead of
     # scattering each sequence's into a zero tensor of the whole row.
-    with torch.autocast(query.device.type, enabled=False):
+    with torch.autocast(device, enabled=False):
         out = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
                for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(out, 2).transpose(1, 2).to(dtype), None
