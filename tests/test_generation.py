@@ -248,6 +248,14 @@ def test_sample_from_probs_frequencies():
     assert torch.equal(again, sample_from_probs(target.expand(5, 4), generator=torch.Generator().manual_seed(3)))
 
 
+def test_sample_from_probs_never_returns_a_zero_mass_token_at_the_top_of_the_cdf(monkeypatch):
+    # u = 1 puts u * total at the CDF's end: searchsorted lands past the last token, which has no
+    # mass in the first row; that row falls back to its most probable token, the other keeps its draw.
+    monkeypatch.setattr(torch, "rand", lambda n, m, **kw: torch.ones(n, m, dtype=kw.get("dtype")))
+    probs = torch.tensor([[0.2, 0.8, 0.0], [0.5, 0.2, 0.3]])
+    assert sample_from_probs(probs).tolist() == [1, 2]
+
+
 def test_sampling_config_validation():
     assert SamplingConfig(temperature=0).greedy and not SamplingConfig().greedy
     for bad, msg in [({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 2.0}, "max_new_tokens"),

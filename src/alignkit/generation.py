@@ -137,8 +137,9 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = N
     u = torch.rand(probs.size(0), 1, generator=generator, dtype=torch.float64, device=probs.device)
     idx = torch.searchsorted(cdf, u * total, right=True).clamp_max(probs.size(-1) - 1).squeeze(-1)
     # u * total can round up to total itself (probability ~2**-53); never return a zero-mass token.
+    # (The fallback's argmax over the vocabulary is only paid when that happens.)
     ok = probs.gather(-1, idx[:, None]).squeeze(-1) > 0
-    return torch.where(ok, idx, probs.argmax(-1))
+    return idx if bool(ok.all()) else torch.where(ok, idx, probs.argmax(-1))
 
 
 def _draw(logits: torch.Tensor, cfg: SamplingConfig,
