@@ -58,8 +58,8 @@ def _train(spec, model, examples, lengths, collate, weight_of, loss_fn, extra=No
     return training_result(clock, counter, spec["warmup"], spec["steps"], spec["batch"], extra)
 
 
-def _pack(spec, model) -> int:
-    """The stage's packing decision (``train.packing``, on by default)."""
+def _pack(spec, model) -> str | None:
+    """The stage's packing layout (``train.packing``, on by default; ``training.use_packing``)."""
     from alignkit.training import use_packing
 
     return use_packing(model, _loop(spec)[0])
@@ -120,7 +120,8 @@ def dpo(spec):
     t0 = time.perf_counter()
     # The reference is the initial policy: a second copy, used once, as `alignkit dpo` does.
     reference = load_causal_lm(spec["model_dir"], tokenizer=tok)
-    cache_reference(reference, examples, tok.pad_token_id, batch_size=spec["batch"])
+    cache_reference(reference, examples, tok.pad_token_id, batch_size=spec["batch"],
+                    pack=_pack(spec, reference))
     del reference
     ref_s = time.perf_counter() - t0
     model = load_causal_lm(spec["model_dir"], tokenizer=tok)

@@ -53,11 +53,11 @@ class LoopConfig:
     micro_batch_size: int = 8   # items per forward pass on one process
     # Random batches by default. Length-grouped ones (each batch from one length band) trained
     # worse here: arithmetic's base reached half the held-out accuracy after 1,000 steps, the
-    # sentiment base a loss of 1.239 vs 1.160. With packing they do not save compute either:
-    # mixed lengths pack tighter (bench preference data, 4 pairs a batch: 17% filler vs 21%).
+    # sentiment base a loss of 1.239 vs 1.160. Packed (below), they save no compute either.
     group_by_length: bool = False
-    # Pack sequences into rows without padding between them (position ids restart per sequence)
-    # when the model is checked to support it (alignkit.models.supports_packing); else pad.
+    # Pack each micro-batch without padding (position ids restart per sequence; one flat row
+    # where attention runs per sequence, see use_packing) when the model is checked to support
+    # it (alignkit.models.supports_packing); else pad.
     packing: bool = True
     eval_every: int = 0         # 0: only at the end
     save_every: int = 0         # 0: only at the end

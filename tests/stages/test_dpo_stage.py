@@ -43,11 +43,15 @@ def unpaired_examples(n=8):
     return out
 
 
-def test_cached_reference_is_deterministic_and_matches_inline_forward():
+@pytest.mark.parametrize("pack", [None, "rows", "flat"])
+def test_cached_reference_is_deterministic_and_matches_inline_forward(pack):
+    from alignkit.attention import flat_packing
+
     ref = tiny_model()
+    flat_packing(ref)
     a, b = pref_examples(), pref_examples()
-    cache_reference(ref, a, PAD, batch_size=3)
-    cache_reference(ref, b, PAD, batch_size=3)
+    cache_reference(ref, a, PAD, batch_size=3, pack=pack)
+    cache_reference(ref, b, PAD, batch_size=3, pack=pack)
     assert [e["ref_chosen_logps"] for e in a] == [e["ref_chosen_logps"] for e in b]  # bit-identical
     # Independent formulation: one unpadded sequence at a time, log_softmax written out.
     for e in a:

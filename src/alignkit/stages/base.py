@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import require
-from alignkit.logprobs import IGNORE_INDEX
-from alignkit.training import LoopConfig, OptimConfig, make_accelerator, train
+from alignkit.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
 
 
 @dataclass(frozen=True)
@@ -72,16 +71,11 @@ def document_ids(texts: list[str], tokenizer, max_length: int) -> list[list[int]
     return out
 
 
-def lm_collate(seqs: list[list[int]], pad_id: int) -> dict:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        labels[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def lm_collate(seqs: list[list[int]], pad_id: int, pack: str | None = None) -> dict:
+    """Documents as language-modelling rows (every token a target), padded or packed."""
+    from alignkit.data.collate import collate_rows
+
+    return collate_rows([{"input_ids": s, "labels": s} for s in seqs], pad_id, pack)
 
 
 def main(cfg: Config) -> dict:
@@ -101,8 +95,9 @@ def main(cfg: Config) -> dict:
     model = build_model(cfg, tokenizer)
     accelerator.print(f"alignkit base: {len(seqs)} documents, vocab {len(tokenizer)}, "
                       f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    pad, pack = tokenizer.pad_token_id, use_packing(model, cfg.train, accelerator)
     result = train(model, seqs, lengths=[len(s) for s in seqs],
-                   collate=lambda b: lm_collate(b, tokenizer.pad_token_id),
+                   collate=lambda b: lm_collate(b, pad, pack),
                    weight_of=lambda s: len(s) - 1, loss_fn=causal_lm_loss, loop=cfg.train,
                    optim=cfg.optim, out_dir=out, tracker=tracker, accelerator=accelerator)
     if accelerator.is_main_process:

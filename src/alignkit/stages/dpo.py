@@ -123,10 +123,12 @@ def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def cache_reference(reference, examples: list[dict], pad_id: int, batch_size: int = 32) -> None:
+def cache_reference(reference, examples: list[dict], pad_id: int, batch_size: int = 32,
+                    pack: str | None = None) -> None:
     """Store ``ref_chosen_logps``/``ref_rejected_logps`` (or ``ref_logps``, ``ref_kl_logps``
-    for unpaired data) in each example, computed once with the reference in eval mode (fp32)."""
-    from alignkit.data.collate import collate_sft
+    for unpaired data) in each example, computed once with the reference in eval mode (fp32),
+    on padded or (given a layout, ``collate_packed``) packed batches."""
+    from alignkit.data.collate import collate_rows
 
     reference.eval()
     device = next(reference.parameters()).device
@@ -135,7 +137,7 @@ def cache_reference(reference, examples: list[dict], pad_id: int, batch_size: in
         chunk = examples[s:s + batch_size]
         for key in fields:
             rows = [{"input_ids": e[f"{key}input_ids"], "labels": e[f"{key}labels"]} for e in chunk]
-            batch = {k: v.to(device) for k, v in collate_sft(rows, pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate_rows(rows, pad_id, pack).items()}
             logps, _ = completion_logps(reference, batch)
             for e, v in zip(chunk, logps.tolist()):
                 e[f"ref_{key}logps"] = v
@@ -290,7 +292,8 @@ def prepare_examples(source, tokenizer, cfg: Config, reference,
     if cfg.loss.name == "kto":
         add_kto_mismatch(examples)
     if reference is not None:
-        cache_reference(reference, examples, tokenizer.pad_token_id)
+        cache_reference(reference, examples, tokenizer.pad_token_id,
+                        pack=use_packing(reference, cfg.train))
     return examples, stats
 
 

@@ -195,14 +195,20 @@ def weighted_causal_lm_loss(model, batch) -> LossOutput:
     from alignkit.stages.sft import causal_lm_loss
 
     out = causal_lm_loss(model, batch)
-    out.weights = out.weights * batch["weight"].to(out.weights.dtype)[:, None]
+    weight = batch["weight"].to(out.weights.dtype)
+    if "sequence_index" in batch:  # packed: each token takes its sequence's weight (filler: 0)
+        owner = batch["sequence_index"][:, 1:]
+        out.weights = out.weights * torch.where(owner >= 0, weight[owner.clamp_min(0)], 0.0)
+    else:
+        out.weights = out.weights * weight[:, None]
     return out
 
 
-def collate_weighted(examples: list[dict], pad_id: int) -> dict:
-    from alignkit.data.collate import collate_sft
+def collate_weighted(examples: list[dict], pad_id: int, pack: str | None = None) -> dict:
+    """SFT rows (padded, or packed given a layout) and each example's ``weight`` ``[B]``."""
+    from alignkit.data.collate import collate_rows
 
-    batch = collate_sft(examples, pad_id)
+    batch = collate_rows(examples, pad_id, pack)
     batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
     return batch
 
@@ -246,7 +252,7 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
     from alignkit.models import apply_lora, save_model
     from alignkit.stages.sft import n_targets
     from alignkit.tracking import Tracker
-    from alignkit.training import make_accelerator, train
+    from alignkit.training import make_accelerator, train, use_packing
 
     imp = cfg.improve
     optim = replace(imp.optim, lr=imp.optim.lr * imp.lr_decay ** i)
@@ -254,9 +260,9 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
     accelerator = make_accelerator(loop.mixed_precision)
     tracker = Tracker(step_dir, enabled=accelerator.is_main_process, stage=f"rest improve {k}")
     model = apply_lora(policy.train(), cfg.lora)
-    pad = tokenizer.pad_token_id
+    pad, pack = tokenizer.pad_token_id, use_packing(model, loop, accelerator)
     result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],
-                   collate=lambda b: collate_weighted(b, pad), weight_of=n_targets,
+                   collate=lambda b: collate_weighted(b, pad, pack), weight_of=n_targets,
                    loss_fn=weighted_causal_lm_loss, loop=loop, optim=optim, out_dir=step_dir,
                    tracker=tracker, accelerator=accelerator)
     if accelerator.is_main_process:
