@@ -52,9 +52,10 @@ def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
     lengths = cu_seq_lens_q.diff().tolist()
     # split (not slicing) so that backward concatenates the gradients once instead of
     # scattering each sequence's into a zero tensor of the whole row.
+    pieces = zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     with torch.autocast(device, enabled=False):
-        out = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
-               for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+        out = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                              scale=scaling) for q, k, v in pieces]
     return torch.cat(out, 2).transpose(1, 2).to(dtype), None
 
 

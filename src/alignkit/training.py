@@ -119,12 +119,13 @@ def use_packing(model, loop: LoopConfig, accelerator=None) -> str | None:
     if accelerator is not None:
         # Probe where training runs: e.g. flash attention packs natively on GPU, not on CPU.
         model.to(accelerator.device)
-    layout = "flat" if flat_packing(model) else "rows"
-    if not supports_packing(model, layout):
+    layouts = ("flat", "rows") if flat_packing(model) else ("rows",)
+    # e.g. a custom model whose forward takes no extra kwargs fails flat and may pass rows.
+    layout = next((lay for lay in layouts if supports_packing(model, lay)), None)
+    if layout is None:
         (accelerator.print if accelerator else print)(
             "alignkit: this model does not confine attention to packed sequences; training on "
             "padded batches (train.packing=false silences this)")
-        return None
     return layout
 
 
