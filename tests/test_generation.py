@@ -359,8 +359,13 @@ def test_bad_prompts_rejected():
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decode_equals_eager():
     """sampling.compile=true (one compilation, ~20 s on 2 cores) gives the same tokens and logps,
-    across row compaction (rows finishing early) and a second call with other prompt lengths."""
+    across row compaction (rows finishing early) and a second call with other prompt lengths.
+    The model runs alignkit_sdpa, as a policy trained on packed batches does (online DPO, ReST):
+    without sequence boundaries it must trace as transformers' SDPA."""
+    from alignkit.attention import flat_packing
+
     model = _model("llama")
+    assert flat_packing(model)
     for lengths in (PROMPT_LENGTHS, (4, 12, 2, 8, 3)):
         kw = dict(eos_token_id=EOS, pad_token_id=PAD)
         eager = generate(model, _prompts(lengths), SamplingConfig(max_new_tokens=12),

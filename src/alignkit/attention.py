@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 NAME = "alignkit_sdpa"
 
@@ -29,8 +30,6 @@ def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
     """Attention of ``query`` ``[1, H, T, D]`` over ``key``/``value`` ``[1, H_kv, T, D]``, causal
     within each sequence ``cu_seq_lens_q[i]:cu_seq_lens_q[i+1]`` of the flat row; the output is
     ``[1, T, H, D]`` as transformers' attention functions return it."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
     # With boundaries given, the mask transformers built from the packed position ids is their
     # block-diagonal causal mask, which the per-sequence calls apply by construction.
     flat = (cu_seq_lens_q is not None and query.shape[0] == 1
