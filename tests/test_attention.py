@@ -121,4 +121,5 @@ def test_flat_packed_bf16_training_forward_matches_padded(arch, tiny_lm):
         b = causal_logits(model, flat)
     b.float().sum().backward()  # the bf16 backward runs through the fp32 attention
     a = torch.cat([a[i, :len(r["input_ids"])] for i, r in enumerate(rows)]).float()
-    assert torch.allclose(a, b[0].float(), atol=3e-2, rtol=0)
+    # bf16 rounding: ~2e-3 here; attending across sequences would be off by ~0.25.
+    assert torch.allclose(a, b[0].float(), atol=1e-2, rtol=0)

@@ -69,8 +69,9 @@ def packed_inputs(batch: dict) -> dict:
               "use_cache": False}
     if "cu_seq_lens" in batch:
         cu = batch["cu_seq_lens"].to(device=batch["input_ids"].device, dtype=torch.int32)
-        longest = int(batch["cu_seq_lens"].diff().max())
-        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        longest = int(cu.diff().max())
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                      max_length_q=longest, max_length_k=longest)
     return inputs
 
 
