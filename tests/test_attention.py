@@ -123,3 +123,43 @@ def test_flat_packed_bf16_training_forward_matches_padded(arch, tiny_lm):
     a = torch.cat([a[i, :len(r["input_ids"])] for i, r in enumerate(rows)]).float()
     # bf16 rounding: ~2e-3 here; attending across sequences would be off by ~0.25.
     assert torch.allclose(a, b[0].float(), atol=1e-2, rtol=0)
+
+
+def test_mask_of_one_unpadded_row_is_deferred_and_equals_sdpas(monkeypatch):
+    from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask
+
+    from alignkit import attention
+
+    # The block-diagonal causal mask of a row packing sequences of lengths 2 and 3.
+    sequence = torch.tensor([[0, 0, 1, 1, 1]])
+    same = lambda b, h, q, kv: sequence[0, q] == sequence[0, kv]  # noqa: E731
+    args = dict(batch_size=1, q_length=5, kv_length=5, mask_function=and_masks(causal_mask_function, same),
+                attention_mask=None, allow_is_causal_skip=False)
+    built = []
+    monkeypatch.setattr(attention, "sdpa_mask", lambda **kw: built.append(1) or sdpa_mask(**kw))
+    deferred = attention.deferred_sdpa_mask(**args)
+    assert isinstance(deferred, attention.DeferredMask) and not built
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0],
+                             [0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(deferred.build()[0, 0], expected) and deferred.build() is deferred.build()
+    assert len(built) == 1  # once per forward, however many layers ask
+    # Padded rows, a cache's offsets and single-token steps are built at once, as before.
+    for other in (dict(batch_size=2), dict(attention_mask=torch.ones(1, 5, dtype=torch.bool)),
+                  dict(q_length=1, kv_length=1), dict(q_offset=torch.tensor(0))):
+        assert isinstance(attention.deferred_sdpa_mask(**{**args, **other}), (torch.Tensor, type(None)))
+
+
+def test_packed_row_without_boundaries_builds_its_mask(tiny_lm):
+    # Packed position ids but no cu_seq_lens reaching attention: the deferred mask is built and
+    # the row's sequences stay apart, as with transformers' own SDPA.
+    # (No cache: transformers reads packing from position ids only in a cache-free forward.)
+    model = tiny_lm("llama")
+    ids = torch.randint(1, 30, (1, 9), generator=torch.Generator().manual_seed(0))
+    packed = dict(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]), use_cache=False)
+    ref = model(**packed).logits
+    assert flat_packing(model)
+    out = model(**packed).logits
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+    for part in (slice(0, 4), slice(4, 9)):
+        alone = model(input_ids=ids[:, part], use_cache=False).logits
+        assert torch.allclose(out[:, part], alone, atol=1e-5, rtol=0)

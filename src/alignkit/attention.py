@@ -11,6 +11,9 @@ block-diagonal mask. This module registers ``alignkit_sdpa`` with transformers'
 ``alignkit.logprobs.packed_inputs``), it calls causal SDPA once per sequence; without them it
 is transformers' own SDPA, so generation, padded batches and anything else run unchanged.
 
+It also defers the mask transformers builds for a single unpadded row (``DeferredMask``): a flat
+row's mask is block-diagonal, ``T x T`` for the whole row, and the per-sequence path never reads it.
+
 It also runs a bf16 training step's per-sequence attention in fp32: PyTorch's CPU flash kernel
 is about twice as slow backward in bf16 as in fp32 (its forward is faster in bf16, which is what
 sampling uses), and fp32 is the more accurate of the two.
@@ -20,8 +23,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 NAME = "alignkit_sdpa"
+
+
+class DeferredMask:
+    """SDPA's mask for one unpadded row, built on first use by an attention call that needs it.
+
+    transformers builds a packed row's mask before any layer runs: ``[1, 1, T, T]`` booleans
+    from the packed position ids, through int64 index tensors of the same size (~6 ms at
+    T = 1,100 on 2 CPU cores, and quadratic in T). ``sequence_sdpa`` given the row's boundaries
+    never reads it; any other path (no boundaries reached the attention call) builds it here,
+    once per forward, with the arguments transformers gave, so the result is the same mask.
+    """
+
+    def __init__(self, arguments: dict):
+        self._arguments, self._mask = arguments, None
+
+    def build(self):
+        if self._arguments is not None:
+            self._mask, self._arguments = sdpa_mask(**self._arguments), None
+        return self._mask
+
+
+def deferred_sdpa_mask(*args, **kwargs):
+    """transformers' mask interface for ``alignkit_sdpa``: SDPA's mask, deferred for one unpadded
+    row without a cache (a training forward; packed rows are these), built at once otherwise."""
+    one_row = (not args and kwargs.get("batch_size") == 1 and kwargs.get("attention_mask") is None
+               and kwargs.get("q_length", 0) > 1 and kwargs.get("q_length") == kwargs.get("kv_length")
+               and all(type(kwargs.get(k, 0)) is int and kwargs.get(k, 0) == 0  # not a cache's tensor
+                       for k in ("q_offset", "kv_offset")))
+    return DeferredMask(kwargs) if one_row else sdpa_mask(*args, **kwargs)
 
 
 def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -35,6 +68,8 @@ def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
     flat = (cu_seq_lens_q is not None and query.shape[0] == 1
             and getattr(module, "is_causal", True) and kwargs.get("sliding_window") is None
             and getattr(module, "sliding_window", None) is None)
+    if isinstance(attention_mask, DeferredMask):
+        attention_mask = None if flat else attention_mask.build()
     if not flat:  # anything else keeps transformers' SDPA path (masks, caches, windows)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -55,16 +90,19 @@ def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
     with torch.autocast(device, enabled=False):
         out = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                               scale=scaling) for q, k, v in pieces]
-    return torch.cat(out, 2).transpose(1, 2).to(dtype), None
+    # Concatenated in the [1, T, H, D] layout the caller reshapes to [1, T, H * D]: one copy here
+    # and none there (concatenating [1, H, T, D] and transposing would make the caller copy again).
+    return torch.cat([o.transpose(1, 2) for o in out], 1).to(dtype), None
 
 
 def register() -> str:
-    """Register ``alignkit_sdpa`` with transformers (idempotent); its masks are SDPA's."""
+    """Register ``alignkit_sdpa`` with transformers (idempotent); its masks are SDPA's (deferred
+    for one unpadded row: ``DeferredMask``)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, sequence_sdpa)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, deferred_sdpa_mask)
     return NAME
 
 

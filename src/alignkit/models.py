@@ -102,7 +102,7 @@ def supports_packing(model, layout: str = "rows") -> bool:
         alone = torch.cat([model(input_ids=torch.tensor([s], device=param.device), use_cache=False,
                                  output_hidden_states=True).hidden_states[-1][0].float()
                            for s in seqs])
-    except (TypeError, ValueError, RuntimeError, ImportError):  # e.g. flash attention off GPU
+    except (TypeError, ValueError, RuntimeError, ImportError, AttributeError):  # e.g. flash off GPU
         return False
     finally:
         model.train(was_training)
