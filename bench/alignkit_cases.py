@@ -69,8 +69,12 @@ def _records(spec, kind, n, keys):
     return [{k: r[k] for k in keys} for r in load_jsonl(f"{spec['data_dir']}/{kind}.jsonl", n)]
 
 
-def _dataset_tokens(examples, fields=("input_ids",)) -> int:
-    return sum(len(e[f]) for e in examples for f in fields)
+def _dataset_shape(examples, fields=("input_ids",)) -> dict:
+    """Token count and the token-weighted mean sequence length (sum n^2 / sum n: the context a
+    token attends over, for the attention FLOPs of MFU) of the sequences under ``fields``."""
+    lengths = [len(e[f]) for e in examples for f in fields]
+    return {"dataset_tokens": sum(lengths),
+            "attention_context": sum(n * n for n in lengths) / sum(lengths)}
 
 
 def sft(spec):
@@ -87,7 +91,7 @@ def sft(spec):
     pad, pack = tok.pad_token_id, _pack(spec, model)
     return _train(spec, model, examples, [len(e["input_ids"]) for e in examples],
                   lambda b: collate_rows(b, pad, pack), n_targets, causal_lm_loss,
-                  {"dataset_tokens": _dataset_tokens(examples)})
+                  _dataset_shape(examples))
 
 
 def rm(spec):
@@ -105,7 +109,7 @@ def rm(spec):
     lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
     return _train(spec, model, examples, lengths, lambda b: collate_preference(b, pad, pack),
                   lambda e: 1.0, make_loss(0.0),
-                  {"dataset_tokens": _dataset_tokens(examples, ("chosen_input_ids", "rejected_input_ids"))})
+                  _dataset_shape(examples, ("chosen_input_ids", "rejected_input_ids")))
 
 
 def dpo(spec):
@@ -129,7 +133,7 @@ def dpo(spec):
     lengths = [sum(len(e[k]) for k in e if k.endswith("input_ids")) for e in examples]
     return _train(spec, model, examples, lengths, lambda b: collate_dap(b, pad, pack), lambda e: 1.0,
                   make_loss(LossConfig(name="dpo", beta=0.1)),
-                  {"dataset_tokens": _dataset_tokens(examples, ("chosen_input_ids", "rejected_input_ids")),
+                  {**_dataset_shape(examples, ("chosen_input_ids", "rejected_input_ids")),
                    "ref_precompute_s": ref_s})
 
 

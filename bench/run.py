@@ -44,9 +44,12 @@ ALIGNKIT_ONLY = ("ppo_shared",)  # PPO with roles="shared": compared with alignk
 # Per-case sizes. "batch": items per optimiser step (SFT sequences, RM/DPO pairs) or prompts per
 # sampling call. RL: prompts_per_iter x k completions per iteration, one optimiser step each.
 FULL = {
-    "sft": dict(batch=8, warmup=1, steps=6, max_len=256),
-    "rm": dict(batch=4, warmup=1, steps=6, max_len=256),
-    "dpo": dict(batch=4, warmup=1, steps=6, max_len=256),
+    # 20 timed steps: each side trains on exactly the records it loads (batch x 21), and with 6
+    # steps the ratio moved by up to 0.5 with the draw of lengths (40M SFT: 1.89-2.39 at 6 steps,
+    # 1.52 at 20; RM 1.67 vs 1.41); the demo model's steps (~50-100 ms) needed 20 anyway.
+    "sft": dict(batch=8, warmup=1, steps=20, max_len=256),
+    "rm": dict(batch=4, warmup=1, steps=20, max_len=256),
+    "dpo": dict(batch=4, warmup=1, steps=20, max_len=256),
     # compile: alignkit's decode step through torch.compile (sampling.compile); the warm-up step
     # pays the compilation, as the first rollout of a long run would. The peer's generate() has
     # no equivalent switch for a dynamic cache. reuse_logps: the sampled log-probs are the old
@@ -69,9 +72,6 @@ FULL = {
     "ppo_shared": dict(prompts_per_iter=16, new_tokens=64, warmup=1, steps=2, ppo_epochs=1,
                        micro_batch=4, mmap_threshold=131072),
 }
-# A step of the 1M-parameter demo model takes ~50-100 ms: 3 timed steps would time a quarter of
-# a second, so its training cells time 20 steps (the data hold 32 batches).
-STEPS_OF_SMALL_MODEL = {"llama-demo": 20}
 QUICK = {
     "sft": dict(batch=2, warmup=1, steps=1, max_len=64),
     "rm": dict(batch=2, warmup=1, steps=1, max_len=64),
@@ -183,16 +183,23 @@ def median_of(runs: list[dict], key: str):
     return statistics.median(values) if values else None
 
 
-def flops_per_token(case: str, meta: dict) -> float:
-    """Training FLOPs per real token: 6 x (non-embedding parameters + the LM head matmul).
+FLOPS_FORMULA = ("6 * (n_nonembedding + d_model * vocab [causal LM only]) + 12 * n_layer * d_model "
+                 "* attention_context per real token (PaLM, App. B)")
+
+
+def flops_per_token(case: str, meta: dict, context: float | None) -> float:
+    """Training FLOPs per real token, as PaLM's MFU counts them (Chowdhery et al. 2022, App. B):
+    6 x (non-embedding parameters + the LM head matmul) + 12 L d T.
 
     The (tied) LM head is a d x V matmul per token, so it counts although its weight is the
-    embedding; embedding lookups, norms, softmax and attention scores are not counted (the
-    score FLOPs, 12 L d T per token at context T, are a few percent here), so MFU is a
-    slight under-estimate. Reward models have a d x 1 score head instead of the LM head.
+    embedding; reward models have a d x 1 score head instead. 12 L d T is attention's score and
+    value products (forward and backward) at context T; here T is ``context``, the dataset's
+    token-weighted mean sequence length (each sequence attends over itself: real tokens only).
+    Without it (an older result file) the attention term is left out.
     """
     head = 0 if case == "rm" else meta["lm_head_params"]
-    return 6.0 * (meta["n_nonembedding"] + head)
+    attention = 12.0 * meta["n_layer"] * meta["d_model"] * context if context else 0.0
+    return 6.0 * (meta["n_nonembedding"] + head) + attention
 
 
 def summarize(case: str, model: str, precision: str, runs: dict, meta: dict, peak: dict) -> dict:
@@ -211,9 +218,13 @@ def summarize(case: str, model: str, precision: str, runs: dict, meta: dict, pea
                 v = median_of(ok, key)
                 if v is not None:
                     s[key] = v
-            if case in TRAINING and "tokens_per_s" in s:
-                s["mfu"] = flops_per_token(case, meta) * s["tokens_per_s"] / peak[f"{precision}_peak_flops"]
         row[side] = s
+    # Both sides train on the same sequences: alignkit's tokenised dataset gives the context.
+    context = median_of(runs["alignkit"], "attention_context")
+    for side in ("alignkit", "peer"):
+        s = row[side]
+        if case in TRAINING and "tokens_per_s" in s:
+            s["mfu"] = flops_per_token(case, meta, context) * s["tokens_per_s"] / peak[f"{precision}_peak_flops"]
     a, p = row["alignkit"], row["peer"]
     if "items_per_s" in a and "items_per_s" in p:
         row["ratio"] = a["items_per_s"] / p["items_per_s"]
@@ -276,7 +287,9 @@ def markdown(report: dict) -> str:
         "Throughput is the median over repetitions (items = sequences for SFT, pairs for RM/DPO, "
         "completions for sampling and RL); ratio = alignkit / peer items/s at equal precision, "
         "tok ratio = the same for real tokens/s (a ratio target must hold for both); "
-        "memory = peak RSS of the measuring process (ru_maxrss), MiB.",
+        "memory = peak RSS of the measuring process (ru_maxrss), MiB. "
+        f"MFU = FLOPs per real token x real tokens/s / matmul peak; FLOPs per token: "
+        f"{report.get('flops_formula', '6 x parameters')}.",
         "",
         "| case | model | prec | alignkit items/s | peer items/s | ratio | alignkit tok/s | "
         "peer tok/s | tok ratio | alignkit MFU | peer MFU | alignkit MiB | peer MiB | targets / notes |",
@@ -325,13 +338,18 @@ def main() -> int:
     ap.add_argument("--tag", default="", help="suffix of the result files (<date>-<tag>.json)")
     ap.add_argument("--work", default=str(BENCH / "work"))
     ap.add_argument("--out", default=str(BENCH / "results"))
+    ap.add_argument("--render", default=None, metavar="RESULT.json",
+                    help="measure nothing: summarise a result file's recorded runs again with the "
+                         "current formulas (MFU, ratios, targets) and rewrite its .json and .md")
     args = ap.parse_args()
+    if args.render:
+        return render(Path(args.render))
 
     t_start = time.perf_counter()
     sizes = QUICK if args.quick else FULL
     reps = args.reps or (1 if args.quick else 2)
     run_timeout = args.run_timeout or (180 if args.quick else 300)
-    budget_s = 60 * (args.budget_min or (15 if args.quick else 25))
+    budget_s = 60 * (args.budget_min or (15 if args.quick else 45))
     cases = [c for c in args.cases.split(",") if c]
     precisions = args.precisions.split(",")
     model_map = QUICK_MODELS if args.quick else FULL_MODELS
@@ -376,8 +394,6 @@ def main() -> int:
             for precision in precisions:
                 spec = dict(sizes[case], case=case, seed=0, precision=precision,
                             model_dir=str(work / "models" / model), data_dir=str(work / "data" / model))
-                if case in TRAINING and model in STEPS_OF_SMALL_MODEL and not args.quick:
-                    spec["steps"] = STEPS_OF_SMALL_MODEL[model]
                 if args.warmup is not None:
                     spec["warmup"] = args.warmup
                 if args.steps is not None:
@@ -433,7 +449,7 @@ def main() -> int:
         "machine": {"cpu": _cpu_name(), "threads": peak.get("threads"), "platform": platform.platform(),
                     "loadavg_start": loadavg_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
         "versions": versions, "peak": peak, "models": {m: manifest[m] for m in models},
-        "flops_formula": "6 * (n_nonembedding + d_model * vocab [causal LM only]) per real token",
+        "flops_formula": FLOPS_FORMULA,
         "rows": rows, "wall_s": time.perf_counter() - t_start,
     }
     out = Path(args.out)
@@ -442,6 +458,23 @@ def main() -> int:
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (out / f"{stem}.md").write_text(markdown(report))
     log(f"wrote {out / (stem + '.json')} and .md in {report['wall_s'] / 60:.1f} min")
+    print(markdown(report))
+    return 0
+
+
+def render(path: Path) -> int:
+    """Re-summarise the recorded repetitions of a result file (``--render``)."""
+    report = json.loads(path.read_text())
+    rows = []
+    for old in report["rows"]:
+        row = summarize(old["case"], old["model"], old["precision"], old["runs"],
+                        report["models"][old["model"]], report["peak"])
+        rows.append({**row, "spec": old["spec"], "runs": old["runs"]})
+    shared_vs_separate(rows)
+    report["rows"] = rows
+    report["flops_formula"] = FLOPS_FORMULA
+    path.write_text(json.dumps(report, indent=1))
+    path.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return 0
 
