@@ -160,7 +160,7 @@ def _draw(logits: torch.Tensor, cfg: SamplingConfig,
           u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row from ``[B, V]`` logits at the uniforms ``u`` ``[B, 1]`` (unused when
     greedy); return ``(tokens [B], logps [B] fp32)``. A pure function, so that a compiled decode
-    step runs it inside its graph (the generator stays outside: see ``_decode_and_draw``)."""
+    step runs it inside its graph (the generator stays outside: ``_generate_chunk`` draws ``u``)."""
     z = logits.float()
     if cfg.greedy:
         tokens = z.argmax(-1)  # first maximum on ties, as model.generate
