@@ -163,3 +163,14 @@ def test_packed_row_without_boundaries_builds_its_mask(tiny_lm):
     for part in (slice(0, 4), slice(4, 9)):
         alone = model(input_ids=ids[:, part], use_cache=False).logits
         assert torch.allclose(out[:, part], alone, atol=1e-5, rtol=0)
+
+
+def test_sequence_lengths_are_read_once_per_boundaries_tensor():
+    from alignkit.attention import sequence_lengths
+
+    cu = torch.tensor([0, 3, 9, 10])
+    first = sequence_lengths(cu)
+    assert first == [3, 6, 1] and sequence_lengths(cu) is first  # every later layer: no read
+    cu[2] = 5  # an in-place write bumps the version: read again
+    assert sequence_lengths(cu) == [3, 2, 5]
+    assert sequence_lengths(torch.tensor([0, 3, 9, 10])) == [3, 6, 1]  # another tensor, same values

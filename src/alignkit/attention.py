@@ -20,6 +20,8 @@ sampling uses), and fp32 is the more accurate of the two.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -57,6 +59,22 @@ def deferred_sdpa_mask(*args, **kwargs):
     return DeferredMask(kwargs) if one_row else sdpa_mask(*args, **kwargs)
 
 
+_last_boundaries: tuple = (None, -1, [])  # (weak reference, version, lengths): see below
+
+
+def sequence_lengths(cu_seq_lens: torch.Tensor) -> list[int]:
+    """The sequence lengths of a flat row, as a list. Every layer of a forward receives the same
+    boundaries tensor, so the list read for it is kept: one device-to-host read per forward, not
+    one per layer (each a synchronisation on a GPU). The tensor's identity and version (bumped by
+    any in-place write) decide whether the kept list still holds."""
+    global _last_boundaries
+    ref, version, lengths = _last_boundaries
+    if ref is None or ref() is not cu_seq_lens or version != cu_seq_lens._version:
+        lengths = cu_seq_lens.diff().tolist()
+        _last_boundaries = (weakref.ref(cu_seq_lens), cu_seq_lens._version, lengths)
+    return lengths
+
+
 def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask, dropout: float = 0.0, scaling: float | None = None,
                   cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
@@ -83,7 +101,7 @@ def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
     if dtype == torch.bfloat16 and device == "cpu" and torch.is_grad_enabled():
         compute = torch.float32
     query, key, value = query.to(compute), key.to(compute), value.to(compute)
-    lengths = cu_seq_lens_q.diff().tolist()
+    lengths = sequence_lengths(cu_seq_lens_q)
     # split (not slicing) so that backward concatenates the gradients once instead of
     # scattering each sequence's into a zero tensor of the whole row.
     pieces = zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
