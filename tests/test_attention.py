@@ -166,7 +166,7 @@ def test_packed_row_without_boundaries_builds_its_mask(tiny_lm):
 
 
 def test_sequence_lengths_are_read_once_per_boundaries_tensor():
-    from alignkit.attention import sequence_lengths
+    from alignkit.logprobs import sequence_lengths
 
     cu = torch.tensor([0, 3, 9, 10])
     first = sequence_lengths(cu)
@@ -174,3 +174,17 @@ def test_sequence_lengths_are_read_once_per_boundaries_tensor():
     cu[2] = 5  # an in-place write bumps the version: read again
     assert sequence_lengths(cu) == [3, 2, 5]
     assert sequence_lengths(torch.tensor([0, 3, 9, 10])) == [3, 6, 1]  # another tensor, same values
+
+
+def test_a_flat_forward_reads_its_boundaries_once(tiny_lm, monkeypatch):
+    from alignkit.data.collate import collate_packed
+    from alignkit.logprobs import causal_logits
+
+    model = tiny_lm("llama")
+    assert flat_packing(model)
+    reads = []
+    diff = torch.Tensor.diff
+    monkeypatch.setattr(torch.Tensor, "diff", lambda t, *a, **k: reads.append(1) or diff(t, *a, **k))
+    rows = [{"input_ids": s, "labels": s} for s in ([3, 4, 5], [6, 7, 8, 9])]
+    causal_logits(model, collate_packed(rows, "flat"))  # packed_inputs + 2 layers
+    assert len(reads) == 1

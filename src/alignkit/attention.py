@@ -20,12 +20,12 @@ sampling uses), and fp32 is the more accurate of the two.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+
+from alignkit.logprobs import sequence_lengths
 
 NAME = "alignkit_sdpa"
 
@@ -57,22 +57,6 @@ def deferred_sdpa_mask(*args, **kwargs):
                and all(type(kwargs.get(k, 0)) is int and kwargs.get(k, 0) == 0  # not a cache's tensor
                        for k in ("q_offset", "kv_offset")))
     return DeferredMask(kwargs) if one_row else sdpa_mask(*args, **kwargs)
-
-
-_last_boundaries: tuple = (None, -1, [])  # (weak reference, version, lengths): see below
-
-
-def sequence_lengths(cu_seq_lens: torch.Tensor) -> list[int]:
-    """The sequence lengths of a flat row, as a list. Every layer of a forward receives the same
-    boundaries tensor, so the list read for it is kept: one device-to-host read per forward, not
-    one per layer (each a synchronisation on a GPU). The tensor's identity and version (bumped by
-    any in-place write) decide whether the kept list still holds."""
-    global _last_boundaries
-    ref, version, lengths = _last_boundaries
-    if ref is None or ref() is not cu_seq_lens or version != cu_seq_lens._version:
-        lengths = cu_seq_lens.diff().tolist()
-        _last_boundaries = (weakref.ref(cu_seq_lens), cu_seq_lens._version, lengths)
-    return lengths
 
 
 def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

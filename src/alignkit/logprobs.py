@@ -6,6 +6,8 @@ only ``[B, T, V]`` tensor alive is the logits themselves.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 IGNORE_INDEX = -100
@@ -61,6 +63,23 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return token_logps(logits, targets)
 
 
+_last_boundaries: tuple = (None, -1, [])  # (weak reference, version, lengths): see below
+
+
+def sequence_lengths(cu_seq_lens: torch.Tensor) -> list[int]:
+    """The sequence lengths of a flat row, as a list. ``packed_inputs`` and every attention layer
+    of the forward (``alignkit.attention``) read the same boundaries tensor, so the list read for
+    it is kept: one device-to-host read per forward, not one per layer (each a synchronisation on
+    a GPU). The tensor's identity and version (bumped by any in-place write) decide whether the
+    kept list still holds."""
+    global _last_boundaries
+    ref, version, lengths = _last_boundaries
+    if ref is None or ref() is not cu_seq_lens or version != cu_seq_lens._version:
+        lengths = cu_seq_lens.diff().tolist()
+        _last_boundaries = (weakref.ref(cu_seq_lens), cu_seq_lens._version, lengths)
+    return lengths
+
+
 def packed_inputs(batch: dict) -> dict:
     """Model inputs of a packed batch (``collate_packed``): ids and per-sequence position ids, no
     attention mask; a flat row also passes its sequence boundaries under the names flash
@@ -69,7 +88,7 @@ def packed_inputs(batch: dict) -> dict:
               "use_cache": False}
     if "cu_seq_lens" in batch:
         cu = batch["cu_seq_lens"].to(device=batch["input_ids"].device, dtype=torch.int32)
-        longest = int(cu.diff().max())
+        longest = max(sequence_lengths(cu))
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                       max_length_q=longest, max_length_k=longest)
     return inputs
