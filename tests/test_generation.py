@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from alignkit.generation import (Rollout, SamplingConfig, filter_logits, generate, rollout_logps,
-                                 sample_from_probs)
+from alignkit.generation import (Rollout, SamplingConfig, filter_logits, generate, invert_cdf,
+                                 rollout_logps)
 
 V, PAD, BOS, EOS = 64, 0, 1, 5
 PROMPT_LENGTHS = (3, 7, 1, 5, 9, 2, 6, 4)
@@ -235,28 +235,29 @@ def test_filter_logits_by_hand():
     assert torch.isfinite(batch).tolist() == [[False, True, False, True], [True, False, True, False]]
 
 
-def test_sample_from_probs_frequencies():
+def test_invert_cdf_frequencies():
     target = torch.tensor([0.1, 0.0, 0.6, 0.3])
     n = 200_000
-    g = torch.Generator().manual_seed(0)
-    draws = sample_from_probs((target * 7.0).expand(n, 4), generator=g)  # unnormalised rows are fine
+    u = torch.rand(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    draws = invert_cdf((target * 7.0).expand(n, 4), u)  # unnormalised rows are fine
     freq = torch.bincount(draws, minlength=4).double() / n
     assert freq[1] == 0  # zero-probability token never drawn
     # binomial std <= sqrt(0.25 / n) = 0.0011; 0.005 is > 4 sigma
     torch.testing.assert_close(freq, target.double(), rtol=0, atol=5e-3)
-    again = sample_from_probs(target.expand(5, 4), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(again, sample_from_probs(target.expand(5, 4), generator=torch.Generator().manual_seed(3)))
+    # Quantiles at the CDF's steps 0.1, 0.7 (= 0.1 + 0.0 + 0.6), exactly as searchsorted(right=True).
+    steps = torch.tensor([[0.0], [0.0999], [0.1001], [0.6999], [0.7001], [0.9999]], dtype=torch.float64)
+    assert invert_cdf(target.expand(6, 4), steps).tolist() == [0, 0, 2, 2, 3, 3]
 
 
-def test_sample_from_probs_never_returns_a_zero_mass_token_at_the_top_of_the_cdf(monkeypatch):
-    # u = 1 puts u * total at the CDF's end: searchsorted lands past the last token, which has no
+def test_invert_cdf_never_returns_a_zero_mass_token_at_the_top_of_the_cdf(monkeypatch):
+    # u = 1 puts u * total at the CDF's end: the count lands past the last token, which has no
     # mass in the first row; that row falls back to its most probable token, the other keeps its draw.
-    monkeypatch.setattr(torch, "rand", lambda n, m, **kw: torch.ones(n, m, dtype=kw.get("dtype")))
     probs = torch.tensor([[0.2, 0.8, 0.0], [0.5, 0.2, 0.3]])
-    assert sample_from_probs(probs).tolist() == [1, 2]
+    top = torch.ones(2, 1, dtype=torch.float64)
+    assert invert_cdf(probs, top).tolist() == [1, 2]
     # Inside a compiled decode step the fallback is taken without a host sync: same result.
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert sample_from_probs(probs).tolist() == [1, 2]
+    assert invert_cdf(probs, top).tolist() == [1, 2]
 
 
 def test_sampling_config_validation():

@@ -123,23 +123,16 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One index per row of ``probs`` ``[B, V]`` (rows need not be normalised), by inverting the CDF.
-
-    Exact in distribution like ``torch.multinomial(probs, 1)`` but draws one uniform per row
-    instead of one exponential per vocabulary entry (~20x faster on CPU at V = 1024), and is
-    reproducible from ``generator``.
-    """
-    return _invert_cdf(probs, _uniforms(probs.size(0), generator, probs.device))
-
-
 def _uniforms(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
     """The ``[n, 1]`` fp64 uniforms of one sampling step (one draw from ``generator`` per step)."""
     return torch.rand(n, 1, generator=generator, dtype=torch.float64, device=device)
 
 
-def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The token at quantile ``u`` ``[B, 1]`` of each row of ``probs`` ``[B, V]``.
+def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token at quantile ``u`` ``[B, 1]`` of each row of ``probs`` ``[B, V]`` (rows need not
+    be normalised): with ``u`` uniform on [0, 1), exact in distribution like
+    ``torch.multinomial(probs, 1)``, but one uniform per row instead of one exponential per
+    vocabulary entry (~20x faster on CPU at V = 1024), drawn by the caller from its generator.
 
     The CDF is accumulated in fp64 so that a token's probability is not lost in fp32 rounding of
     a running sum near 1; a zero-probability token is never drawn (its CDF step is exactly zero).
@@ -167,7 +160,7 @@ def _draw(logits: torch.Tensor, cfg: SamplingConfig,
     else:
         if cfg.temperature != 1.0:
             z = z / cfg.temperature
-        tokens = _invert_cdf(torch.softmax(filter_logits(z, cfg.top_k, cfg.top_p), dim=-1), u)
+        tokens = invert_cdf(torch.softmax(filter_logits(z, cfg.top_k, cfg.top_p), dim=-1), u)
     # Unfiltered distribution on purpose: see the module docstring.
     logps = z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return tokens, logps
