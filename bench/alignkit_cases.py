@@ -58,11 +58,11 @@ def _train(spec, model, examples, lengths, collate, weight_of, loss_fn, extra=No
     return training_result(clock, counter, spec["warmup"], spec["steps"], spec["batch"], extra)
 
 
-def _pack(spec, model) -> str | None:
+def _pack(spec, model, pairs: bool = False) -> str | None:
     """The stage's packing layout (``train.packing``, on by default; ``training.use_packing``)."""
     from alignkit.training import use_packing
 
-    return use_packing(model, _loop(spec)[0])
+    return use_packing(model, _loop(spec)[0], pairs=pairs)
 
 
 def _records(spec, kind, n, keys):
@@ -105,7 +105,7 @@ def rm(spec):
     examples, _ = build_dataset(_records(spec, "pref", n, ("prompt", "chosen", "rejected")), tok,
                                 format="preference", max_length=spec["max_len"])
     model = load_scalar_model(spec["model_dir"], tokenizer=tok)
-    pad, pack = tok.pad_token_id, _pack(spec, model)
+    pad, pack = tok.pad_token_id, _pack(spec, model, pairs=True)
     lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
     return _train(spec, model, examples, lengths, lambda b: collate_preference(b, pad, pack),
                   lambda e: 1.0, make_loss(0.0),
@@ -125,11 +125,11 @@ def dpo(spec):
     # The reference is the initial policy: a second copy, used once, as `alignkit dpo` does.
     reference = load_causal_lm(spec["model_dir"], tokenizer=tok)
     cache_reference(reference, examples, tok.pad_token_id, batch_size=spec["batch"],
-                    pack=_pack(spec, reference))
+                    pack=_pack(spec, reference, pairs=True))
     del reference
     ref_s = time.perf_counter() - t0
     model = load_causal_lm(spec["model_dir"], tokenizer=tok)
-    pad, pack = tok.pad_token_id, _pack(spec, model)
+    pad, pack = tok.pad_token_id, _pack(spec, model, pairs=True)
     lengths = [sum(len(e[k]) for k in e if k.endswith("input_ids")) for e in examples]
     return _train(spec, model, examples, lengths, lambda b: collate_dap(b, pad, pack), lambda e: 1.0,
                   make_loss(LossConfig(name="dpo", beta=0.1)),

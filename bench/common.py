@@ -53,9 +53,10 @@ def load_jsonl(path: str | Path, n: int | None = None) -> list[dict]:
 
 def real_tokens(batch) -> int:
     """Non-pad tokens of a collated batch: the sum of every ``*attention_mask`` tensor in it, or
-    the tokens owned by a sequence in a packed batch."""
+    the tokens owned by a sequence in a packed batch (with a pair's shared prefix counted in
+    both of its sequences, as a padded batch holds it: the same data)."""
     if "sequence_index" in batch:  # alignkit's packed rows: -1 marks the padding of a row tail
-        return int((batch["sequence_index"] >= 0).sum())
+        return computed_tokens(batch) + sum(batch.get("shared_prefix_lens", ()))
     total = 0
     for key, value in batch.items():
         if key.endswith("attention_mask") and hasattr(value, "sum"):
@@ -63,6 +64,14 @@ def real_tokens(batch) -> int:
     if total == 0 and "position_ids" in batch:  # padding-free batches carry no mask
         total = int(batch["position_ids"].numel())
     return total
+
+
+def computed_tokens(batch) -> int:
+    """Tokens a forward pass over the batch computes, padding excluded (for MFU): fewer than
+    ``real_tokens`` where pairs share their prefix (alignkit's ``collate_shared``)."""
+    if "sequence_index" in batch:
+        return int((batch["sequence_index"] >= 0).sum())
+    return real_tokens(batch)
 
 
 class CountingCollate:
@@ -75,16 +84,19 @@ class CountingCollate:
     def __init__(self, collate):
         self.collate = collate
         self.tokens: list[int] = []
+        self.computed: list[int] = []
         self.rows: list[int] = []
 
     def __call__(self, features):
         batch = self.collate(features)
         self.tokens.append(real_tokens(batch))
+        self.computed.append(computed_tokens(batch))
         self.rows.append(len(features))
         return batch
 
     def reset(self):
         self.tokens.clear()
+        self.computed.clear()
         self.rows.clear()
 
     def __getattr__(self, name):  # trainers sometimes read attributes of their collator
@@ -123,6 +135,9 @@ def training_result(clock: StepClock, counter: CountingCollate, warmup: int, ste
            "items_per_s": items_per_step * steps / seconds,
            "step_s_median": statistics.median(per_step), "step_s": per_step,
            "warmup_tokens": sum(counter.tokens[:warmup])}
+    computed = sum(counter.computed[warmup:warmup + steps])
+    if computed != tokens:
+        out["computed_tokens_per_s"] = computed / seconds
     out.update(extra or {})
     return out
 

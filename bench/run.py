@@ -214,7 +214,8 @@ def summarize(case: str, model: str, precision: str, runs: dict, meta: dict, pea
             s["note"] = "; ".join(notes)
         if ok:
             for key in ("tokens_per_s", "items_per_s", "iters_per_s", "peak_rss_mb",
-                        "step_s_median", "dataset_tokens", "tokens", "params_ratio_vs_one_model"):
+                        "step_s_median", "dataset_tokens", "tokens", "params_ratio_vs_one_model",
+                        "computed_tokens_per_s"):
                 v = median_of(ok, key)
                 if v is not None:
                     s[key] = v
@@ -224,7 +225,9 @@ def summarize(case: str, model: str, precision: str, runs: dict, meta: dict, pea
     for side in ("alignkit", "peer"):
         s = row[side]
         if case in TRAINING and "tokens_per_s" in s:
-            s["mfu"] = flops_per_token(case, meta, context) * s["tokens_per_s"] / peak[f"{precision}_peak_flops"]
+            # Tokens computed: a prefix shared by a pair (alignkit's shared layout) counts once.
+            computed = s.get("computed_tokens_per_s", s["tokens_per_s"])
+            s["mfu"] = flops_per_token(case, meta, context) * computed / peak[f"{precision}_peak_flops"]
     a, p = row["alignkit"], row["peer"]
     if "items_per_s" in a and "items_per_s" in p:
         row["ratio"] = a["items_per_s"] / p["items_per_s"]

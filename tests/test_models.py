@@ -44,6 +44,16 @@ def test_transformers_models_honour_packed_position_ids(tiny_lm, layout):
     assert model.training  # the probe restores the mode
 
 
+def test_only_alignkit_sdpa_lets_a_pair_share_its_prefix(tiny_lm):
+    for arch in ("llama", "gpt2", "llama-gqa"):
+        model = tiny_lm(arch)
+        assert not supports_packing(model, "shared")  # transformers' SDPA: suffix cut off
+        assert flat_packing(model) and supports_packing(model, "shared")
+    eager = tiny_lm("gpt2")
+    eager.set_attn_implementation("eager")
+    assert not supports_packing(eager, "shared")
+
+
 def test_a_model_that_attends_across_sequences_is_refused():
     assert not supports_packing(RunningSum(per_sequence=False))
     assert supports_packing(RunningSum(per_sequence=True))
@@ -75,13 +85,14 @@ def test_use_packing_follows_the_switch_and_the_probe(tiny_lm, capsys):
     model = tiny_lm("llama")
     assert use_packing(model, LoopConfig()) == "flat"
     assert model.config._attn_implementation == "alignkit_sdpa"
+    assert use_packing(model, LoopConfig(), pairs=True) == "shared"
     eager = tiny_lm("gpt2")
     eager.set_attn_implementation("eager")  # attention over dense masks: rows, not one flat row
-    assert use_packing(eager, LoopConfig()) == "rows"
+    assert use_packing(eager, LoopConfig()) == use_packing(eager, LoopConfig(), pairs=True) == "rows"
     assert not use_packing(tiny_lm("llama"), LoopConfig(packing=False))
     assert not use_packing(RunningSum(per_sequence=False), LoopConfig())
     # Flash attention would take a flat row, but this forward takes no boundaries: rows it is.
     flash_named = RunningSum(per_sequence=True)
     flash_named.config = SimpleNamespace(_attn_implementation="flash_attention_2")
-    assert flat_packing(flash_named) and use_packing(flash_named, LoopConfig()) == "rows"
+    assert flat_packing(flash_named) and use_packing(flash_named, LoopConfig(), pairs=True) == "rows"
     assert "does not confine attention to packed sequences" in capsys.readouterr().out

@@ -11,6 +11,11 @@ block-diagonal mask. This module registers ``alignkit_sdpa`` with transformers'
 ``alignkit.logprobs.packed_inputs``), it calls causal SDPA once per sequence; without them it
 is transformers' own SDPA, so generation, padded batches and anything else run unchanged.
 
+Given ``shared_prefix_lens`` too (``alignkit.data.collate.collate_shared``: a pair's prompt
+written once), a segment with a shared length ``s`` attends to the first ``s`` tokens of the
+segment before it, then to itself causally, with its positions continuing from ``s``: the
+second answer of a pair sees the prompt and not the first answer.
+
 It also defers the mask transformers builds for a single unpadded row (``DeferredMask``): a flat
 row's mask is block-diagonal, ``T x T`` for the whole row, and the per-sequence path never reads it.
 
@@ -88,10 +93,16 @@ def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
     lengths = sequence_lengths(cu_seq_lens_q)
     # split (not slicing) so that backward concatenates the gradients once instead of
     # scattering each sequence's into a zero tensor of the whole row.
-    pieces = zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    pieces = list(zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2)))
+    shared = kwargs.get("shared_prefix_lens") or (0,) * len(pieces)
+    for j, s in enumerate(shared):
+        if s:  # collate_shared: this segment continues the first s tokens of the one before it
+            pieces[j] = tuple(torch.cat([before[:, :, :s], own], 2)
+                              for before, own in zip(pieces[j - 1], pieces[j]))
     with torch.autocast(device, enabled=False):
         out = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                              scale=scaling) for q, k, v in pieces]
+                                              scale=scaling)[:, :, s:]
+               for (q, k, v), s in zip(pieces, shared)]
     # Concatenated in the [1, T, H, D] layout the caller reshapes to [1, T, H * D]: one copy here
     # and none there (concatenating [1, H, T, D] and transposing would make the caller copy again).
     return torch.cat([o.transpose(1, 2) for o in out], 1).to(dtype), None

@@ -6,6 +6,7 @@ only ``[B, T, V]`` tensor alive is the logits themselves.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -91,6 +92,8 @@ def packed_inputs(batch: dict) -> dict:
         longest = max(sequence_lengths(cu))
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                       max_length_q=longest, max_length_k=longest)
+    if "shared_prefix_lens" in batch:  # collate_shared: only alignkit_sdpa reads it
+        inputs["shared_prefix_lens"] = batch["shared_prefix_lens"]
     return inputs
 
 
@@ -101,6 +104,26 @@ def causal_logits(model, batch: dict) -> torch.Tensor:
         return model(**packed_inputs(batch)).logits
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  use_cache=False).logits
+
+
+def target_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each sequence's targets and their count, ``([N], [N])``, for a batch
+    that lists its targets (``collate_shared``: ``target_positions``, ``target_ids``,
+    ``target_owner``). The LM head runs at the target positions only where the model's forward
+    takes ``logits_to_keep`` as indices (transformers' causal LMs)."""
+    where = batch["target_positions"]
+    try:
+        takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_keep = False
+    if takes_keep:
+        logits = model(**packed_inputs(batch), logits_to_keep=where).logits[0]
+    else:
+        logits = model(**packed_inputs(batch)).logits[0, where]
+    per_token = token_logps(logits, batch["target_ids"])
+    owner, n = batch["target_owner"], int(batch["num_sequences"])
+    return (per_token.new_zeros(n).index_add(0, owner, per_token),
+            per_token.new_zeros(n).index_add(0, owner, torch.ones_like(per_token)))
 
 
 def sum_per_sequence(values: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -76,7 +76,8 @@ def fuse_activations(model):
 
 @torch.no_grad()
 def supports_packing(model, layout: str = "rows") -> bool:
-    """Whether ``model`` confines attention to each sequence of a packed batch in ``layout``.
+    """Whether ``model`` confines attention to each sequence of a packed batch in ``layout``
+    (for ``"shared"``: and lets a pair's second member see the prefix it shares with the first).
 
     Packed rows follow transformers' padding-free convention: position ids restart at 0 for
     every sequence and no attention mask is given (a flat row also passes the sequence
@@ -85,23 +86,30 @@ def supports_packing(model, layout: str = "rows") -> bool:
     attention) honour it; others would silently attend across sequences. So it is checked: two
     short sequences, packed vs one at a time, must give the same last hidden states.
     """
-    from alignkit.data.collate import collate_packed
+    from alignkit.data.collate import collate_packed, collate_shared
     from alignkit.logprobs import packed_inputs
 
     param = next(model.parameters())
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (5, 7)]
-    batch = collate_packed([{"input_ids": s, "labels": s} for s in seqs], layout, width=12)
-    batch = {k: v.to(param.device) for k, v in batch.items()}
+    if layout == "shared":  # a pair sharing its first 3 tokens: the second is written from its 4th
+        seqs[1][:3], seqs[1][3] = seqs[0][:3], (seqs[0][3] + 1) % vocab
+        rows = [{"input_ids": s, "labels": s} for s in seqs]
+        batch = collate_shared([(rows[0], rows[1])])
+    else:
+        batch = collate_packed([{"input_ids": s, "labels": s} for s in seqs], layout, width=12)
+    batch = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     was_training = model.training
     model.eval()
     try:
         packed = model(**packed_inputs(batch), output_hidden_states=True).hidden_states[-1].float()
         packed = torch.cat([packed[batch["sequence_index"] == i] for i in range(len(seqs))])
-        alone = torch.cat([model(input_ids=torch.tensor([s], device=param.device), use_cache=False,
-                                 output_hidden_states=True).hidden_states[-1][0].float()
-                           for s in seqs])
+        alone = [model(input_ids=torch.tensor([s], device=param.device), use_cache=False,
+                       output_hidden_states=True).hidden_states[-1][0].float() for s in seqs]
+        if layout == "shared":
+            alone[1] = alone[1][3:]
+        alone = torch.cat(alone)
     except (TypeError, ValueError, RuntimeError, ImportError, AttributeError):  # e.g. flash off GPU
         return False
     finally:

@@ -102,14 +102,16 @@ def make_accelerator(mixed_precision: str):
                        step_scheduler_with_optimizer=False)
 
 
-def use_packing(model, loop: LoopConfig, accelerator=None) -> str | None:
+def use_packing(model, loop: LoopConfig, accelerator=None, pairs: bool = False) -> str | None:
     """The packed layout to train ``model`` on (``collate_packed``), or None to pad.
 
     ``"flat"`` (one row, no filler) where attention runs per sequence: flash attention, or
     transformers' SDPA, which this switches to ``alignkit_sdpa`` (:mod:`alignkit.attention`);
     ``"rows"`` (rows as wide as the longest sequence) where attention honours packed position
     ids over dense masks (e.g. eager); None if ``loop.packing`` is off or the model attends
-    across packed sequences.
+    across packed sequences. ``pairs``: the batches are pairs that share a prompt (chosen and
+    rejected, ``collate_preference``): ``"shared"`` first (``collate_shared``: each prompt once),
+    where the attention lets a pair share it (``alignkit_sdpa``; checked like the others).
     """
     from alignkit.attention import flat_packing
     from alignkit.models import supports_packing
@@ -119,7 +121,7 @@ def use_packing(model, loop: LoopConfig, accelerator=None) -> str | None:
     if accelerator is not None:
         # Probe where training runs: e.g. flash attention packs natively on GPU, not on CPU.
         model.to(accelerator.device)
-    layouts = ("flat", "rows") if flat_packing(model) else ("rows",)
+    layouts = ((("shared",) if pairs else ()) + ("flat", "rows")) if flat_packing(model) else ("rows",)
     # e.g. a custom model whose forward takes no extra kwargs fails flat and may pass rows.
     layout = next((lay for lay in layouts if supports_packing(model, lay)), None)
     if layout is None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alignkit.data.collate import (
-    collate_packed, collate_preference, collate_prompts, collate_rows, collate_sft,
+    collate_packed, collate_preference, collate_prompts, collate_rows, collate_sft, collate_shared,
     length_grouped_batches, pack_bins, pad_sequences,
 )
 from alignkit.data.formats import build_dataset
@@ -197,3 +197,28 @@ def test_collate_packed_flat_layout_hand_computed():
     assert batch["sequence_index"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 2, 2]]
     assert batch["cu_seq_lens"].tolist() == [0, 3, 8, 10]
     assert "cu_seq_lens" not in collate_packed(rows, "rows")
+
+
+def test_collate_shared_writes_each_common_prefix_once_hand_computed():
+    a0 = {"input_ids": [1, 7, 8, 3, 4], "labels": [IGN, IGN, IGN, 3, 4]}
+    b0 = {"input_ids": [1, 7, 8, 5], "labels": [IGN, IGN, IGN, 5]}
+    a1 = {"input_ids": [1, 9, 6], "labels": [IGN, 9, 6]}  # b1 is a prefix of a1: shares 1 token,
+    b1 = {"input_ids": [1, 9], "labels": [IGN, 9]}        # so that b1 keeps one of its own
+    batch = collate_shared([(a0, b0), (a1, b1)])
+    assert batch["input_ids"].tolist() == [[1, 7, 8, 3, 4, 5, 1, 9, 6, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 1]]
+    assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 0, 2, 1, 1, 1, 3]]
+    assert batch["cu_seq_lens"].tolist() == [0, 5, 6, 9, 10]
+    assert batch["shared_prefix_lens"] == (0, 3, 0, 1)
+    assert int(batch["num_sequences"]) == 4
+    # target j of a sequence is predicted at its token j - 1: a0's 3 at row 2, b0's 5 at row 2
+    # too (its token 2 is the shared 8), a1's 9 and 6 at rows 6 and 7, b1's 9 at row 6.
+    assert batch["target_positions"].tolist() == [2, 3, 2, 6, 7, 6]
+    assert batch["target_ids"].tolist() == [3, 4, 5, 9, 6, 9]
+    assert batch["target_owner"].tolist() == [0, 0, 2, 1, 1, 3]
+    assert collate_rows([a0, a1, b0, b1], pad_id=0, pack="shared")["input_ids"].equal(
+        batch["input_ids"])
+    with pytest.raises(ValueError, match="odd number of rows"):
+        collate_rows([a0, a1, b0], pad_id=0, pack="shared")
+    with pytest.raises(ValueError, match="sequence 1: 1 labels for 4 tokens"):
+        collate_shared([(a0, {"input_ids": [1, 7, 8, 5], "labels": [5]})])

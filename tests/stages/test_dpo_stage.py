@@ -43,7 +43,7 @@ def unpaired_examples(n=8):
     return out
 
 
-@pytest.mark.parametrize("pack", [None, "rows", "flat"])
+@pytest.mark.parametrize("pack", [None, "rows", "flat", "shared"])
 def test_cached_reference_is_deterministic_and_matches_inline_forward(pack):
     from alignkit.attention import flat_packing
 
@@ -122,12 +122,17 @@ def test_kto_mismatch_pairs_prompt_with_next_completion():
     assert ex[0]["kl_labels"] == [-100] * len(p0) + c1
 
 
-@pytest.mark.parametrize("layout", ["rows", "flat"])
+@pytest.mark.parametrize("layout", ["rows", "flat", "shared"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-gqa"])
 def test_packed_batch_gives_the_padded_log_probs_and_gradients(arch, layout, tiny_lm):
     from alignkit.attention import flat_packing
 
     ex = pref_examples(6)
+    # Shared beyond the prompt: answers that start alike, and one that is the other's prefix.
+    ex[1]["rejected_input_ids"][-2:] = ex[1]["chosen_input_ids"][-2:]
+    ex[1]["rejected_labels"][-2:] = ex[1]["chosen_labels"][-2:]
+    ex[2]["rejected_input_ids"] = ex[2]["chosen_input_ids"][:len(ex[2]["chosen_input_ids"]) - 1]
+    ex[2]["rejected_labels"] = ex[2]["chosen_labels"][:len(ex[2]["chosen_input_ids"]) - 1]
     grads, sums = [], []
     for pack in (None, layout):
         model = tiny_lm(arch)
@@ -141,3 +146,25 @@ def test_packed_batch_gives_the_padded_log_probs_and_gradients(arch, layout, tin
     assert torch.equal(sums[0][1], sums[1][1])
     assert torch.allclose(sums[0][0], sums[1][0], atol=1e-5, rtol=0)
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_shared_layout_log_probs_without_logits_to_keep(tiny_lm):
+    """A forward that does not take ``logits_to_keep`` (e.g. a wrapper) gets all the logits and
+    the targets are read from them: the same log-probs."""
+    from alignkit.attention import flat_packing
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            assert "logits_to_keep" not in kwargs
+            return self.inner(**kwargs)
+
+    model = tiny_lm("gpt2")
+    flat_packing(model)
+    batch = collate_dap(pref_examples(4), PAD, "shared")
+    direct, wrapped = completion_logps(model, batch), completion_logps(Wrapped(model), batch)
+    assert torch.equal(direct[1], wrapped[1])
+    assert torch.allclose(direct[0], wrapped[0], atol=1e-6, rtol=0)

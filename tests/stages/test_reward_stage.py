@@ -11,19 +11,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pairs(n=5, seed=0):
+    """Pairs of answers to a shared prompt of 0-4 tokens; the last pair's rejected answer is a
+    prefix of its chosen one."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         ex = {}
+        prompt = torch.randint(1, 30, (int(torch.randint(0, 5, (1,), generator=g)),), generator=g)
         for key in ("chosen_", "rejected_"):
             ids = torch.randint(1, 30, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)
-            ex[f"{key}input_ids"] = ids.tolist()
-            ex[f"{key}labels"] = ids.tolist()
+            ex[f"{key}input_ids"] = prompt.tolist() + ids.tolist()
+            ex[f"{key}labels"] = prompt.tolist() + ids.tolist()
         out.append(ex)
+    out[-1]["rejected_input_ids"] = out[-1]["rejected_labels"] = out[-1]["chosen_input_ids"][:-2]
     return out
 
 
-@pytest.mark.parametrize("layout", ["rows", "flat"])
+@pytest.mark.parametrize("layout", ["rows", "flat", "shared"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-gqa"])
 def test_packed_scores_and_gradients_equal_padded(arch, layout, tiny_lm):
     from transformers import AutoModelForSequenceClassification
@@ -42,7 +46,11 @@ def test_packed_scores_and_gradients_equal_padded(arch, layout, tiny_lm):
         scores.append(torch.cat([chosen, rejected]).detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     rows = batch["input_ids"].shape[0]  # 10 sequences really were packed into fewer rows
-    assert rows == 1 if layout == "flat" else 1 < rows < 10
+    assert rows == 1 if layout != "rows" else 1 < rows < 10
+    if layout == "shared":  # each prompt once
+        assert batch["input_ids"].numel() == sum(
+            len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in pairs()) - sum(
+            batch["shared_prefix_lens"]) and sum(batch["shared_prefix_lens"]) >= 12
     assert torch.allclose(scores[0], scores[1], atol=1e-5, rtol=0)
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
     assert score_head(model) is model.score
@@ -60,7 +68,7 @@ def test_packed_scores_through_a_lora_reward_model(tiny_lm):
                        LoraSpec(enabled=True, r=4), task_type="SEQ_CLS")
     torch.nn.init.normal_(score_head(model).modules_to_save["default"].weight)
     padded = torch.cat(pair_rewards(model, collate_preference(pairs(), pad_id=0)))
-    for layout in ("rows", "flat"):
+    for layout in ("rows", "flat", "shared"):
         flat_packing(model)
         packed = torch.cat(pair_rewards(model, collate_preference(pairs(), pad_id=0, pack=layout)))
         assert torch.allclose(padded, packed, atol=1e-5, rtol=0)

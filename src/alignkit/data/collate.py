@@ -22,7 +22,7 @@ import torch
 from alignkit.logprobs import IGNORE_INDEX
 
 Side = Literal["right", "left"]
-Packing = Literal["rows", "flat"]
+Packing = Literal["rows", "flat", "shared"]
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, side: Side = "right") -> torch.Tensor:
@@ -144,6 +144,66 @@ def collate_packed(examples: Sequence[Mapping], layout: Packing = "rows",
     return batch
 
 
+def collate_shared(pairs: Sequence[tuple[Mapping, Mapping]]) -> dict:
+    """Pack pairs of ``{input_ids, labels}`` sequences into one flat row, the tokens both members
+    of a pair start with written once (prefix sharing: Wang & Hegde 2024, arXiv:2410.20305).
+
+    Pair ``i = (a, b)`` (a chosen and a rejected answer: their prompt is the common prefix)
+    becomes two segments of the row: ``a`` whole, then ``b`` without the first ``s`` tokens it
+    shares with ``a`` (``s`` = their longest common prefix, at most each length - 1, so both
+    segments keep a token of their own). ``b``'s positions continue from ``s``. Attention must
+    then let each ``b`` segment see the first ``s`` tokens of the segment before it and nothing
+    else of it: ``shared_prefix_lens`` (per segment, 0 for ``a``), read by ``alignkit_sdpa``
+    (:mod:`alignkit.attention`); a model whose attention cannot is not given this layout
+    (``models.supports_packing``). The shared tokens' forward and backward run once per pair.
+
+    Sequences are numbered ``a_0..a_{B-1}, b_0..b_{B-1}`` (the order of ``collate_preference``);
+    ``sequence_index`` gives each token its sequence, the shared tokens to ``a``. The next-token
+    shift of ``labels`` does not hold across segments, so there are none: each labelled token
+    ``j >= 1`` of a sequence is a target, ``target_ids``, predicted at row position
+    ``target_positions`` (its token ``j - 1``'s), owned by ``target_owner``. Also
+    ``position_ids``, ``num_sequences`` and ``cu_seq_lens`` (the segment boundaries).
+    """
+    half = len(pairs)
+    ids, positions, owner, seg_lens, shared = [], [], [], [], []
+    t_pos, t_ids, t_owner = [], [], []
+    for i, (a, b) in enumerate(pairs):
+        for k, e in ((i, a), (half + i, b)):
+            if len(e["labels"]) != len(e["input_ids"]):
+                raise ValueError(f"sequence {k}: {len(e['labels'])} labels for "
+                                 f"{len(e['input_ids'])} tokens")
+        a_ids, b_ids = list(a["input_ids"]), list(b["input_ids"])
+        s = 0
+        limit = min(len(a_ids), len(b_ids)) - 1
+        while s < limit and a_ids[s] == b_ids[s]:
+            s += 1
+        start_a = len(ids)
+        start_b = start_a + len(a_ids)
+        ids += a_ids + b_ids[s:]
+        positions += list(range(len(a_ids))) + list(range(s, len(b_ids)))
+        owner += [i] * len(a_ids) + [half + i] * (len(b_ids) - s)
+        seg_lens += [len(a_ids), len(b_ids) - s]
+        shared += [0, s]
+        for k, e, where in ((i, a, lambda j: start_a + j),
+                            (half + i, b, lambda j: start_a + j if j < s else start_b + j - s)):
+            for j in range(1, len(e["labels"])):
+                if e["labels"][j] != IGNORE_INDEX:
+                    t_pos.append(where(j - 1))
+                    t_ids.append(e["labels"][j])
+                    t_owner.append(k)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "position_ids": torch.tensor([positions]),
+        "sequence_index": torch.tensor([owner]),
+        "num_sequences": torch.tensor(2 * half),
+        "cu_seq_lens": torch.tensor([0] + seg_lens).cumsum(0),
+        "shared_prefix_lens": tuple(shared),
+        "target_positions": torch.tensor(t_pos, dtype=torch.long),
+        "target_ids": torch.tensor(t_ids, dtype=torch.long),
+        "target_owner": torch.tensor(t_owner, dtype=torch.long),
+    }
+
+
 def collate_prompts(prompt_id_lists: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded generation batch: ``input_ids`` and ``attention_mask`` ``[B, T]``."""
     return {
@@ -161,7 +221,7 @@ def collate_preference(examples: Sequence[Mapping], pad_id: int,
     One forward pass then serves both halves (and both see the same weights, dropout mode and
     padding width), which is the layout DPO-family losses and reward models expect.
     ``pack`` (a layout) packs the ``2B`` sequences instead, in the same order
-    (:func:`collate_packed`).
+    (:func:`collate_packed`; ``"shared"``: each pair's common prefix once, :func:`collate_shared`).
     """
     rows = [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in examples]
     rows += [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
@@ -170,7 +230,13 @@ def collate_preference(examples: Sequence[Mapping], pad_id: int,
 
 def collate_rows(rows: Sequence[Mapping], pad_id: int,
                  pack: Packing | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded (:func:`collate_sft`) or, given a layout, packed (:func:`collate_packed`)."""
+    """Right-padded (:func:`collate_sft`) or, given a layout, packed (:func:`collate_packed`;
+    ``"shared"``: :func:`collate_shared`, row ``i`` paired with row ``i + len(rows) // 2``)."""
+    if pack == "shared":
+        half = len(rows) // 2
+        if 2 * half != len(rows):
+            raise ValueError(f"the shared layout packs pairs; got an odd number of rows ({len(rows)})")
+        return collate_shared(list(zip(rows[:half], rows[half:])))
     return collate_packed(rows, pack) if pack else collate_sft(rows, pad_id, "right")
 
 

@@ -25,7 +25,7 @@ from alignkit.config import require
 from alignkit.data.sources import DataConfig
 from alignkit.generation import SamplingConfig
 from alignkit.logprobs import (IGNORE_INDEX, causal_logits, shift_for_next_token, sum_per_sequence,
-                               token_logps)
+                               target_logps, token_logps)
 from alignkit.losses import dpo_implicit_rewards, get_loss, kto_reference_point
 from alignkit.models import LoraSpec
 from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
@@ -115,7 +115,9 @@ class Config:
 
 def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each sequence's labelled tokens and their count: ``([N], [N])``, for a
-    padded or a packed batch."""
+    padded or a packed batch (one that lists its targets: ``collate_shared``)."""
+    if "target_positions" in batch:
+        return target_logps(model, batch)
     logits, targets = shift_for_next_token(causal_logits(model, batch), batch["labels"])
     per_token = token_logps(logits, targets)
     return (sum_per_sequence(per_token, batch),
@@ -127,7 +129,7 @@ def cache_reference(reference, examples: list[dict], pad_id: int, batch_size: in
                     pack: str | None = None) -> None:
     """Store ``ref_chosen_logps``/``ref_rejected_logps`` (or ``ref_logps``, ``ref_kl_logps``
     for unpaired data) in each example, computed once with the reference in eval mode (fp32),
-    on padded or (given a layout, ``collate_packed``) packed batches."""
+    on padded or (given a layout: ``collate_rows``) packed batches."""
     from alignkit.data.collate import collate_rows
 
     reference.eval()
@@ -135,11 +137,15 @@ def cache_reference(reference, examples: list[dict], pad_id: int, batch_size: in
     fields = _sequence_fields(examples[0])
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]
-        for key in fields:
-            rows = [{"input_ids": e[f"{key}input_ids"], "labels": e[f"{key}labels"]} for e in chunk]
-            batch = {k: v.to(device) for k, v in collate_rows(rows, pad_id, pack).items()}
-            logps, _ = completion_logps(reference, batch)
-            for e, v in zip(chunk, logps.tolist()):
+        # All of a chunk's sequences in one batch, in collate_dap's order (the shared layout
+        # pairs sequence i with i + len(chunk)).
+        rows = [{"input_ids": e[f"{key}input_ids"], "labels": e[f"{key}labels"]}
+                for key in fields for e in chunk]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v
+                 for k, v in collate_rows(rows, pad_id, pack).items()}
+        logps = completion_logps(reference, batch)[0].tolist()
+        for j, key in enumerate(fields):
+            for e, v in zip(chunk, logps[j * len(chunk):(j + 1) * len(chunk)]):
                 e[f"ref_{key}logps"] = v
 
 
@@ -293,13 +299,13 @@ def prepare_examples(source, tokenizer, cfg: Config, reference,
         add_kto_mismatch(examples)
     if reference is not None:
         cache_reference(reference, examples, tokenizer.pad_token_id,
-                        pack=use_packing(reference, cfg.train))
+                        pack=use_packing(reference, cfg.train, pairs=True))
     return examples, stats
 
 
 def fit(model, examples, cfg: Config, tokenizer, out: Path, tracker, accelerator, eval_fn,
         loop: LoopConfig | None = None):
-    pad, pack = tokenizer.pad_token_id, use_packing(model, loop or cfg.train, accelerator)
+    pad, pack = tokenizer.pad_token_id, use_packing(model, loop or cfg.train, accelerator, pairs=True)
     return train(model, examples,
                  lengths=[sum(len(e[k]) for k in e if k.endswith("input_ids")) for e in examples],
                  collate=lambda b: collate_dap(b, pad, pack), weight_of=lambda e: 1.0,
