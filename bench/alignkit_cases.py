@@ -98,7 +98,7 @@ def rm(spec):
     from alignkit.data.collate import collate_preference
     from alignkit.data.formats import build_dataset
     from alignkit.models import load_scalar_model, load_tokenizer
-    from alignkit.stages.reward import make_loss
+    from alignkit.stages.reward import make_loss, supports_last_rows_only
 
     n = spec["batch"] * (spec["warmup"] + spec["steps"])
     tok = load_tokenizer(spec["model_dir"])
@@ -108,7 +108,8 @@ def rm(spec):
     pad, pack = tok.pad_token_id, _pack(spec, model, pairs=True)
     lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
     return _train(spec, model, examples, lengths, lambda b: collate_preference(b, pad, pack),
-                  lambda e: 1.0, make_loss(0.0),
+                  lambda e: 1.0,
+                  make_loss(0.0, pack is not None and supports_last_rows_only(model, pack)),
                   _dataset_shape(examples, ("chosen_input_ids", "rejected_input_ids")))
 
 

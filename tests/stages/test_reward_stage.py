@@ -5,7 +5,8 @@ import torch
 
 from alignkit.attention import flat_packing
 from alignkit.data.collate import collate_preference
-from alignkit.stages.reward import make_loss, pair_rewards, score_head
+from alignkit.stages.reward import (last_mlp, make_loss, pair_rewards, rows_only, score_head,
+                                    supports_last_rows_only)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,9 +28,10 @@ def pairs(n=5, seed=0):
     return out
 
 
+@pytest.mark.parametrize("last_rows_only", [False, True])
 @pytest.mark.parametrize("layout", ["rows", "flat", "shared"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-gqa"])
-def test_packed_scores_and_gradients_equal_padded(arch, layout, tiny_lm):
+def test_packed_scores_and_gradients_equal_padded(arch, layout, last_rows_only, tiny_lm):
     from transformers import AutoModelForSequenceClassification
 
     config = tiny_lm(arch).config
@@ -40,8 +42,9 @@ def test_packed_scores_and_gradients_equal_padded(arch, layout, tiny_lm):
         model = AutoModelForSequenceClassification.from_config(config)
         assert flat_packing(model) or pack != "flat"  # flat rows run alignkit_sdpa
         batch = collate_preference(pairs(), pad_id=0, pack=pack)
-        chosen, rejected = pair_rewards(model, batch)
-        out = make_loss(0.0)(model, batch)
+        only = last_rows_only and pack is not None
+        chosen, rejected = pair_rewards(model, batch, only)
+        out = make_loss(0.0, only)(model, batch)
         (out.values.sum() + (chosen * torch.arange(1.0, 6.0)).sum()).backward()
         scores.append(torch.cat([chosen, rejected]).detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -72,3 +75,33 @@ def test_packed_scores_through_a_lora_reward_model(tiny_lm):
         flat_packing(model)
         packed = torch.cat(pair_rewards(model, collate_preference(pairs(), pad_id=0, pack=layout)))
         assert torch.allclose(padded, packed, atol=1e-5, rtol=0)
+
+
+def test_the_last_mlp_runs_at_the_scored_tokens_only(tiny_lm):
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_lm("gpt2").config
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(config)
+    flat_packing(model)
+    mlp = last_mlp(model)
+    assert mlp is model.transformer.h[-1].mlp
+    seen = []
+    hook = mlp.c_fc.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[-2]))
+    batch = collate_preference(pairs(), pad_id=0, pack="flat")
+    pair_rewards(model, batch, last_rows_only=True)
+    pair_rewards(model, batch)
+    hook.remove()
+    assert seen == [10, batch["input_ids"].shape[1]]  # 10 sequences: 10 last tokens, then all
+    assert supports_last_rows_only(model, "flat") and supports_last_rows_only(model, "shared")
+    # A last layer whose MLP mixes tokens (a running sum over positions) fails the check.
+    inner = model.transformer.h[-1].mlp
+
+    class Mixing(torch.nn.Module):
+        def forward(self, x):
+            return inner(x).cumsum(-2)
+
+    model.transformer.h[-1].mlp = Mixing()
+    assert not supports_last_rows_only(model, "flat")
+    with rows_only(None, torch.tensor([0])):  # None: nothing restricted
+        pass
