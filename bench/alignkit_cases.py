@@ -98,7 +98,7 @@ def rm(spec):
     from alignkit.data.collate import collate_preference
     from alignkit.data.formats import build_dataset
     from alignkit.models import load_scalar_model, load_tokenizer
-    from alignkit.stages.reward import make_loss, supports_last_rows_only
+    from alignkit.stages.reward import last_mlp, make_loss, supports_last_rows_only
 
     n = spec["batch"] * (spec["warmup"] + spec["steps"])
     tok = load_tokenizer(spec["model_dir"])
@@ -107,10 +107,13 @@ def rm(spec):
     model = load_scalar_model(spec["model_dir"], tokenizer=tok)
     pad, pack = tok.pad_token_id, _pack(spec, model, pairs=True)
     lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
+    only = pack is not None and supports_last_rows_only(model, pack)
+    extra = _dataset_shape(examples, ("chosen_input_ids", "rejected_input_ids"))
+    if only:  # for MFU: the last MLP's FLOPs are not spent on unscored tokens (2 scored per pair)
+        extra.update(skipped_mlp_params=sum(p.numel() for p in last_mlp(model).parameters()),
+                     scored_per_item=2)
     return _train(spec, model, examples, lengths, lambda b: collate_preference(b, pad, pack),
-                  lambda e: 1.0,
-                  make_loss(0.0, pack is not None and supports_last_rows_only(model, pack)),
-                  _dataset_shape(examples, ("chosen_input_ids", "rejected_input_ids")))
+                  lambda e: 1.0, make_loss(0.0, only), extra)
 
 
 def dpo(spec):

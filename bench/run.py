@@ -215,7 +215,7 @@ def summarize(case: str, model: str, precision: str, runs: dict, meta: dict, pea
         if ok:
             for key in ("tokens_per_s", "items_per_s", "iters_per_s", "peak_rss_mb",
                         "step_s_median", "dataset_tokens", "tokens", "params_ratio_vs_one_model",
-                        "computed_tokens_per_s"):
+                        "computed_tokens_per_s", "skipped_mlp_params", "scored_per_item"):
                 v = median_of(ok, key)
                 if v is not None:
                     s[key] = v
@@ -225,9 +225,15 @@ def summarize(case: str, model: str, precision: str, runs: dict, meta: dict, pea
     for side in ("alignkit", "peer"):
         s = row[side]
         if case in TRAINING and "tokens_per_s" in s:
-            # Tokens computed: a prefix shared by a pair (alignkit's shared layout) counts once.
+            # Tokens computed: a prefix shared by a pair (alignkit's shared layout) counts once;
+            # an RM's last MLP runs at the scored tokens only (alignkit), so its FLOPs elsewhere
+            # are not counted.
             computed = s.get("computed_tokens_per_s", s["tokens_per_s"])
-            s["mfu"] = flops_per_token(case, meta, context) * computed / peak[f"{precision}_peak_flops"]
+            flops = flops_per_token(case, meta, context) * computed
+            if "skipped_mlp_params" in s:
+                unscored = computed - s["scored_per_item"] * s["items_per_s"]
+                flops -= 6.0 * s["skipped_mlp_params"] * unscored
+            s["mfu"] = flops / peak[f"{precision}_peak_flops"]
     a, p = row["alignkit"], row["peer"]
     if "items_per_s" in a and "items_per_s" in p:
         row["ratio"] = a["items_per_s"] / p["items_per_s"]
@@ -291,7 +297,8 @@ def markdown(report: dict) -> str:
         "completions for sampling and RL); ratio = alignkit / peer items/s at equal precision, "
         "tok ratio = the same for real tokens/s (a ratio target must hold for both); "
         "memory = peak RSS of the measuring process (ru_maxrss), MiB. "
-        f"MFU = FLOPs per real token x real tokens/s / matmul peak; FLOPs per token: "
+        "MFU = FLOPs per real token x real tokens computed/s (a prompt shared by a pair counts "
+        "once; an RM's last MLP counts at scored tokens only) / matmul peak; FLOPs per token: "
         f"{report.get('flops_formula', '6 x parameters')}.",
         "",
         "| case | model | prec | alignkit items/s | peer items/s | ratio | alignkit tok/s | "
