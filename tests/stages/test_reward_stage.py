@@ -73,8 +73,11 @@ def test_packed_scores_through_a_lora_reward_model(tiny_lm):
     padded = torch.cat(pair_rewards(model, collate_preference(pairs(), pad_id=0)))
     for layout in ("rows", "flat", "shared"):
         flat_packing(model)
-        packed = torch.cat(pair_rewards(model, collate_preference(pairs(), pad_id=0, pack=layout)))
-        assert torch.allclose(padded, packed, atol=1e-5, rtol=0)
+        assert supports_last_rows_only(model, layout)  # the adapted MLP is still per token
+        for only in (False, True):
+            batch = collate_preference(pairs(), pad_id=0, pack=layout)
+            packed = torch.cat(pair_rewards(model, batch, only))
+            assert torch.allclose(padded, packed, atol=1e-5, rtol=0)
 
 
 def test_the_last_mlp_runs_at_the_scored_tokens_only(tiny_lm):
@@ -102,6 +105,9 @@ def test_the_last_mlp_runs_at_the_scored_tokens_only(tiny_lm):
             return inner(x).cumsum(-2)
 
     model.transformer.h[-1].mlp = Mixing()
+    assert not supports_last_rows_only(model, "flat")
+    model.transformer.h[-1].mlp = inner
+    model.gradient_checkpointing_enable()  # would re-run the MLP in backward, unhooked
     assert not supports_last_rows_only(model, "flat")
     with rows_only(None, torch.tensor([0])):  # None: nothing restricted
         pass

@@ -130,8 +130,9 @@ def supports_last_rows_only(model, pack: str) -> bool:
     drops tokens over capacity does not). Checked on two random pairs in layout ``pack``."""
     from alignkit.data.collate import collate_preference
 
-    if last_mlp(model) is None:
-        return False
+    if last_mlp(model) is None or any(getattr(m, "gradient_checkpointing", False) is True
+                                      for m in model.modules()):
+        return False  # checkpointing re-runs the layer in backward, outside the hooks
     param = next(model.parameters())
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)
