@@ -106,6 +106,13 @@ def test_the_last_mlp_runs_at_the_scored_tokens_only(tiny_lm):
 
     model.transformer.h[-1].mlp = Mixing()
     assert not supports_last_rows_only(model, "flat")
+
+    class Routed(torch.nn.Module):  # returns (output, router logits), as some experts layers do
+        def forward(self, x):
+            return inner(x), x[..., :2]
+
+    model.transformer.h[-1].mlp = Routed()
+    assert not supports_last_rows_only(model, "flat")
     model.transformer.h[-1].mlp = inner
     model.gradient_checkpointing_enable()  # would re-run the MLP in backward, unhooked
     assert not supports_last_rows_only(model, "flat")

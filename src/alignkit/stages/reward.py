@@ -91,6 +91,8 @@ def rows_only(module: torch.nn.Module | None, rows: torch.Tensor):
         shape = shapes.pop()
         if shape is None:
             return None
+        if not torch.is_tensor(out):  # e.g. a mixture of experts returning router logits too
+            raise TypeError(f"rows_only needs a module that returns one tensor, got {type(out)}")
         full = out.new_zeros(shape[0] * shape[1], out.shape[-1])
         return full.index_copy(0, rows, out[0]).view(shape[0], shape[1], -1)
 
@@ -145,6 +147,8 @@ def supports_last_rows_only(model, pack: str) -> bool:
     model.eval()
     try:
         full, part = (packed_scores(model, batch, flag) for flag in (False, True))
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return False
     finally:
         model.train(was_training)
     tol = 1e-4 if param.dtype == torch.float32 else 3e-2
