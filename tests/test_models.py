@@ -88,11 +88,13 @@ def test_use_packing_follows_the_switch_and_the_probe(tiny_lm, capsys):
     assert use_packing(model, LoopConfig(), pairs=True) == "shared"
     eager = tiny_lm("gpt2")
     eager.set_attn_implementation("eager")  # attention over dense masks: rows, not one flat row
-    assert use_packing(eager, LoopConfig()) == use_packing(eager, LoopConfig(), pairs=True) == "rows"
+    assert use_packing(eager, LoopConfig()) == "rows"
+    assert use_packing(eager, LoopConfig(), pairs=True) == "rows"
     assert not use_packing(tiny_lm("llama"), LoopConfig(packing=False))
     assert not use_packing(RunningSum(per_sequence=False), LoopConfig())
     # Flash attention would take a flat row, but this forward takes no boundaries: rows it is.
     flash_named = RunningSum(per_sequence=True)
     flash_named.config = SimpleNamespace(_attn_implementation="flash_attention_2")
-    assert flat_packing(flash_named) and use_packing(flash_named, LoopConfig(), pairs=True) == "rows"
+    assert flat_packing(flash_named)
+    assert use_packing(flash_named, LoopConfig(), pairs=True) == "rows"
     assert "does not confine attention to packed sequences" in capsys.readouterr().out

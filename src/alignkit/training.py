@@ -121,7 +121,9 @@ def use_packing(model, loop: LoopConfig, accelerator=None, pairs: bool = False) 
     if accelerator is not None:
         # Probe where training runs: e.g. flash attention packs natively on GPU, not on CPU.
         model.to(accelerator.device)
-    layouts = ((("shared",) if pairs else ()) + ("flat", "rows")) if flat_packing(model) else ("rows",)
+    layouts = ("rows",)
+    if flat_packing(model):
+        layouts = (("shared",) if pairs else ()) + ("flat", "rows")
     # e.g. a custom model whose forward takes no extra kwargs fails flat and may pass rows.
     layout = next((lay for lay in layouts if supports_packing(model, lay)), None)
     if layout is None:

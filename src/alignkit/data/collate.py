@@ -235,7 +235,8 @@ def collate_rows(rows: Sequence[Mapping], pad_id: int,
     if pack == "shared":
         half = len(rows) // 2
         if 2 * half != len(rows):
-            raise ValueError(f"the shared layout packs pairs; got an odd number of rows ({len(rows)})")
+            raise ValueError(f"the shared layout packs pairs; got an odd number of rows "
+                             f"({len(rows)})")
         return collate_shared(list(zip(rows[:half], rows[half:])))
     return collate_packed(rows, pack) if pack else collate_sft(rows, pad_id, "right")
 

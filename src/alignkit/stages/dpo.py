@@ -305,7 +305,8 @@ def prepare_examples(source, tokenizer, cfg: Config, reference,
 
 def fit(model, examples, cfg: Config, tokenizer, out: Path, tracker, accelerator, eval_fn,
         loop: LoopConfig | None = None):
-    pad, pack = tokenizer.pad_token_id, use_packing(model, loop or cfg.train, accelerator, pairs=True)
+    pad = tokenizer.pad_token_id
+    pack = use_packing(model, loop or cfg.train, accelerator, pairs=True)
     return train(model, examples,
                  lengths=[sum(len(e[k]) for k in e if k.endswith("input_ids")) for e in examples],
                  collate=lambda b: collate_dap(b, pad, pack), weight_of=lambda e: 1.0,

@@ -228,7 +228,8 @@ def main(cfg: Config) -> dict:
                        task_type="SEQ_CLS")
     accelerator.print(f"alignkit rm: {stats}")
     pad = tokenizer.pad_token_id
-    pack = use_packing(model, cfg.train, accelerator, pairs=True) if score_head(model) is not None else None
+    pack = (use_packing(model, cfg.train, accelerator, pairs=True)
+            if score_head(model) is not None else None)
     last_rows_only = pack is not None and supports_last_rows_only(model, pack)
     result = train(model, examples,
                    lengths=[max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
