@@ -21,13 +21,12 @@ is one host sync per step (not per row), and finished rows are dropped from the 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 
-from alignkit.logprobs import IGNORE_INDEX, token_logps
+from alignkit.logprobs import IGNORE_INDEX, forward_parameters, token_logps
 
 
 @dataclass(frozen=True)
@@ -261,10 +260,7 @@ def _compiled_decode_and_draw():
 def _forward_names(model) -> tuple[str, bool]:
     """The KV-cache keyword of this model's forward (``past_key_values`` was renamed ``cache`` in
     transformers 5.x) and whether it takes ``logits_to_keep`` (skips the LM head where unread)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
+    params = forward_parameters(model)
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 

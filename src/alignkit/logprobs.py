@@ -106,17 +106,21 @@ def causal_logits(model, batch: dict) -> torch.Tensor:
                  use_cache=False).logits
 
 
+def forward_parameters(model) -> frozenset[str]:
+    """The names ``model.forward`` declares (empty if its signature cannot be read)."""
+    try:
+        return frozenset(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
 def target_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each sequence's targets and their count, ``([N], [N])``, for a batch
     that lists its targets (``collate_shared``: ``target_positions``, ``target_ids``,
     ``target_owner``). The LM head runs at the target positions only where the model's forward
     takes ``logits_to_keep`` as indices (transformers' causal LMs)."""
     where = batch["target_positions"]
-    try:
-        takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        takes_keep = False
-    if takes_keep:
+    if "logits_to_keep" in forward_parameters(model):
         logits = model(**packed_inputs(batch), logits_to_keep=where).logits[0]
     else:
         logits = model(**packed_inputs(batch)).logits[0, where]

@@ -6,6 +6,7 @@ stage, or any Hugging Face model a user has on disk or in their hub cache.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,32 @@ def fuse_activations(model):
     return model
 
 
+def probe_sequences(model, lengths) -> list[list[int]]:
+    """Random token sequences of ``lengths`` (fixed seed) for a check run on ``model`` once."""
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """``model`` in eval mode inside, its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def agree(expected: torch.Tensor, got: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a check's two computations on a model in ``dtype`` match to its float rounding
+    (relative to the magnitude of ``expected``: 1e-4 in fp32, 3e-2 in half precision)."""
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    return bool((got.float() - expected.float()).abs().max()
+                <= tol * (1.0 + expected.float().abs().max()))
+
+
 @torch.no_grad()
 def supports_packing(model, layout: str = "rows") -> bool:
     """Whether ``model`` confines attention to each sequence of a packed batch in ``layout``
@@ -86,36 +113,30 @@ def supports_packing(model, layout: str = "rows") -> bool:
     attention) honour it; others would silently attend across sequences. So it is checked: two
     short sequences, packed vs one at a time, must give the same last hidden states.
     """
-    from alignkit.data.collate import collate_packed, collate_shared
+    from alignkit.data.collate import collate_packed, collate_shared, to_device
     from alignkit.logprobs import packed_inputs
 
     param = next(model.parameters())
-    vocab = model.get_input_embeddings().num_embeddings
-    gen = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (5, 7)]
+    seqs = probe_sequences(model, (5, 7))
     if layout == "shared":  # a pair sharing its first 3 tokens: the second is written from its 4th
+        vocab = model.get_input_embeddings().num_embeddings
         seqs[1][:3], seqs[1][3] = seqs[0][:3], (seqs[0][3] + 1) % vocab
         rows = [{"input_ids": s, "labels": s} for s in seqs]
         batch = collate_shared([(rows[0], rows[1])])
     else:
         batch = collate_packed([{"input_ids": s, "labels": s} for s in seqs], layout, width=12)
-    batch = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    was_training = model.training
-    model.eval()
+    batch = to_device(batch, param.device)
     try:
-        packed = model(**packed_inputs(batch), output_hidden_states=True).hidden_states[-1].float()
-        packed = torch.cat([packed[batch["sequence_index"] == i] for i in range(len(seqs))])
-        alone = [model(input_ids=torch.tensor([s], device=param.device), use_cache=False,
-                       output_hidden_states=True).hidden_states[-1][0].float() for s in seqs]
-        if layout == "shared":
-            alone[1] = alone[1][3:]
-        alone = torch.cat(alone)
+        with evaluating(model):
+            packed = model(**packed_inputs(batch), output_hidden_states=True).hidden_states[-1]
+            alone = [model(input_ids=torch.tensor([s], device=param.device), use_cache=False,
+                           output_hidden_states=True).hidden_states[-1][0] for s in seqs]
     except (TypeError, ValueError, RuntimeError, ImportError, AttributeError):  # e.g. flash off GPU
         return False
-    finally:
-        model.train(was_training)
-    tol = 1e-4 if param.dtype == torch.float32 else 3e-2
-    return bool((packed - alone).abs().max() <= tol * (1.0 + alone.abs().max()))
+    packed = torch.cat([packed[batch["sequence_index"] == i] for i in range(len(seqs))])
+    if layout == "shared":
+        alone[1] = alone[1][3:]
+    return agree(torch.cat(alone), packed, param.dtype)
 
 
 def _fit_vocab(model, tokenizer) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from alignkit.config import require
+from alignkit.data.collate import to_device
 from alignkit.losses import reduce_loss
 
 
@@ -313,8 +314,7 @@ def _optimizer_step(model, optimizer, scheduler, accelerator, items, global_batc
     loss_sum = torch.zeros((), dtype=torch.float64)
     for k, idx in enumerate(micro):
         batch = collate([items[i] for i in idx])
-        batch = {key: v.to(accelerator.device) if torch.is_tensor(v) else v
-                 for key, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         sync = k == len(micro) - 1
         ctx = accelerator.no_sync(model) if (not sync and world > 1) else contextlib.nullcontext()
         with ctx:

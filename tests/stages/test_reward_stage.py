@@ -5,7 +5,7 @@ import torch
 
 from alignkit.attention import flat_packing
 from alignkit.data.collate import collate_preference
-from alignkit.stages.reward import (last_mlp, make_loss, pair_rewards, rows_only, score_head,
+from alignkit.stages.reward import (last_mlp, make_loss, pair_rewards, score_head,
                                     supports_last_rows_only)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,5 +116,3 @@ def test_the_last_mlp_runs_at_the_scored_tokens_only(tiny_lm):
     model.transformer.h[-1].mlp = inner
     model.gradient_checkpointing_enable()  # would re-run the MLP in backward, unhooked
     assert not supports_last_rows_only(model, "flat")
-    with rows_only(None, torch.tensor([0])):  # None: nothing restricted
-        pass

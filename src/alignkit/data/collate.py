@@ -204,6 +204,12 @@ def collate_shared(pairs: Sequence[tuple[Mapping, Mapping]]) -> dict:
     }
 
 
+def to_device(batch: Mapping, device) -> dict:
+    """The batch with its tensors on ``device`` (other values, e.g. ``shared_prefix_lens``, as
+    they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def collate_prompts(prompt_id_lists: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded generation batch: ``input_ids`` and ``attention_mask`` ``[B, T]``."""
     return {

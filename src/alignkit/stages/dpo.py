@@ -130,7 +130,7 @@ def cache_reference(reference, examples: list[dict], pad_id: int, batch_size: in
     """Store ``ref_chosen_logps``/``ref_rejected_logps`` (or ``ref_logps``, ``ref_kl_logps``
     for unpaired data) in each example, computed once with the reference in eval mode (fp32),
     on padded or (given a layout: ``collate_rows``) packed batches."""
-    from alignkit.data.collate import collate_rows
+    from alignkit.data.collate import collate_rows, to_device
 
     reference.eval()
     device = next(reference.parameters()).device
@@ -141,8 +141,7 @@ def cache_reference(reference, examples: list[dict], pad_id: int, batch_size: in
         # pairs sequence i with i + len(chunk)).
         rows = [{"input_ids": e[f"{key}input_ids"], "labels": e[f"{key}labels"]}
                 for key in fields for e in chunk]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v
-                 for k, v in collate_rows(rows, pad_id, pack).items()}
+        batch = to_device(collate_rows(rows, pad_id, pack), device)
         logps = completion_logps(reference, batch)[0].tolist()
         for j, key in enumerate(fields):
             for e, v in zip(chunk, logps[j * len(chunk):(j + 1) * len(chunk)]):

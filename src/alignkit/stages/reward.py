@@ -130,29 +130,23 @@ def supports_last_rows_only(model, pack: str) -> bool:
     """Whether ``packed_scores`` gives the same scores with ``last_rows_only`` on ``model``, whose
     last layer's MLP must then work token by token (as dense MLPs do; a mixture of experts that
     drops tokens over capacity does not). Checked on two random pairs in layout ``pack``."""
-    from alignkit.data.collate import collate_preference
+    from alignkit.data.collate import collate_preference, to_device
+    from alignkit.models import agree, evaluating, probe_sequences
 
     if last_mlp(model) is None or any(getattr(m, "gradient_checkpointing", False) is True
                                       for m in model.modules()):
         return False  # checkpointing re-runs the layer in backward, outside the hooks
     param = next(model.parameters())
-    vocab = model.get_input_embeddings().num_embeddings
-    gen = torch.Generator().manual_seed(0)
-    ids = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (6, 9, 5, 7)]
+    ids = probe_sequences(model, (6, 9, 5, 7))
     pairs = [{"chosen_input_ids": a, "chosen_labels": a, "rejected_input_ids": b,
               "rejected_labels": b} for a, b in (ids[:2], ids[2:])]
-    batch = {k: v.to(param.device) if torch.is_tensor(v) else v
-             for k, v in collate_preference(pairs, 0, pack).items()}
-    was_training = model.training
-    model.eval()
+    batch = to_device(collate_preference(pairs, 0, pack), param.device)
     try:
-        full, part = (packed_scores(model, batch, flag) for flag in (False, True))
+        with evaluating(model):
+            full, part = (packed_scores(model, batch, flag) for flag in (False, True))
     except (TypeError, ValueError, RuntimeError, IndexError):
         return False
-    finally:
-        model.train(was_training)
-    tol = 1e-4 if param.dtype == torch.float32 else 3e-2
-    return bool((full - part).abs().max() <= tol * (1.0 + full.abs().max()))
+    return agree(full, part, param.dtype)
 
 
 def make_loss(margin: float, last_rows_only: bool = False):
