@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from alignkit.logprobs import IGNORE_INDEX, token_logps
+
+
+def _reference(logits, labels):
+    """log_softmax written out, in float64, gathered at the labels; 0 where ignored."""
+    logp = torch.log_softmax(logits.double(), -1)
+    mask = labels != IGNORE_INDEX
+    picked = logp.gather(-1, labels.masked_fill(~mask, 0)[..., None]).squeeze(-1)
+    return picked * mask
+
+
+def test_hand_computed_values():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 1.0]]])
+    labels = torch.tensor([[1, 3]])
+    lse = torch.log(torch.tensor(torch.e ** 2 + 2 + torch.e))
+    out = token_logps(logits, labels)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.stack([-torch.log(torch.tensor(4.0)), 1 - lse])[None],
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [0, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_and_gradients_match_log_softmax(chunk, dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 50) * 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, :2] = IGNORE_INDEX
+    labels[2, -1] = IGNORE_INDEX
+    weights = torch.randn(3, 7, dtype=torch.float64)
+    ours = token_logps(logits, labels, chunk=chunk)
+    grad, = torch.autograd.grad((ours.double() * weights).sum(), logits)
+    ref_logits = logits.detach().double().requires_grad_()
+    ref = _reference(ref_logits, labels)
+    ref_grad, = torch.autograd.grad((ref * weights).sum(), ref_logits)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours.double(), ref, atol=tol, rtol=0)
+    assert (ours[labels == IGNORE_INDEX] == 0).all()
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), ref_grad, atol=tol, rtol=0)
+    assert (grad[labels == IGNORE_INDEX] == 0).all()
+
+
+def test_large_logits_are_stable_and_double_backward_is_refused():
+    logits = torch.tensor([[[1000.0, 999.0, -1000.0]]], requires_grad=True)
+    out = token_logps(logits, torch.tensor([[1]]))
+    torch.testing.assert_close(out, torch.tensor([[-1 - torch.log1p(torch.exp(torch.tensor(-1.0)))]]))
+    grad, = torch.autograd.grad(out.sum(), logits, create_graph=True)
+    assert torch.isfinite(grad).all()
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad.sum(), logits)
+
+
+def test_no_rows():
+    out = token_logps(torch.zeros(0, 5, 11), torch.zeros(0, 5, dtype=torch.long))
+    assert out.shape == (0, 5)
