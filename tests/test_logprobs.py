@@ -57,3 +57,23 @@ def test_large_logits_are_stable_and_double_backward_is_refused():
 def test_no_rows():
     out = token_logps(torch.zeros(0, 5, 11), torch.zeros(0, 5, dtype=torch.long))
     assert out.shape == (0, 5)
+
+
+def test_next_token_logps_shift_the_labels_and_match_sliced_logits():
+    from alignkit.logprobs import next_token_logps
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 6, 9, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 6))
+    labels[1, :3] = IGNORE_INDEX
+    weights = torch.randn(2, 5, dtype=torch.float64)
+    ours, targets = next_token_logps(logits, labels)
+    assert ours.shape == targets.shape == (2, 5)
+    assert torch.equal(targets, labels[:, 1:])
+    grad, = torch.autograd.grad((ours.double() * weights).sum(), logits)
+    ref_logits = logits.detach().double().requires_grad_()
+    ref = _reference(ref_logits[:, :-1], labels[:, 1:])
+    ref_grad, = torch.autograd.grad((ref * weights).sum(), ref_logits)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=0)
+    assert (grad[:, -1] == 0).all()  # the last position predicts nothing

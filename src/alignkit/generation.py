@@ -434,8 +434,12 @@ def rollout_logps(model, rollout: Rollout, temperature: float = 1.0) -> torch.Te
     keep = {"logits_to_keep": resp_len + 1} if has_logits_to_keep else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=False, **keep)
-    logits = out.logits[:, -(resp_len + 1):-1].float()
+    logits = out.logits
+    if logits.size(1) != resp_len + 1:  # no logits_to_keep (else no slice: its backward
+        logits = logits[:, -(resp_len + 1):]  # would copy the gradient into a tensor of zeros)
     if temperature not in (0, 1):
-        logits = logits / temperature
+        logits = logits.float() / temperature
     labels = rollout.response_ids.masked_fill(rollout.response_mask == 0, IGNORE_INDEX)
-    return token_logps(logits, labels)
+    # Position P-1+j predicts response token j; the last position predicts nothing.
+    ignore_last = labels.new_full((labels.size(0), 1), IGNORE_INDEX)
+    return token_logps(logits, torch.cat([labels, ignore_last], dim=1))[:, :-1]

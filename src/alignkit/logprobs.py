@@ -14,9 +14,16 @@ import torch
 IGNORE_INDEX = -100
 
 
-def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Align position ``t`` logits with token ``t + 1``. logits ``[B, T, V]``, labels ``[B, T]``."""
-    return logits[:, :-1, :], labels[:, 1:]
+def next_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of token ``t + 1`` under position ``t``'s logits: ``([B, T-1], targets [B, T-1])``
+    for logits ``[B, T, V]`` and labels ``[B, T]`` (``IGNORE_INDEX`` where there is no target).
+
+    The labels move, not the logits: slicing ``logits[:, :-1]`` would make autograd fill a
+    ``[B, T, V]`` tensor of zeros and copy the gradient into it. Here the last position gets no
+    target, and only the ``[B, T]`` result is sliced."""
+    targets = labels[:, 1:]
+    padded = torch.cat([targets, targets.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
+    return token_logps(logits, padded)[:, :-1], targets
 
 
 class _PickedLogProb(torch.autograd.Function):
@@ -58,11 +65,14 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 0) -> t
     flat_logits = logits.reshape(-1, logits.size(-1))
     flat_labels = safe.reshape(-1)
     n = flat_logits.size(0)
-    step = chunk if chunk > 0 else max(n, 1)
-    out = [_PickedLogProb.apply(flat_logits[i:i + step].float(), flat_labels[i:i + step])
-           for i in range(0, n, step)]
-    logps = torch.cat(out) if len(out) > 1 else out[0] if out else \
-        flat_logits.new_zeros(0, dtype=torch.float32)
+    if n == 0:
+        return flat_logits.new_zeros(labels.shape, dtype=torch.float32)
+    if chunk <= 0 or chunk >= n:  # no slice: its backward would copy into a [N, V] of zeros
+        logps = _PickedLogProb.apply(flat_logits.float(), flat_labels)
+    else:
+        logps = torch.cat([_PickedLogProb.apply(flat_logits[i:i + chunk].float(),
+                                                flat_labels[i:i + chunk])
+                           for i in range(0, n, chunk)])
     return logps.view(labels.shape) * mask
 
 
@@ -85,8 +95,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=False)
-    logits, targets = shift_for_next_token(out.logits, labels)
-    return token_logps(logits, targets)
+    return next_token_logps(out.logits, labels)[0]
 
 
 _last_boundaries: tuple = (None, -1, [])  # (weak reference, version, lengths): see below
@@ -146,7 +155,7 @@ def target_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     takes ``logits_to_keep`` as indices (transformers' causal LMs)."""
     where = batch["target_positions"]
     if "logits_to_keep" in forward_parameters(model):
-        logits = model(**packed_inputs(batch), logits_to_keep=where).logits[0]
+        logits = model(**packed_inputs(batch), logits_to_keep=where).logits.squeeze(0)
     else:
         logits = model(**packed_inputs(batch)).logits[0, where]
     per_token = token_logps(logits, batch["target_ids"])

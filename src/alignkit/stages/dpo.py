@@ -24,8 +24,8 @@ import torch
 from alignkit.config import require
 from alignkit.data.sources import DataConfig
 from alignkit.generation import SamplingConfig
-from alignkit.logprobs import (IGNORE_INDEX, causal_logits, shift_for_next_token, sum_per_sequence,
-                               target_logps, token_logps)
+from alignkit.logprobs import (IGNORE_INDEX, causal_logits, next_token_logps, sum_per_sequence,
+                               target_logps)
 from alignkit.losses import dpo_implicit_rewards, get_loss, kto_reference_point
 from alignkit.models import LoraSpec
 from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
@@ -118,8 +118,7 @@ def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     padded or a packed batch (one that lists its targets: ``collate_shared``)."""
     if "target_positions" in batch:
         return target_logps(model, batch)
-    logits, targets = shift_for_next_token(causal_logits(model, batch), batch["labels"])
-    per_token = token_logps(logits, targets)
+    per_token, targets = next_token_logps(causal_logits(model, batch), batch["labels"])
     return (sum_per_sequence(per_token, batch),
             sum_per_sequence((targets != IGNORE_INDEX).float(), batch))
 

@@ -14,7 +14,7 @@ import torch
 
 from alignkit.config import require
 from alignkit.data.sources import DataConfig, sft_source
-from alignkit.logprobs import IGNORE_INDEX, causal_logits, shift_for_next_token, token_logps
+from alignkit.logprobs import IGNORE_INDEX, causal_logits, next_token_logps
 from alignkit.losses import sft_loss
 from alignkit.models import LoraSpec
 from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
@@ -36,8 +36,7 @@ class Config:
 
 def causal_lm_loss(model, batch) -> LossOutput:
     """Per-token NLL of the labelled (completion) tokens; prompt and padding weigh 0."""
-    logits, targets = shift_for_next_token(causal_logits(model, batch), batch["labels"])
-    logps = token_logps(logits, targets)
+    logps, targets = next_token_logps(causal_logits(model, batch), batch["labels"])
     return LossOutput(values=sft_loss(logps), weights=(targets != IGNORE_INDEX).float())
 
 
