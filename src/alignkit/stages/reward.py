@@ -164,13 +164,12 @@ def make_loss(margin: float, last_rows_only: bool = False):
 def evaluate_pairs(model, examples: list[dict], pad_id: int, gold_margin: list[float] | None,
                    batch_size: int = 32) -> dict:
     """Pair accuracy vs the labels, and vs the gold ordering when ``gold_margin`` is given."""
-    from alignkit.data.collate import collate_preference
+    from alignkit.data.collate import collate_preference, to_device
 
     device = next(model.parameters()).device
     diffs = []
     for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in
-                 collate_preference(examples[s:s + batch_size], pad_id).items() if torch.is_tensor(v)}
+        batch = to_device(collate_preference(examples[s:s + batch_size], pad_id), device)
         chosen, rejected = pair_rewards(model, batch)
         diffs.append(chosen - rejected)
     diff = torch.cat(diffs)

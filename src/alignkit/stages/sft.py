@@ -46,13 +46,12 @@ def n_targets(example: dict) -> int:
 
 @torch.no_grad()
 def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 32) -> dict:
-    from alignkit.data.collate import collate_sft
+    from alignkit.data.collate import collate_sft, to_device
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate_sft(examples[s:s + batch_size], pad_id).items()
-                 if torch.is_tensor(v)}
+        batch = to_device(collate_sft(examples[s:s + batch_size], pad_id), device)
         out = causal_lm_loss(model, batch)
         total += float((out.values * out.weights).sum())
         count += int(out.weights.sum())
