@@ -2,7 +2,8 @@
 
 Square ``n x n @ n x n`` products, ``2 n^3`` FLOPs each, for several ``n``; the best time of
 ``repeats`` runs per size, after a warm-up run; the peak is the highest rate over sizes. bf16 is a
-plain bf16 matmul (what autocast runs for ``nn.Linear``).
+plain bf16 matmul (what autocast runs for ``nn.Linear``); on a CPU without bf16 matrix instructions
+it is measured at n = 256 only and ``bf16_native`` is false.
 
 Usage: python bench/peak.py [--sizes 1024,2048] [--repeats 10]  -> prints BENCH_RESULT {json}
 """
@@ -44,8 +45,15 @@ def main():
     threads = set_threads()
     sizes = [int(s) for s in args.sizes.split(",")]
     result = {"threads": threads, "sizes": sizes, "repeats": args.repeats}
+    from alignkit.training import cpu_has_fast_bf16
+
+    # Without bf16 matrix instructions PyTorch emulates bf16 products (~100x slower than fp32 on an
+    # AVX2-only CPU: 2048^3 would take minutes per product); one small size records how slow.
+    native = torch.cuda.is_available() or cpu_has_fast_bf16()
+    result["bf16_native"] = native
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        rates = {n: best_rate(n, dtype, args.repeats) for n in sizes}
+        ns = sizes if name == "fp32" or native else [256]
+        rates = {n: best_rate(n, dtype, args.repeats if ns is sizes else 2) for n in ns}
         result[f"{name}_by_size_gflops"] = {str(n): r / 1e9 for n, r in rates.items()}
         result[f"{name}_peak_flops"] = max(rates.values())
     emit(result)

@@ -290,7 +290,8 @@ def markdown(report: dict) -> str:
         f"load average at start {report['machine']['loadavg_start']}, at end "
         f"{report['machine']['loadavg_end']}.  ",
         f"Matmul peak: fp32 {peak['fp32_peak_flops'] / 1e9:.0f} GFLOP/s, "
-        f"bf16 {peak['bf16_peak_flops'] / 1e9:.0f} GFLOP/s.  ",
+        f"bf16 {peak['bf16_peak_flops'] / 1e9:.0f} GFLOP/s"
+        + ("" if peak.get("bf16_native", True) else " (emulated: no bf16 matrix instructions)") + ".  ",
         "Versions: " + "; ".join(f"{k}: {v}" for k, v in sorted(report["versions"].items())) + ".",
         "",
         "Throughput is the median over repetitions (items = sequences for SFT, pairs for RM/DPO, "
@@ -337,6 +338,8 @@ def main() -> int:
     ap.add_argument("--cases", default=",".join(FULL), help="comma list of " + ",".join(FULL))
     ap.add_argument("--models", default=None, help="override the models of every case (comma list)")
     ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--emulated-bf16", action="store_true",
+                    help="run bf16 rows even on a CPU without bf16 matrix instructions (very slow)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per side (default 2; quick 1)")
     ap.add_argument("--warmup", type=int, default=None, help="override warm-up steps of every case")
     ap.add_argument("--steps", type=int, default=None, help="override timed steps of every case")
@@ -396,6 +399,10 @@ def main() -> int:
     peak = run_child(peak_cmd, logs / "peak.log", 300, env)
     log(f"matmul peak: fp32 {peak['fp32_peak_flops'] / 1e9:.0f} GFLOP/s, "
         f"bf16 {peak['bf16_peak_flops'] / 1e9:.0f} GFLOP/s")
+    if not peak.get("bf16_native", True) and "bf16" in precisions and not args.emulated_bf16:
+        precisions = [p for p in precisions if p != "bf16"]
+        log("this CPU has no bf16 matrix instructions (bf16 is emulated, "
+            f"{peak['bf16_peak_flops'] / 1e9:.2f} GFLOP/s): bf16 rows skipped (--emulated-bf16 runs them)")
 
     # 4. cells, both sides alternating
     rows, versions = [], {}

@@ -11,7 +11,8 @@ import torch
 
 from alignkit.stages.base import lm_collate
 from alignkit.stages.sft import causal_lm_loss
-from alignkit.training import LoopConfig, OptimConfig, epoch_batches, lr_lambda, make_accelerator, train
+from alignkit.training import (LoopConfig, OptimConfig, epoch_batches, lr_lambda, make_accelerator,
+                               resolve_precision, train)
 from alignkit.tracking import Tracker, read_metrics
 
 
@@ -156,3 +157,16 @@ def test_stages_with_different_precision_in_one_process():
     assert make_accelerator("no").mixed_precision == "no"
     assert make_accelerator("bf16").mixed_precision == "bf16"
     assert make_accelerator("no").mixed_precision == "no"
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "no"), (True, False, "bf16"),
+                                                       (False, True, "bf16")])
+def test_auto_precision_picks_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch, avx512_bf16,
+                                                                        amx, expected):
+    """An AVX2-only CPU emulates bf16 products (~100x slower than fp32): "auto" means fp32 there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_precision("auto") == expected
+    assert make_accelerator("auto").mixed_precision == expected
+    assert resolve_precision("no") == "no" and resolve_precision("bf16") == "bf16"

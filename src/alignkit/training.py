@@ -65,7 +65,7 @@ class LoopConfig:
     log_every: int = 10
     keep_checkpoints: int = 2
     seed: int = 0
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"   # auto: resolve_precision
     resume: str = "auto"        # "auto": latest checkpoint in the output folder; "never"; or a path
 
     def __post_init__(self):
@@ -81,13 +81,32 @@ class LossOutput:
     metrics: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)  # name -> (sum, count)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX tiles).
+
+    Without them PyTorch emulates bf16 products: on an AVX2-only CPU a bf16 matmul measured
+    ~100x slower than fp32 (0.75 vs 69 GFLOP/s, ``bench/peak.py``), so "auto" must not pick it.
+    """
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """``"auto"``: bf16 where the hardware runs it fast (a CUDA GPU that supports it, or a CPU with
+    bf16 matrix instructions), else fp32 (``"no"``); other values pass through."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_fast_bf16() else "no"
+
+
 def make_accelerator(mixed_precision: str):
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
-    if mixed_precision == "auto":
-        bf16_ok = (cuda and torch.cuda.is_bf16_supported()) or (not cuda)
-        mixed_precision = "bf16" if bf16_ok else "no"
+    mixed_precision = resolve_precision(mixed_precision)
     # Stages run one after another in one process (the pipeline, tests) with their own
     # precision; accelerate keeps a process-wide singleton that refuses a second setting. The
     # process group (PartialState) is kept, so this is safe in multi-process runs too.
