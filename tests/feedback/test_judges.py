@@ -15,9 +15,11 @@ from alignkit.config import ConfigError
 from alignkit.feedback.judges import (
     Answer,
     JudgeConfig,
+    LocalBackend,
     PairwiseJudge,
     PointwiseJudge,
     PriceConfig,
+    Request,
     RequestFailed,
     TemplateConfig,
     candidate_logps,
@@ -303,6 +305,26 @@ def test_candidate_logps_multi_token_candidates(tiny_base):
     p_zero = second[ten[1]].exp().item()
     assert got[0, 0].item() == pytest.approx(first[one[0]].item() + math.log(1 - p_zero), abs=1e-5)
     assert got[0, 1].item() == pytest.approx(first[one[0]].item() + second[ten[1]].item(), abs=1e-5)
+
+
+def test_local_backend_answers_in_request_order_from_length_sorted_batches(tiny_base):
+    """Requests of mixed lengths, batched shortest first (two per forward, right-padded, the LM
+    head at the verdict positions only): each answer is its own prompt's, as an unpadded forward
+    of that prompt alone gives it."""
+    from alignkit.data.formats import encode_prompt
+
+    model, tok = _tiny(tiny_base)
+    texts = ["The plot was very dull and slow and", "Hi", "I watched it twice", "A", "It was fine"]
+    backend = LocalBackend(str(tiny_base), batch_size=2, model=model, tokenizer=tok)
+    answers = backend.complete([Request(t, 1, ("1", "2")) for t in texts])
+    one, two = (tok(x, add_special_tokens=False)["input_ids"][0] for x in ("1", "2"))
+    for text, answer in zip(texts, answers):
+        ids = encode_prompt(text, tok)
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], -1)
+        assert answer.label_logps == pytest.approx({"1": lp[one].item(), "2": lp[two].item()},
+                                                   abs=1e-5)
+        assert answer.prompt_tokens == len(ids)
 
 
 def test_local_judge_matches_its_own_model(tiny_base):
