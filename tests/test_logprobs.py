@@ -77,3 +77,42 @@ def test_next_token_logps_shift_the_labels_and_match_sliced_logits():
     torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=0)
     assert (grad[:, -1] == 0).all()  # the last position predicts nothing
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_labelled_logps_run_the_head_at_the_targets_only_and_match_all_positions(tiny_lm, arch):
+    """A right-padded batch whose targets start at different positions: the LM head sees only
+    the positions where some row has a target, and log-probs and gradients are those of the
+    full logits at those positions; a forward without ``logits_to_keep`` computes them all."""
+    from alignkit.logprobs import causal_logits, labelled_logps, next_token_logps
+
+    model = tiny_lm(arch)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9, 10], [-100, -100, 13, 14, -100, -100]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
+    seen = []
+    hook = model.lm_head.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    logps, targets, positions = labelled_logps(model, batch)
+    hook.remove()
+    assert seen == [4] and positions.tolist() == [1, 2, 3, 4]   # targets at tokens 2..5
+    assert targets.tolist() == [[-100, 8, 9, 10], [13, 14, -100, -100]]
+    (g_part,) = torch.autograd.grad(logps.sum(), model.lm_head.weight)
+
+    full, full_targets = next_token_logps(causal_logits(model, batch), labels)
+    assert torch.equal(full_targets[:, positions], targets)
+    assert torch.allclose(full[:, positions], logps, atol=1e-6, rtol=0)
+    assert (full[:, [0]] == 0).all()   # no target there in any row
+    (g_full,) = torch.autograd.grad(full.sum(), model.lm_head.weight)
+    assert torch.allclose(g_part, g_full, atol=1e-6, rtol=0)
+
+    class NoKeep(torch.nn.Module):   # a forward that does not take logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    all_logps, all_targets, all_positions = labelled_logps(NoKeep(model), batch)
+    assert all_positions.tolist() == [0, 1, 2, 3, 4]
+    assert torch.allclose(all_logps, full, atol=1e-6, rtol=0) and torch.equal(all_targets, labels[:, 1:])

@@ -131,13 +131,31 @@ def packed_inputs(batch: dict) -> dict:
     return inputs
 
 
-def causal_logits(model, batch: dict) -> torch.Tensor:
+def causal_logits(model, batch: dict, **kw) -> torch.Tensor:
     """Logits ``[R, T, V]`` of a right-padded batch (``attention_mask``) or a packed one
-    (``position_ids`` restarting at every sequence, no mask: see ``collate_packed``)."""
+    (``position_ids`` restarting at every sequence, no mask: see ``collate_packed``); ``kw`` go
+    to the forward (e.g. ``logits_to_keep``)."""
     if "sequence_index" in batch:
-        return model(**packed_inputs(batch)).logits
+        return model(**packed_inputs(batch), **kw).logits
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 use_cache=False).logits
+                 use_cache=False, **kw).logits
+
+
+def labelled_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token log-probs at the positions of a batch that have a target (``labels[:, t + 1]``
+    not ``IGNORE_INDEX`` in some row), those targets, and the positions: ``([R, K], [R, K],
+    [K])``, log-prob 0 and target ``IGNORE_INDEX`` where a row has none; the positions index the
+    ``T - 1`` next-token axis (``labels[:, 1:]``). Where the forward takes ``logits_to_keep`` as
+    indices (transformers' causal LMs), the LM head runs at those K positions only: a prompt's
+    tokens (SFT), or all but the verdict of a judge's prompt, get no logits. Otherwise K = T - 1
+    (:func:`next_token_logps`)."""
+    labels = batch["labels"]
+    if "logits_to_keep" not in forward_parameters(model):
+        logps, targets = next_token_logps(causal_logits(model, batch), labels)
+        return logps, targets, torch.arange(targets.size(1), device=targets.device)
+    keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
+    targets = labels[:, 1:][:, keep]
+    return token_logps(causal_logits(model, batch, logits_to_keep=keep), targets), targets, keep
 
 
 def forward_parameters(model) -> frozenset[str]:

@@ -194,14 +194,13 @@ def weighted_causal_lm_loss(model, batch) -> LossOutput:
     """
     from alignkit.stages.sft import causal_lm_loss
 
-    out = causal_lm_loss(model, batch)
-    weight = batch["weight"].to(out.weights.dtype)
+    weight = batch["weight"].float()
     if "sequence_index" in batch:  # packed: each token takes its sequence's weight (filler: 0)
         owner = batch["sequence_index"][:, 1:]
-        out.weights = out.weights * torch.where(owner >= 0, weight[owner.clamp_min(0)], 0.0)
+        per_token = torch.where(owner >= 0, weight[owner.clamp_min(0)], 0.0)
     else:
-        out.weights = out.weights * weight[:, None]
-    return out
+        per_token = weight[:, None].expand(-1, batch["labels"].size(1) - 1)
+    return causal_lm_loss(model, batch, per_token)
 
 
 def collate_weighted(examples: list[dict], pad_id: int, pack: str | None = None) -> dict:

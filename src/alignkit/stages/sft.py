@@ -14,7 +14,7 @@ import torch
 
 from alignkit.config import require
 from alignkit.data.sources import DataConfig, sft_source
-from alignkit.logprobs import IGNORE_INDEX, causal_logits, next_token_logps
+from alignkit.logprobs import IGNORE_INDEX, labelled_logps
 from alignkit.losses import sft_loss
 from alignkit.models import LoraSpec
 from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
@@ -34,10 +34,16 @@ class Config:
         require(bool(self.model), "model is required (a path or hub name of a causal LM)")
 
 
-def causal_lm_loss(model, batch) -> LossOutput:
-    """Per-token NLL of the labelled (completion) tokens; prompt and padding weigh 0."""
-    logps, targets = next_token_logps(causal_logits(model, batch), batch["labels"])
-    return LossOutput(values=sft_loss(logps), weights=(targets != IGNORE_INDEX).float())
+def causal_lm_loss(model, batch, token_weights: torch.Tensor | None = None) -> LossOutput:
+    """Per-token NLL of the labelled (completion) tokens; prompt and padding weigh 0.
+
+    The values cover the positions that have a target (``labelled_logps``), not every position;
+    ``token_weights`` ``[R, T-1]`` (aligned with ``labels[:, 1:]``) scale each token's weight."""
+    logps, targets, positions = labelled_logps(model, batch)
+    weights = (targets != IGNORE_INDEX).float()
+    if token_weights is not None:
+        weights = weights * token_weights[:, positions]
+    return LossOutput(values=sft_loss(logps), weights=weights)
 
 
 def n_targets(example: dict) -> int:
