@@ -80,8 +80,8 @@ def _dataset_shape(examples, fields=("input_ids",)) -> dict:
 def sft(spec):
     from alignkit.data.collate import collate_rows
     from alignkit.data.formats import build_dataset
-    from alignkit.models import load_causal_lm, load_tokenizer
-    from alignkit.stages.sft import causal_lm_loss, n_targets
+    from alignkit.models import last_mlp, load_causal_lm, load_tokenizer
+    from alignkit.stages.sft import loss_for, n_targets
 
     n = spec["batch"] * (spec["warmup"] + spec["steps"])
     tok = load_tokenizer(spec["model_dir"])
@@ -89,16 +89,33 @@ def sft(spec):
                                 format="prompt_completion", max_length=spec["max_len"])
     model = load_causal_lm(spec["model_dir"], tokenizer=tok)
     pad, pack = tok.pad_token_id, _pack(spec, model)
-    return _train(spec, model, examples, [len(e["input_ids"]) for e in examples],
-                  lambda b: collate_rows(b, pad, pack), n_targets, causal_lm_loss,
-                  _dataset_shape(examples))
+    loss = loss_for(model, pack)   # as `alignkit sft` trains
+    scored = []   # per batch: the rows the LM head computes (positions with a target, every row)
+
+    def collate(b):
+        batch = collate_rows(b, pad, pack)
+        has_target = (batch["labels"][:, 1:] != -100).any(0)
+        scored.append(int(has_target.sum()) * batch["labels"].size(0))
+        return batch
+
+    result = _train(spec, model, examples, [len(e["input_ids"]) for e in examples], collate,
+                    n_targets, loss, _dataset_shape(examples))
+    # For MFU: the LM head (and where checked, the last MLP) runs at those rows only; its FLOPs
+    # elsewhere are not spent.
+    w, n = spec["warmup"], spec["steps"]
+    result.update(skipped_head_params=model.get_output_embeddings().weight.numel(),
+                  scored_tokens_per_s=sum(scored[w:w + n]) / result["seconds"])
+    if loss.keywords["last_rows_only"]:
+        result["skipped_mlp_params"] = sum(p.numel() for p in last_mlp(model).parameters())
+    return result
 
 
 def rm(spec):
     from alignkit.data.collate import collate_preference
     from alignkit.data.formats import build_dataset
     from alignkit.models import load_scalar_model, load_tokenizer
-    from alignkit.stages.reward import last_mlp, make_loss, supports_last_rows_only
+    from alignkit.models import last_mlp
+    from alignkit.stages.reward import make_loss, supports_last_rows_only
 
     n = spec["batch"] * (spec["warmup"] + spec["steps"])
     tok = load_tokenizer(spec["model_dir"])

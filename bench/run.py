@@ -215,7 +215,8 @@ def summarize(case: str, model: str, precision: str, runs: dict, meta: dict, pea
         if ok:
             for key in ("tokens_per_s", "items_per_s", "iters_per_s", "peak_rss_mb",
                         "step_s_median", "dataset_tokens", "tokens", "params_ratio_vs_one_model",
-                        "computed_tokens_per_s", "skipped_mlp_params", "scored_per_item"):
+                        "computed_tokens_per_s", "skipped_mlp_params", "skipped_head_params",
+                        "scored_per_item", "scored_tokens_per_s"):
                 v = median_of(ok, key)
                 if v is not None:
                     s[key] = v
@@ -226,13 +227,15 @@ def summarize(case: str, model: str, precision: str, runs: dict, meta: dict, pea
         s = row[side]
         if case in TRAINING and "tokens_per_s" in s:
             # Tokens computed: a prefix shared by a pair (alignkit's shared layout) counts once;
-            # an RM's last MLP runs at the scored tokens only (alignkit), so its FLOPs elsewhere
-            # are not counted.
+            # an RM's last MLP, and SFT's LM head and last MLP, run at the scored tokens only
+            # (alignkit), so their FLOPs elsewhere are not counted.
             computed = s.get("computed_tokens_per_s", s["tokens_per_s"])
             flops = flops_per_token(case, meta, context) * computed
-            if "skipped_mlp_params" in s:
-                unscored = computed - s["scored_per_item"] * s["items_per_s"]
-                flops -= 6.0 * s["skipped_mlp_params"] * unscored
+            skipped = s.get("skipped_mlp_params", 0) + s.get("skipped_head_params", 0)
+            if skipped:
+                scored = s.get("scored_tokens_per_s") or s["scored_per_item"] * s["items_per_s"]
+                unscored = computed - scored
+                flops -= 6.0 * skipped * unscored
             s["mfu"] = flops / peak[f"{precision}_peak_flops"]
     a, p = row["alignkit"], row["peer"]
     if "items_per_s" in a and "items_per_s" in p:

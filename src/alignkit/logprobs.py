@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 
@@ -141,21 +142,31 @@ def causal_logits(model, batch: dict, **kw) -> torch.Tensor:
                  use_cache=False, **kw).logits
 
 
-def labelled_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def labelled_logps(model, batch: dict,
+                   last_rows_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token log-probs at the positions of a batch that have a target (``labels[:, t + 1]``
     not ``IGNORE_INDEX`` in some row), those targets, and the positions: ``([R, K], [R, K],
     [K])``, log-prob 0 and target ``IGNORE_INDEX`` where a row has none; the positions index the
     ``T - 1`` next-token axis (``labels[:, 1:]``). Where the forward takes ``logits_to_keep`` as
     indices (transformers' causal LMs), the LM head runs at those K positions only: a prompt's
-    tokens (SFT), or all but the verdict of a judge's prompt, get no logits. Otherwise K = T - 1
-    (:func:`next_token_logps`)."""
+    tokens (SFT), or all but the verdict of a judge's prompt, get no logits; ``last_rows_only``
+    runs the last layer's MLP there only too (``models.rows_only``; check the model with
+    ``sft.supports_last_rows_only`` first). Otherwise K = T - 1 (:func:`next_token_logps`)."""
     labels = batch["labels"]
     if "logits_to_keep" not in forward_parameters(model):
         logps, targets = next_token_logps(causal_logits(model, batch), labels)
         return logps, targets, torch.arange(targets.size(1), device=targets.device)
     keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
     targets = labels[:, 1:][:, keep]
-    return token_logps(causal_logits(model, batch, logits_to_keep=keep), targets), targets, keep
+    mlp = None
+    if last_rows_only:
+        from alignkit.models import last_mlp, rows_only
+
+        mlp = last_mlp(model)
+    rows = (torch.arange(labels.size(0), device=keep.device)[:, None] * labels.size(1) + keep).reshape(-1)
+    with rows_only(mlp, rows) if mlp is not None else contextlib.nullcontext():
+        logits = causal_logits(model, batch, logits_to_keep=keep)
+    return token_logps(logits, targets), targets, keep
 
 
 def forward_parameters(model) -> frozenset[str]:

@@ -101,6 +101,68 @@ def agree(expected: torch.Tensor, got: torch.Tensor, dtype: torch.dtype) -> bool
                 <= tol * (1.0 + expected.float().abs().max()))
 
 
+def last_mlp(model) -> torch.nn.Module | None:
+    """The MLP (``mlp``) of the model's last decoder layer: the last entry of its longest
+    ``ModuleList``, as transformers' decoders hold their layers; None if there is none."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    return getattr(max(lists, key=len)[-1], "mlp", None) if lists else None
+
+
+@contextlib.contextmanager
+def rows_only(module: torch.nn.Module | None, rows: torch.Tensor):
+    """Run ``module``, applied position by position to a ``[R, T, d]`` input, at positions
+    ``rows`` of its flattened ``R * T`` tokens only; elsewhere its output is 0. For a module whose
+    output is read only at ``rows``: the last layer's MLP of a reward model, read only at each
+    sequence's last token (the score), or of a causal LM whose loss reads the positions with a
+    target only (``logprobs.labelled_logps``); this saves ~2/3 of the last layer's forward and
+    backward at every other token. ``None`` runs everything."""
+    if module is None:
+        yield
+        return
+    shapes = []
+
+    def before(mod, args):
+        if not args or not torch.is_tensor(args[0]) or args[0].dim() != 3:
+            shapes.append(None)
+            return None
+        x = args[0]
+        shapes.append(x.shape)
+        return (x.flatten(0, 1).index_select(0, rows).unsqueeze(0),) + args[1:]
+
+    def after(mod, args, out):
+        shape = shapes.pop()
+        if shape is None:
+            return None
+        if not torch.is_tensor(out):  # e.g. a mixture of experts returning router logits too
+            raise TypeError(f"rows_only needs a module that returns one tensor, got {type(out)}")
+        full = out.new_zeros(shape[0] * shape[1], out.shape[-1])
+        return full.index_copy(0, rows, out[0]).view(shape[0], shape[1], -1)
+
+    handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def rows_only_agrees(model, run) -> bool:
+    """Whether ``run(True)`` (a computation with the last layer's MLP under :func:`rows_only`)
+    equals ``run(False)`` (the whole MLP) on ``model``, in eval mode: a dense MLP works token by
+    token and passes; a mixture of experts that drops tokens over capacity, or gradient
+    checkpointing (which re-runs the layer in the backward, outside the hooks), does not."""
+    if last_mlp(model) is None or any(getattr(m, "gradient_checkpointing", False) is True
+                                      for m in model.modules()):
+        return False
+    try:
+        with evaluating(model):
+            full, part = run(False), run(True)
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return False
+    return agree(full, part, next(model.parameters()).dtype)
+
+
 @torch.no_grad()
 def supports_packing(model, layout: str = "rows") -> bool:
     """Whether ``model`` confines attention to each sequence of a packed batch in ``layout``

@@ -5,7 +5,8 @@ import torch
 
 from alignkit.attention import flat_packing
 from alignkit.data.collate import collate_preference
-from alignkit.stages.reward import (last_mlp, make_loss, pair_rewards, score_head,
+from alignkit.models import last_mlp
+from alignkit.stages.reward import (make_loss, pair_rewards, score_head,
                                     supports_last_rows_only)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -31,11 +31,11 @@ def test_sft_resume_equals_uninterrupted(tiny_base, tmp_path, monkeypatch):
     real = sft.causal_lm_loss
     calls = {"n": 0}
 
-    def crash_in_step_4(model, batch):
+    def crash_in_step_4(model, batch, **kw):
         calls["n"] += 1
         if calls["n"] == 7:  # 2 micro-batches per step: the first of step 4
             raise RuntimeError("killed")
-        return real(model, batch)
+        return real(model, batch, **kw)
 
     monkeypatch.setattr(sft, "causal_lm_loss", crash_in_step_4)
     with pytest.raises(RuntimeError, match="killed"):
@@ -71,3 +71,46 @@ def test_sft_on_packed_batches_trains_as_on_padded_ones(tiny_base, tmp_path):
     assert packed["train_loss"] == pytest.approx(padded["train_loss"], abs=1e-5)
     assert torch.allclose(weights(tmp_path / "packed" / "model"),
                           weights(tmp_path / "padded" / "model"), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("pack", [None, "flat"])
+def test_last_mlp_at_the_targets_only_gives_the_same_loss_and_gradients(tiny_lm, arch, pack):
+    """With ``last_rows_only`` the last layer's MLP sees only the positions with a target, in
+    every row, and the loss and every gradient are those of the whole computation."""
+    from alignkit.attention import flat_packing
+    from alignkit.data.collate import collate_rows
+    from alignkit.models import last_mlp
+    from alignkit.losses import reduce_loss
+
+    model = tiny_lm(arch)
+    if pack == "flat":
+        assert flat_packing(model)
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, -100, 8, 9, 10]},
+            {"input_ids": [11, 12, 13, 14], "labels": [-100, -100, 13, 14]}]
+    batch = collate_rows(rows, 0, pack)
+    assert sft.supports_last_rows_only(model, pack)
+    seen = []   # the rows the MLP's first linear layer computes
+    first = next(last_mlp(model).children())
+    hook = first.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:-1].numel()))
+    grads = []
+    for only in (False, True):
+        model.zero_grad()
+        out = sft.causal_lm_loss(model, batch, last_rows_only=only)
+        loss = reduce_loss(out.values, out.weights, out.weights.sum(), 1)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    hook.remove()
+    # Padded: 2 rows of 6, targets at next-token positions {2, 3, 4} and {1, 2}: their union,
+    # 4 positions, in both rows. Flat: one row of 10, targets at 2, 3, 4 and 7, 8.
+    assert seen == ([12, 8] if pack is None else [10, 5])
+    (loss_all, g_all), (loss_part, g_part) = grads
+    assert torch.allclose(loss_all, loss_part, atol=1e-6, rtol=0)
+    for a, b in zip(g_all, g_part):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_last_rows_only_is_refused_under_gradient_checkpointing(tiny_lm):
+    model = tiny_lm("llama")
+    model.gradient_checkpointing_enable()
+    assert not sft.supports_last_rows_only(model, None)

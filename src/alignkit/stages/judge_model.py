@@ -152,7 +152,7 @@ def main(cfg: Config) -> dict:
     from alignkit.data.collate import collate_rows
     from alignkit.data.formats import build_dataset
     from alignkit.models import load_causal_lm, load_tokenizer, save_model
-    from alignkit.stages.sft import causal_lm_loss, n_targets
+    from alignkit.stages.sft import loss_for, n_targets
     from alignkit.tracking import Tracker
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
@@ -190,7 +190,7 @@ def main(cfg: Config) -> dict:
 
     result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],
                    collate=lambda b: collate_rows(b, pad, pack), weight_of=n_targets,
-                   loss_fn=causal_lm_loss, loop=cfg.train, optim=cfg.optim, out_dir=out,
+                   loss_fn=loss_for(model, pack), loop=cfg.train, optim=cfg.optim, out_dir=out,
                    tracker=tracker, accelerator=accelerator,
                    eval_fn=eval_fn if cfg.eval_examples else None)
     if accelerator.is_main_process:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -185,7 +186,7 @@ def load_grown(path: Path) -> list[dict]:
 # Improve: (reward-weighted) behaviour cloning through the SFT loss and the shared loop.
 
 
-def weighted_causal_lm_loss(model, batch) -> LossOutput:
+def weighted_causal_lm_loss(model, batch, last_rows_only: bool = False) -> LossOutput:
     """The SFT per-token NLL with each sequence's tokens weighted by ``batch["weight"]`` [B].
 
     Weight 1 is plain BC; the normalised reward gives reward-weighted BC (Peters & Schaal 2007's
@@ -200,7 +201,7 @@ def weighted_causal_lm_loss(model, batch) -> LossOutput:
         per_token = torch.where(owner >= 0, weight[owner.clamp_min(0)], 0.0)
     else:
         per_token = weight[:, None].expand(-1, batch["labels"].size(1) - 1)
-    return causal_lm_loss(model, batch, per_token)
+    return causal_lm_loss(model, batch, per_token, last_rows_only)
 
 
 def collate_weighted(examples: list[dict], pad_id: int, pack: str | None = None) -> dict:
@@ -249,7 +250,7 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
             tokenizer) -> dict:
     """Fine-tune ``policy`` on ``examples``; save ``step_dir/model``; return the loop's metrics."""
     from alignkit.models import apply_lora, save_model
-    from alignkit.stages.sft import n_targets
+    from alignkit.stages.sft import n_targets, supports_last_rows_only
     from alignkit.tracking import Tracker
     from alignkit.training import make_accelerator, train, use_packing
 
@@ -262,7 +263,9 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
     pad, pack = tokenizer.pad_token_id, use_packing(model, loop, accelerator)
     result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],
                    collate=lambda b: collate_weighted(b, pad, pack), weight_of=n_targets,
-                   loss_fn=weighted_causal_lm_loss, loop=loop, optim=optim, out_dir=step_dir,
+                   loss_fn=partial(weighted_causal_lm_loss,
+                                   last_rows_only=supports_last_rows_only(model, pack)),
+                   loop=loop, optim=optim, out_dir=step_dir,
                    tracker=tracker, accelerator=accelerator)
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), tokenizer, step_dir / "model")

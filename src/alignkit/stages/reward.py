@@ -10,7 +10,6 @@ held-out pairs and, on built-in tasks, agreement with the noise-free gold orderi
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from alignkit.config import require
 from alignkit.data.sources import DataConfig, sft_source
 from alignkit.logprobs import packed_inputs
 from alignkit.losses import bradley_terry_loss
-from alignkit.models import LoraSpec
+from alignkit.models import LoraSpec, last_mlp, rows_only
 from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
                                use_packing, train)
 
@@ -60,50 +59,6 @@ def score_head(model) -> torch.nn.Module | None:
     return next((m for name, m in model.named_modules() if name.split(".")[-1] == "score"), None)
 
 
-def last_mlp(model) -> torch.nn.Module | None:
-    """The MLP (``mlp``) of the model's last decoder layer: the last entry of its longest
-    ``ModuleList``, as transformers' decoders hold their layers; None if there is none."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    return getattr(max(lists, key=len)[-1], "mlp", None) if lists else None
-
-
-@contextlib.contextmanager
-def rows_only(module: torch.nn.Module | None, rows: torch.Tensor):
-    """Run ``module``, applied position by position to a ``[R, T, d]`` input, at positions
-    ``rows`` of its flattened ``R * T`` tokens only; elsewhere its output is 0. For a module whose
-    output is read only at ``rows``: the last layer's MLP of a reward model, which is read only
-    at each sequence's last token (the score), so this saves ~2/3 of the last layer's forward and
-    backward at every other token. ``None`` runs everything."""
-    if module is None:
-        yield
-        return
-    shapes = []
-
-    def before(mod, args):
-        if not args or not torch.is_tensor(args[0]) or args[0].dim() != 3:
-            shapes.append(None)
-            return None
-        x = args[0]
-        shapes.append(x.shape)
-        return (x.flatten(0, 1).index_select(0, rows).unsqueeze(0),) + args[1:]
-
-    def after(mod, args, out):
-        shape = shapes.pop()
-        if shape is None:
-            return None
-        if not torch.is_tensor(out):  # e.g. a mixture of experts returning router logits too
-            raise TypeError(f"rows_only needs a module that returns one tensor, got {type(out)}")
-        full = out.new_zeros(shape[0] * shape[1], out.shape[-1])
-        return full.index_copy(0, rows, out[0]).view(shape[0], shape[1], -1)
-
-    handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def packed_scores(model, batch, last_rows_only: bool = False) -> torch.Tensor:
     """Score ``[N]`` of every sequence of a packed batch: the head's output at each sequence's
     last token, read by a hook (the model's own pooling picks one token per row).
@@ -125,28 +80,17 @@ def packed_scores(model, batch, last_rows_only: bool = False) -> torch.Tensor:
     return per_token[0].reshape(owner.numel(), -1)[last, 0].float()
 
 
-@torch.no_grad()
 def supports_last_rows_only(model, pack: str) -> bool:
-    """Whether ``packed_scores`` gives the same scores with ``last_rows_only`` on ``model``, whose
-    last layer's MLP must then work token by token (as dense MLPs do; a mixture of experts that
-    drops tokens over capacity does not). Checked on two random pairs in layout ``pack``."""
+    """Whether ``packed_scores`` gives the same scores with ``last_rows_only`` on ``model``
+    (``models.rows_only_agrees``), checked on two random pairs in layout ``pack``."""
     from alignkit.data.collate import collate_preference, to_device
-    from alignkit.models import agree, evaluating, probe_sequences
+    from alignkit.models import probe_sequences, rows_only_agrees
 
-    if last_mlp(model) is None or any(getattr(m, "gradient_checkpointing", False) is True
-                                      for m in model.modules()):
-        return False  # checkpointing re-runs the layer in backward, outside the hooks
-    param = next(model.parameters())
     ids = probe_sequences(model, (6, 9, 5, 7))
     pairs = [{"chosen_input_ids": a, "chosen_labels": a, "rejected_input_ids": b,
               "rejected_labels": b} for a, b in (ids[:2], ids[2:])]
-    batch = to_device(collate_preference(pairs, 0, pack), param.device)
-    try:
-        with evaluating(model):
-            full, part = (packed_scores(model, batch, flag) for flag in (False, True))
-    except (TypeError, ValueError, RuntimeError, IndexError):
-        return False
-    return agree(full, part, param.dtype)
+    batch = to_device(collate_preference(pairs, 0, pack), next(model.parameters()).device)
+    return rows_only_agrees(model, lambda only: packed_scores(model, batch, only))
 
 
 def make_loss(margin: float, last_rows_only: bool = False):

@@ -8,6 +8,7 @@ Face folder ``<out_dir>/model`` (LoRA merged) that every later stage loads by pa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,16 +35,37 @@ class Config:
         require(bool(self.model), "model is required (a path or hub name of a causal LM)")
 
 
-def causal_lm_loss(model, batch, token_weights: torch.Tensor | None = None) -> LossOutput:
+def causal_lm_loss(model, batch, token_weights: torch.Tensor | None = None,
+                   last_rows_only: bool = False) -> LossOutput:
     """Per-token NLL of the labelled (completion) tokens; prompt and padding weigh 0.
 
     The values cover the positions that have a target (``labelled_logps``), not every position;
-    ``token_weights`` ``[R, T-1]`` (aligned with ``labels[:, 1:]``) scale each token's weight."""
-    logps, targets, positions = labelled_logps(model, batch)
+    ``token_weights`` ``[R, T-1]`` (aligned with ``labels[:, 1:]``) scale each token's weight;
+    ``last_rows_only``: see ``labelled_logps`` and :func:`loss_for`."""
+    logps, targets, positions = labelled_logps(model, batch, last_rows_only)
     weights = (targets != IGNORE_INDEX).float()
     if token_weights is not None:
         weights = weights * token_weights[:, positions]
     return LossOutput(values=sft_loss(logps), weights=weights)
+
+
+def supports_last_rows_only(model, pack: str | None) -> bool:
+    """Whether ``labelled_logps`` gives the same log-probs with ``last_rows_only`` on ``model``
+    (``models.rows_only_agrees``), checked on two random sequences with targets on their second
+    half, in layout ``pack`` (right-padded for None)."""
+    from alignkit.data.collate import collate_rows, to_device
+    from alignkit.models import probe_sequences, rows_only_agrees
+
+    rows = [{"input_ids": s, "labels": [IGNORE_INDEX] * (len(s) // 2) + s[len(s) // 2:]}
+            for s in probe_sequences(model, (7, 10))]
+    batch = to_device(collate_rows(rows, 0, pack), next(model.parameters()).device)
+    return rows_only_agrees(model, lambda only: labelled_logps(model, batch, only)[0])
+
+
+def loss_for(model, pack: str | None):
+    """:func:`causal_lm_loss` for ``model``, with its last MLP at the targets only where that
+    is checked to give the same values (``supports_last_rows_only``)."""
+    return partial(causal_lm_loss, last_rows_only=supports_last_rows_only(model, pack))
 
 
 def n_targets(example: dict) -> int:
@@ -89,7 +111,7 @@ def main(cfg: Config) -> dict:
     accelerator.print(f"alignkit sft: {stats}")
     result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],
                    collate=lambda b: collate_rows(b, pad, pack), weight_of=n_targets,
-                   loss_fn=causal_lm_loss, loop=cfg.train, optim=cfg.optim, out_dir=out,
+                   loss_fn=loss_for(model, pack), loop=cfg.train, optim=cfg.optim, out_dir=out,
                    tracker=tracker, accelerator=accelerator,
                    eval_fn=(lambda m: eval_loss(m, eval_examples, pad)) if eval_examples else None)
     if accelerator.is_main_process:
