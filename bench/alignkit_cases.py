@@ -80,6 +80,7 @@ def _dataset_shape(examples, fields=("input_ids",)) -> dict:
 def sft(spec):
     from alignkit.data.collate import collate_rows
     from alignkit.data.formats import build_dataset
+    from alignkit.logprobs import IGNORE_INDEX
     from alignkit.models import last_mlp, load_causal_lm, load_tokenizer
     from alignkit.stages.sft import loss_for, n_targets
 
@@ -94,7 +95,7 @@ def sft(spec):
 
     def collate(b):
         batch = collate_rows(b, pad, pack)
-        has_target = (batch["labels"][:, 1:] != -100).any(0)
+        has_target = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0)
         scored.append(int(has_target.sum()) * batch["labels"].size(0))
         return batch
 

@@ -158,13 +158,13 @@ def labelled_logps(model, batch: dict,
         return logps, targets, torch.arange(targets.size(1), device=targets.device)
     keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
     targets = labels[:, 1:][:, keep]
-    mlp = None
+    context = contextlib.nullcontext()
     if last_rows_only:
         from alignkit.models import last_mlp, rows_only
 
-        mlp = last_mlp(model)
-    rows = (torch.arange(labels.size(0), device=keep.device)[:, None] * labels.size(1) + keep).reshape(-1)
-    with rows_only(mlp, rows) if mlp is not None else contextlib.nullcontext():
+        starts = torch.arange(labels.size(0), device=keep.device)[:, None] * labels.size(1)
+        context = rows_only(last_mlp(model), (starts + keep).reshape(-1))  # every row's K
+    with context:
         logits = causal_logits(model, batch, logits_to_keep=keep)
     return token_logps(logits, targets), targets, keep
 
