@@ -87,9 +87,8 @@ def cpu_has_fast_bf16() -> bool:
     Without them PyTorch emulates bf16 products: on an AVX2-only CPU a bf16 matmul measured
     ~100x slower than fp32 (0.75 vs 69 GFLOP/s, ``bench/peak.py``), so "auto" must not pick it.
     """
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private; older torch lacks some
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def resolve_precision(mixed_precision: str) -> str:

@@ -435,8 +435,8 @@ def _logps_at(model, rows: list[list[int]], positions: list[list[int]], pad_id: 
     kw = {}
     # The LM head only at the positions asked for (their union over the rows), where the
     # forward takes ``logits_to_keep`` as indices: a verdict reads one position of ~170.
-    keep = sorted({q for pos in positions for q in pos})
     if "logits_to_keep" in forward_parameters(model):
+        keep = sorted({q for pos in positions for q in pos})
         kw["logits_to_keep"] = torch.tensor(keep, device=device)
         column = {q: j for j, q in enumerate(keep)}
         positions = [[column[q] for q in pos] for pos in positions]
