@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.decoders import decoder_for
 from alignkit.logprobs import IGNORE_INDEX, forward_parameters, token_logps
 
 
@@ -159,7 +160,16 @@ def _draw(logits: torch.Tensor, cfg: SamplingConfig,
     else:
         if cfg.temperature != 1.0:
             z = z / cfg.temperature
-        tokens = invert_cdf(torch.softmax(filter_logits(z, cfg.top_k, cfg.top_p), dim=-1), u)
+        if 0 < cfg.top_k < z.size(-1) or cfg.top_p < 1.0:
+            tokens = invert_cdf(torch.softmax(filter_logits(z, cfg.top_k, cfg.top_p), dim=-1), u)
+        else:
+            # Unfiltered: one exp over the vocabulary serves the draw (invert_cdf takes
+            # unnormalised rows) and the log-normaliser, log sum exp(z - max) + max.
+            top = z.amax(-1, keepdim=True)
+            weights = torch.exp(z - top)
+            tokens = invert_cdf(weights, u)
+            log_norm = top.squeeze(-1) + weights.sum(-1).log()
+            return tokens, z.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
     # Unfiltered distribution on purpose: see the module docstring.
     logps = z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return tokens, logps
@@ -314,7 +324,7 @@ def _left_pad(prompt_ids, prompt_mask, pad_token_id: int, device) -> tuple[torch
 
 
 def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pad_token_id: int,
-                    generator, compile_decode: bool) -> tuple[torch.Tensor, ...]:
+                    generator, compile_decode: bool, fast_decode: bool) -> tuple[torch.Tensor, ...]:
     """Sample up to ``cfg.max_new_tokens`` for one left-padded chunk.
 
     Returns ``(tokens, mask, logps, finished)`` shaped ``[b, r]``, ``[b, r]``, ``[b, r]``, ``[b]``.
@@ -344,6 +354,7 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
     # in a compiled graph: the same generator gives the same stream either way.
     draw = (lambda n: None) if cfg.greedy else (lambda n: _uniforms(n, generator, device))
     tok, lp = _draw(out.logits[:, -1], cfg, draw(batch))
+    fast = decoder_for(model, cache) if fast_decode else None
 
     rows = torch.arange(batch, device=device)                # original row of each active row
     alive = torch.ones(batch, dtype=torch.bool, device=device)
@@ -363,9 +374,12 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
             keep = alive.nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
             rows, tok, attn, next_pos, alive = rows[keep], tok[keep], attn[keep], next_pos[keep], alive[keep]
-        tok, lp = decode(model, cfg, draw(tok.size(0)), input_ids=tok[:, None],
-                         attention_mask=attn[:, :prompt_len + t + 1], position_ids=next_pos + t,
-                         use_cache=True, **{cache_name: cache})
+        if fast is not None:
+            tok, lp = _draw(fast(tok, next_pos + t, attn[:, :prompt_len + t + 1]), cfg, draw(tok.size(0)))
+        else:
+            tok, lp = decode(model, cfg, draw(tok.size(0)), input_ids=tok[:, None],
+                             attention_mask=attn[:, :prompt_len + t + 1], position_ids=next_pos + t,
+                             use_cache=True, **{cache_name: cache})
 
     tokens_out = tokens_out[:, :n_steps]
     is_eos = (tokens_out == eos_token_id).long()
@@ -377,7 +391,7 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
 def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: SamplingConfig, *,
              eos_token_id: int, pad_token_id: int, generator: torch.Generator | None = None,
              prompt_mask: torch.Tensor | None = None, batch_size: int | None = None,
-             compile_decode: bool = False) -> Rollout:
+             compile_decode: bool = False, fast_decode: bool = True) -> Rollout:
     """Sample one response per prompt with a KV cache; see :class:`Rollout` for what comes back.
 
     ``prompt_ids``: a list of token-id lists (any lengths) or a ``[B, P]`` tensor with an optional
@@ -403,7 +417,8 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: Samplin
     # tensors cannot enter a later autograd graph, so the outputs are rebuilt outside it (cat/pad).
     with torch.inference_mode():
         chunks = [_generate_chunk(model, ids[i:i + step], mask[i:i + step], cfg, eos_token_id,
-                                  pad_token_id, generator, compile_decode or cfg.compile)
+                                  pad_token_id, generator, compile_decode or cfg.compile,
+                                  fast_decode)
                   for i in range(0, ids.size(0), step)]
     width = max(c[0].size(1) for c in chunks)
 

@@ -1,0 +1,196 @@
+"""One-token decode steps for known architectures, written against the model's own weights.
+
+A decode step of a small model is per-op overhead more than arithmetic: the Hugging Face forward
+builds masks, cache bookkeeping and ~20 module calls per layer for one token per row, and PyTorch's
+fused attention kernel is tuned for long queries (on CPU, ~0.3 ms per layer for one query row). A
+step here is the same arithmetic as the model's forward, as plain tensor ops on its parameters (no
+copies: a step always sees the current weights), attention as two batched matmuls over the KV
+cache that the model's own prefill wrote.
+
+:func:`decoder_for` returns a step for the plain Hugging Face classes it knows (Llama, Mistral and
+Qwen2 without sliding windows, GPT-2) and ``None`` for anything else, which then decodes through the
+model's forward: adapters (PEFT replaces ``nn.Linear``), hooks (accelerate's device maps), dropout
+in training mode, or options the step does not implement. Parity with the model's forward is
+tested per architecture (``tests/test_decoders.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def decoder_for(model, cache) -> Step | None:
+    """A decode step ``step(tokens [b], position_ids [b, 1], attention_mask [b, L + 1]) -> logits
+    [b, V]`` that appends one token per row to ``cache`` (a preallocated cache holding ``L`` tokens,
+    see ``generation._preallocated_cache``), or ``None`` when ``model`` is not one it implements."""
+    build = _BUILDERS.get(type(model).__name__)
+    if build is None or not _plain(model) or not _cache_is_preallocated(cache):
+        return None
+    cfg = model.config
+    if model.training and any(getattr(cfg, k, 0) for k in _DROPOUT_KEYS):
+        return None  # the step applies no dropout
+    return build(model, cache)
+
+
+# Config fields of dropout applied functionally (not only through nn.Dropout modules).
+_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
+
+
+def _plain(model) -> bool:
+    """Only ``nn.Linear``/``nn.Embedding``-style parameters, no hooks, no active dropout."""
+    for module in model.modules():
+        if (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook")
+                or hasattr(module, "base_layer")):  # accelerate dispatch, PEFT adapters
+            return False
+        if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:
+            return False  # quantised or adapter-wrapped linear layers
+        if model.training and isinstance(module, torch.nn.Dropout) and module.p > 0:
+            return False
+    return True
+
+
+def _cache_is_preallocated(cache) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(hasattr(layer, "key_buffer") for layer in layers)
+
+
+def _append(layer, key: torch.Tensor, value: torch.Tensor):
+    """Write one token's ``[b, h, d]`` key/value at the layer's next column; return the
+    ``[b, h, L + 1, d]`` views of everything cached (no copy)."""
+    end = layer.length
+    if end >= layer.key_buffer.size(2):
+        raise RuntimeError(f"KV cache full ({end} tokens); allocate more capacity")
+    layer.key_buffer[:, :, end] = key
+    layer.value_buffer[:, :, end] = value
+    layer.length = end + 1
+    return layer._views()
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+            scaling: float) -> torch.Tensor:
+    """Attention of one query per row: ``query`` ``[b, hq, d]``, ``keys``/``values``
+    ``[b, hkv, T, d]`` (``hq`` a multiple of ``hkv``: grouped-query heads share a key/value head,
+    Ainslie et al. 2023), ``bias`` ``[b * hkv, hq / hkv, T]`` (0 or -inf, see :func:`_mask_bias`).
+    Scores in the model's dtype and softmax in fp32, as the models' eager attention. Returns
+    ``[b, hq * d]``."""
+    b, hq, d = query.shape
+    hkv, length = keys.size(1), keys.size(2)
+    q = query.reshape(b * hkv, hq // hkv, d)
+    # The cache views merge (b, hkv) without a copy: the buffer's batch stride is hkv head strides.
+    scores = torch.baddbmm(bias, q, keys.reshape(b * hkv, length, d).transpose(1, 2), alpha=scaling)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.bmm(probs, values.reshape(b * hkv, length, d)).view(b, hq * d)
+
+
+def _mask_bias(attention_mask: torch.Tensor, heads: int, group: int, dtype) -> torch.Tensor:
+    """``[b, T]`` 1/0 mask -> ``[b * heads, group, T]`` additive bias in ``dtype`` (0 where
+    attended, -inf on padding), built once per step and shared by every layer."""
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    bias.masked_fill_(attention_mask == 0, float("-inf"))
+    b, length = attention_mask.shape
+    return bias[:, None, None, :].expand(b, heads, group, length).reshape(b * heads, group, length)
+
+
+def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    return F.linear(x, layer.weight, layer.bias)
+
+
+# ----------------------------------------------------------------------------- Llama family
+
+
+def _llama(model, cache) -> Step | None:
+    """Llama, Mistral and Qwen2 (the Llama block with optional q/k/v bias): pre-norm RMSNorm,
+    rotary positions (the model's own rotary module, so every RoPE scaling it supports applies),
+    grouped-query attention, gated MLP."""
+    body = model.model
+    cfg = model.config
+    if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(model, "logit_scale", None) is not None:
+        return None
+    attn0 = body.layers[0].self_attn
+    head_dim, scaling = attn0.head_dim, attn0.scaling
+    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    layers = body.layers
+    cache_layers = cache.layers
+
+    def rms_norm(x, norm):
+        # As the model's RMSNorm: normalised in fp32, cast back, then scaled.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * h.to(x.dtype)
+
+    def rotate(x, cos, sin_signed):
+        # RoPE (Su et al. 2021, RoFormer eq. 34) in the rotate-half layout: x * cos +
+        # cat(-x2, x1) * sin, written as x * cos + roll(x, half) * cat(-sin1, sin2).
+        return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, -1), sin_signed)
+
+    def step(tokens, position_ids, attention_mask):
+        x = body.embed_tokens.weight[tokens]                        # [b, d]
+        b = x.size(0)
+        cos, sin = body.rotary_emb(x, position_ids)                 # [b, 1, head_dim]
+        half = head_dim // 2
+        sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        bias = _mask_bias(attention_mask, n_kv, n_q // n_kv, x.dtype)
+        for layer, kv in zip(layers, cache_layers):
+            a = layer.self_attn
+            h = rms_norm(x, layer.input_layernorm)
+            q = _linear(h, a.q_proj).view(b, n_q, head_dim)
+            k = _linear(h, a.k_proj).view(b, n_kv, head_dim)
+            v = _linear(h, a.v_proj).view(b, n_kv, head_dim)
+            keys, values = _append(kv, rotate(k, cos, sin_signed), v)
+            x = x + _linear(_attend(rotate(q, cos, sin_signed), keys, values, bias, scaling), a.o_proj)
+            h = rms_norm(x, layer.post_attention_layernorm)
+            m = layer.mlp
+            x = x + _linear(m.act_fn(_linear(h, m.gate_proj)) * _linear(h, m.up_proj), m.down_proj)
+        return _linear(rms_norm(x, body.norm), model.lm_head)
+
+    return step
+
+
+# ----------------------------------------------------------------------------- GPT-2
+
+
+def _gpt2(model, cache) -> Step | None:
+    """GPT-2: learned absolute positions, pre-norm LayerNorm, fused q/k/v (``Conv1D``: ``x @ W + b``),
+    multi-head attention, the config's activation in the MLP."""
+    body = model.transformer
+    cfg = model.config
+    if cfg.reorder_and_upcast_attn or getattr(cfg, "add_cross_attention", False):
+        return None
+    n_head = cfg.n_head
+    head_dim = cfg.n_embd // n_head
+    blocks = body.h
+    cache_layers = cache.layers
+
+    def conv1d(x, layer):
+        return torch.addmm(layer.bias, x, layer.weight)
+
+    def layer_norm(x, norm):
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+    def step(tokens, position_ids, attention_mask):
+        x = body.wte.weight[tokens] + body.wpe.weight[position_ids[:, 0]]   # [b, d]
+        b = x.size(0)
+        bias = _mask_bias(attention_mask, n_head, 1, x.dtype)
+        for block, kv in zip(blocks, cache_layers):
+            a = block.attn
+            q, k, v = conv1d(layer_norm(x, block.ln_1), a.c_attn).view(b, 3, n_head, head_dim).unbind(1)
+            keys, values = _append(kv, k, v)
+            x = x + conv1d(_attend(q, keys, values, bias, a.scaling), a.c_proj)
+            h = layer_norm(x, block.ln_2)
+            x = x + conv1d(block.mlp.act(conv1d(h, block.mlp.c_fc)), block.mlp.c_proj)
+        return _linear(layer_norm(x, body.ln_f), model.lm_head)
+
+    return step
+
+
+_BUILDERS = {
+    "LlamaForCausalLM": _llama,
+    "MistralForCausalLM": _llama,
+    "Qwen2ForCausalLM": _llama,
+    "GPT2LMHeadModel": _gpt2,
+}
