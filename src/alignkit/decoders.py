@@ -24,17 +24,25 @@ import torch.nn.functional as F
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def decoder_for(model, cache) -> Step | None:
+def decoder_for(model, cache, compile: bool = False) -> Step | None:
     """A decode step ``step(tokens [b], position_ids [b, 1], attention_mask [b, L + 1]) -> logits
     [b, V]`` that appends one token per row to ``cache`` (a preallocated cache holding ``L`` tokens,
-    see ``generation._preallocated_cache``), or ``None`` when ``model`` is not one it implements."""
+    see ``generation._preallocated_cache``), or ``None`` when ``model`` is not one it implements.
+
+    ``compile``: the step's body through ``torch.compile`` with dynamic shapes (one graph for every
+    batch size and cache length; dynamo re-traces per model object). On the 2-core CPU of
+    bench/README.md: 0.33 s against 0.42 s eager for 32 x 64 tokens of the demo model, after a
+    first call of ~50 s."""
     build = _BUILDERS.get(type(model).__name__)
     if build is None or not _plain(model) or not _cache_is_preallocated(cache):
         return None
     cfg = model.config
     if model.training and any(getattr(cfg, k, 0) for k in _DROPOUT_KEYS):
         return None  # the step applies no dropout
-    return build(model, cache)
+    body = build(model, cache)
+    if body is None:
+        return None
+    return _advancing(torch.compile(body, dynamic=True) if compile else body, cache.layers)
 
 
 # Config fields of dropout applied functionally (not only through nn.Dropout modules).
@@ -59,16 +67,32 @@ def _cache_is_preallocated(cache) -> bool:
     return bool(layers) and all(hasattr(layer, "key_buffer") for layer in layers)
 
 
-def _append(layer, key: torch.Tensor, value: torch.Tensor):
-    """Write one token's ``[b, h, d]`` key/value at the layer's next column; return the
-    ``[b, h, L + 1, d]`` views of everything cached (no copy)."""
-    end = layer.length
-    if end >= layer.key_buffer.size(2):
-        raise RuntimeError(f"KV cache full ({end} tokens); allocate more capacity")
-    layer.key_buffer[:, :, end] = key
-    layer.value_buffer[:, :, end] = value
-    layer.length = end + 1
-    return layer._views()
+def _append(layer, key: torch.Tensor, value: torch.Tensor, end: int):
+    """Write one token's ``[b, h, d]`` key/value at column ``end`` of the layer's buffers; return
+    the ``[b, h, end + 1, d]`` views of everything cached (no copy). The layer's length is
+    advanced by :func:`_advancing`, outside the step body, so that a compiled body reads the cache
+    length from the mask's width (a dynamic dimension) instead of specialising on a Python int."""
+    layer.key_buffer.narrow(2, end, 1).copy_(key.unsqueeze(2))
+    layer.value_buffer.narrow(2, end, 1).copy_(value.unsqueeze(2))
+    return layer.key_buffer[:, :, :end + 1], layer.value_buffer[:, :, :end + 1]
+
+
+def _advancing(body: Step, cache_layers) -> Step:
+    """``body`` with the capacity check and the layers' lengths kept as the cache's own update does."""
+    def step(tokens, position_ids, attention_mask):
+        end = attention_mask.size(1) - 1
+        if any(layer.length != end for layer in cache_layers):
+            raise ValueError(f"attention_mask covers {end + 1} tokens; the cache holds "
+                             f"{cache_layers[0].length} + the new one")
+        if end >= cache_layers[0].key_buffer.size(2):
+            raise RuntimeError(f"KV cache full ({end} tokens); allocate more capacity")
+        logits = body(tokens, position_ids, attention_mask)
+        for layer in cache_layers:
+            layer.length = end + 1
+            layer._views()
+        return logits
+
+    return step
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
@@ -130,7 +154,7 @@ def _llama(model, cache) -> Step | None:
 
     def step(tokens, position_ids, attention_mask):
         x = body.embed_tokens.weight[tokens]                        # [b, d]
-        b = x.size(0)
+        b, end = x.size(0), attention_mask.size(1) - 1
         cos, sin = body.rotary_emb(x, position_ids)                 # [b, 1, head_dim]
         half = head_dim // 2
         sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
@@ -141,7 +165,7 @@ def _llama(model, cache) -> Step | None:
             q = _linear(h, a.q_proj).view(b, n_q, head_dim)
             k = _linear(h, a.k_proj).view(b, n_kv, head_dim)
             v = _linear(h, a.v_proj).view(b, n_kv, head_dim)
-            keys, values = _append(kv, rotate(k, cos, sin_signed), v)
+            keys, values = _append(kv, rotate(k, cos, sin_signed), v, end)
             x = x + _linear(_attend(rotate(q, cos, sin_signed), keys, values, bias, scaling), a.o_proj)
             h = rms_norm(x, layer.post_attention_layernorm)
             m = layer.mlp
@@ -174,12 +198,12 @@ def _gpt2(model, cache) -> Step | None:
 
     def step(tokens, position_ids, attention_mask):
         x = body.wte.weight[tokens] + body.wpe.weight[position_ids[:, 0]]   # [b, d]
-        b = x.size(0)
+        b, end = x.size(0), attention_mask.size(1) - 1
         bias = _mask_bias(attention_mask, n_head, 1, x.dtype)
         for block, kv in zip(blocks, cache_layers):
             a = block.attn
             q, k, v = conv1d(layer_norm(x, block.ln_1), a.c_attn).view(b, 3, n_head, head_dim).unbind(1)
-            keys, values = _append(kv, k, v)
+            keys, values = _append(kv, k, v, end)
             x = x + conv1d(_attend(q, keys, values, bias, a.scaling), a.c_proj)
             h = layer_norm(x, block.ln_2)
             x = x + conv1d(block.mlp.act(conv1d(h, block.mlp.c_fc)), block.mlp.c_proj)

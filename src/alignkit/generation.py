@@ -15,7 +15,10 @@ Where the time goes on small models is per-op overhead, not FLOPs, so the loop a
 ``model.generate`` pays for: the KV cache is written into a buffer sized for the whole rollout
 (``DynamicCache`` re-copies the full cache with ``torch.cat`` every step), sampling inverts the CDF
 with one uniform per row (``torch.multinomial`` draws one exponential per vocabulary entry), there
-is one host sync per step (not per row), and finished rows are dropped from the batch.
+is one host sync per step (not per row), and finished rows are dropped from the batch. The prefill
+runs the model's forward; each later token of a model that :mod:`alignkit.decoders` implements goes
+through its decode step on the model's weights (the same arithmetic without the forward's per-call
+machinery), any other model's through its forward.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    # Run the one-token decode step through torch.compile (see generate()): 1.2-1.45x faster
-    # decoding of small models on CPU once compiled; the first call pays the compilation.
+    # Run the one-token decode step through torch.compile (see generate()): ~1.25x faster decoding
+    # of small models on CPU once compiled; the first call pays the compilation.
     compile: bool = False
 
     def __post_init__(self):
@@ -354,7 +357,7 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
     # in a compiled graph: the same generator gives the same stream either way.
     draw = (lambda n: None) if cfg.greedy else (lambda n: _uniforms(n, generator, device))
     tok, lp = _draw(out.logits[:, -1], cfg, draw(batch))
-    fast = decoder_for(model, cache) if fast_decode else None
+    fast = decoder_for(model, cache, compile=compile_decode) if fast_decode else None
 
     rows = torch.arange(batch, device=device)                # original row of each active row
     alive = torch.ones(batch, dtype=torch.bool, device=device)
@@ -400,11 +403,15 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: Samplin
     prompts at a time. Runs without autograd; the model's train/eval mode is left as it is (call
     ``model.eval()`` first to switch dropout off).
 
-    ``compile_decode=True`` (or ``cfg.compile``) runs the one-token decode step through
-    ``torch.compile`` (the prefill stays eager). Off by default: it needs a working compiler
-    toolchain, the first call per model pays the compilation (~10-20 s for a small model on CPU),
-    and a changed model structure re-traces (a LoRA policy recompiles once when its adapters are
-    first toggled); it pays off in long RL loops that sample thousands of batches from one policy.
+    ``fast_decode=False`` decodes every token through the model's forward even where
+    :func:`alignkit.decoders.decoder_for` has a step for it (the reference the step is tested against).
+
+    ``compile_decode=True`` (or ``cfg.compile``) runs the one-token decode step (the decoder's step,
+    else the model's forward and the draw) through ``torch.compile`` (the prefill stays eager). Off
+    by default: it needs a working compiler toolchain, the first call per model pays the
+    compilation (~15-50 s for a small model on a 2-core CPU), and a changed model structure
+    re-traces (a LoRA policy recompiles once when its adapters are first toggled); it pays off in
+    long RL loops that sample thousands of batches from one policy.
     """
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise ValueError("generate() supports decoder-only causal LMs")
