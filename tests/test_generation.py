@@ -362,7 +362,8 @@ def test_bad_prompts_rejected():
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decode_equals_eager():
-    """sampling.compile=true (one compilation, ~20 s on 2 cores) gives the same tokens and logps,
+    """sampling.compile=true (a compilation of the decoder's step and one of the model's forward,
+    ~20-50 s each on 2 cores) gives the same tokens and logps,
     across row compaction (rows finishing early) and a second call with other prompt lengths.
     The model runs alignkit_sdpa, as a policy trained on packed batches does (online DPO, ReST):
     without sequence boundaries it must trace as transformers' SDPA."""
@@ -377,5 +378,18 @@ def test_compiled_decode_equals_eager():
         compiled = generate(model, _prompts(lengths), SamplingConfig(max_new_tokens=12, compile=True),
                             generator=torch.Generator().manual_seed(1), **kw)
         assert eager.finished.any() and not eager.finished.all()
+        assert torch.equal(compiled.response_ids, eager.response_ids)
+        torch.testing.assert_close(compiled.logps, eager.logps, rtol=0, atol=1e-5)
+    # An optimiser step changes the weights in place between rollouts: the compiled step reads them
+    # (not constants baked at trace time). Also the compiled model forward (no decoder step).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    for fast in (True, False):
+        kw = dict(eos_token_id=EOS, pad_token_id=PAD, fast_decode=fast)
+        eager = generate(model, _prompts(), SamplingConfig(max_new_tokens=12),
+                         generator=torch.Generator().manual_seed(2), **kw)
+        compiled = generate(model, _prompts(), SamplingConfig(max_new_tokens=12, compile=True),
+                            generator=torch.Generator().manual_seed(2), **kw)
         assert torch.equal(compiled.response_ids, eager.response_ids)
         torch.testing.assert_close(compiled.logps, eager.logps, rtol=0, atol=1e-5)
