@@ -60,12 +60,11 @@ def _left_padded(lengths=(5, 1, 7, 3)):
     return ids, mask
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_decode_step_logits_equal_the_models_forward_over_a_left_padded_batch(name):
-    model = _model(name)
+def _assert_step_matches_forward(model, steps=6):
+    """Prefill a left-padded batch, then decode ``steps`` random tokens through the decoder's step
+    and through the model's forward: the same logits and the same cached keys/values each step."""
     ids, mask = _left_padded()
     b, width = ids.shape
-    steps = 6
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     fast_cache, ref_cache = _preallocated_cache(model, width + steps), _preallocated_cache(model, width + steps)
     g = torch.Generator().manual_seed(1)
@@ -83,11 +82,32 @@ def test_decode_step_logits_equal_the_models_forward_over_a_left_padded_batch(na
             fast = step(tokens, pos, attn)
             assert fast.shape == (b, V)
             torch.testing.assert_close(fast, ref, rtol=0, atol=2e-5)
-            # Both wrote the same keys and values for the new token.
             for a, r in zip(fast_cache.layers, ref_cache.layers):
                 assert a.length == r.length
                 torch.testing.assert_close(a.keys, r.keys, rtol=0, atol=2e-5)
                 torch.testing.assert_close(a.values, r.values, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_decode_step_logits_equal_the_models_forward_over_a_left_padded_batch(name):
+    _assert_step_matches_forward(_model(name))
+
+
+@pytest.mark.parametrize("name,targets", [("llama", ["q_proj", "v_proj", "down_proj", "lm_head"]),
+                                          ("gpt2", ["c_attn", "c_fc"])])
+def test_decode_step_applies_lora_adapters_and_their_disabled_state(name, targets):
+    """LoRA layers (random B, so the adapter changes every output) are called as modules: the
+    step equals the PEFT model's forward with the adapter on, and with it off (a shared-roles
+    reference)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = get_peft_model(_model(name), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                   init_lora_weights=False,
+                                                   fan_in_fan_out=name == "gpt2")).eval()
+    _assert_step_matches_forward(lora)
+    with lora.disable_adapter():
+        _assert_step_matches_forward(lora)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -124,11 +144,11 @@ def test_decoder_refuses_models_it_would_get_wrong():
     assert step_for(model) is None                    # hooks would be bypassed
     handle.remove()
 
-    from peft import LoraConfig, get_peft_model
+    from peft import PromptTuningConfig, get_peft_model
 
-    lora = get_peft_model(_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert step_for(lora) is None                     # the wrapper
-    assert step_for(lora.base_model.model) is None    # the injected adapter layers
+    prompt_tuned = get_peft_model(_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                      num_virtual_tokens=2))
+    assert step_for(prompt_tuned) is None            # virtual tokens change the inputs
 
     # A cache the step cannot extend in place (the model's own DynamicCache).
     from transformers import DynamicCache

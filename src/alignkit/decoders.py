@@ -7,11 +7,13 @@ step here is the same arithmetic as the model's forward, as plain tensor ops on 
 copies: a step always sees the current weights), attention as two batched matmuls over the KV
 cache that the model's own prefill wrote.
 
-:func:`decoder_for` returns a step for the plain Hugging Face classes it knows (Llama, Mistral and
-Qwen2 without sliding windows, GPT-2) and ``None`` for anything else, which then decodes through the
-model's forward: adapters (PEFT replaces ``nn.Linear``), hooks (accelerate's device maps), dropout
-in training mode, or options the step does not implement. Parity with the model's forward is
-tested per architecture (``tests/test_decoders.py``).
+:func:`decoder_for` returns a step for the Hugging Face classes it knows (Llama, Mistral and Qwen2
+without sliding windows, GPT-2), under a PEFT wrapper whose adapters replace layers (LoRA and its
+kin) or bare; a projection, embedding or norm that is not the plain class (an adapter-wrapped or
+quantised layer) is called as a module, so its own forward applies. Anything else returns ``None``
+and decodes through the model's forward: other architectures, prompt-learning adapters, hooks
+(accelerate's device maps), dropout in training mode, options the step does not implement. Parity
+with the model's forward is tested per architecture (``tests/test_decoders.py``).
 """
 
 from __future__ import annotations
@@ -24,16 +26,21 @@ import torch.nn.functional as F
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def decoder_for(model, cache, compile: bool = False) -> Step | None:
+def decoder_for(model, cache, compile: bool = False, then: Callable | None = None) -> Step | None:
     """A decode step ``step(tokens [b], position_ids [b, 1], attention_mask [b, L + 1]) -> logits
     [b, V]`` that appends one token per row to ``cache`` (a preallocated cache holding ``L`` tokens,
     see ``generation._preallocated_cache``), or ``None`` when ``model`` is not one it implements.
+
+    ``then(logits, *extra)``: applied to the logits inside the step, which then takes and passes on
+    the extra arguments, ``step(tokens, position_ids, attention_mask, *extra) -> then(logits,
+    *extra)`` (generation's draw, so that a compiled step fuses it with the LM head's output).
 
     ``compile``: the step's body through ``torch.compile`` with dynamic shapes (one graph for every
     batch size and cache length; dynamo re-traces per model object). On the 2-core CPU of
     bench/README.md: 0.33 s against 0.42 s eager for 32 x 64 tokens of the demo model, after a
     first call of ~50 s."""
-    build = _BUILDERS.get(type(model).__name__)
+    model = _unwrapped(model)
+    build = _BUILDERS.get(type(model).__name__) if model is not None else None
     if build is None or not _plain(model) or not _cache_is_preallocated(cache):
         return None
     cfg = model.config
@@ -42,21 +49,38 @@ def decoder_for(model, cache, compile: bool = False) -> Step | None:
     body = build(model, cache)
     if body is None:
         return None
+    if then is not None:
+        body = _then(body, then)
     return _advancing(torch.compile(body, dynamic=True) if compile else body, cache.layers)
+
+
+def _then(body: Step, then: Callable) -> Step:
+    def step(tokens, position_ids, attention_mask, *extra):
+        return then(body(tokens, position_ids, attention_mask), *extra)
+
+    return step
 
 
 # Config fields of dropout applied functionally (not only through nn.Dropout modules).
 _DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 
 
+def _unwrapped(model):
+    """The transformers model under a PEFT wrapper (its injected adapter layers stay in place),
+    ``None`` for prompt-learning adapters (prefix/prompt tuning change the inputs and the cache)."""
+    configs = getattr(model, "peft_config", None)
+    if configs is None or not hasattr(model, "get_base_model"):
+        return model
+    if any(getattr(c, "is_prompt_learning", True) for c in configs.values()):
+        return None
+    return model.get_base_model()
+
+
 def _plain(model) -> bool:
-    """Only ``nn.Linear``/``nn.Embedding``-style parameters, no hooks, no active dropout."""
+    """No hooks (the step would bypass them) and no active dropout (the step applies none)."""
     for module in model.modules():
-        if (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook")
-                or hasattr(module, "base_layer")):  # accelerate dispatch, PEFT adapters
+        if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
             return False
-        if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:
-            return False  # quantised or adapter-wrapped linear layers
         if model.training and isinstance(module, torch.nn.Dropout) and module.p > 0:
             return False
     return True
@@ -79,18 +103,18 @@ def _append(layer, key: torch.Tensor, value: torch.Tensor, end: int):
 
 def _advancing(body: Step, cache_layers) -> Step:
     """``body`` with the capacity check and the layers' lengths kept as the cache's own update does."""
-    def step(tokens, position_ids, attention_mask):
+    def step(tokens, position_ids, attention_mask, *extra):
         end = attention_mask.size(1) - 1
         if any(layer.length != end for layer in cache_layers):
             raise ValueError(f"attention_mask covers {end + 1} tokens; the cache holds "
                              f"{cache_layers[0].length} + the new one")
         if end >= cache_layers[0].key_buffer.size(2):
             raise RuntimeError(f"KV cache full ({end} tokens); allocate more capacity")
-        logits = body(tokens, position_ids, attention_mask)
+        out = body(tokens, position_ids, attention_mask, *extra)
         for layer in cache_layers:
             layer.length = end + 1
             layer._views()
-        return logits
+        return out
 
     return step
 
@@ -120,8 +144,14 @@ def _mask_bias(attention_mask: torch.Tensor, heads: int, group: int, dtype) -> t
     return bias[:, None, None, :].expand(b, heads, group, length).reshape(b * heads, group, length)
 
 
-def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    return F.linear(x, layer.weight, layer.bias)
+def _linear(x: torch.Tensor, layer) -> torch.Tensor:
+    if type(layer) is torch.nn.Linear:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)  # adapter-wrapped or quantised: its own forward
+
+
+def _embed(tokens: torch.Tensor, layer) -> torch.Tensor:
+    return layer.weight[tokens] if type(layer) is torch.nn.Embedding else layer(tokens)
 
 
 # ----------------------------------------------------------------------------- Llama family
@@ -142,6 +172,8 @@ def _llama(model, cache) -> Step | None:
     cache_layers = cache.layers
 
     def rms_norm(x, norm):
+        if not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon"):
+            return norm(x)
         # As the model's RMSNorm: normalised in fp32, cast back, then scaled.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
@@ -153,7 +185,7 @@ def _llama(model, cache) -> Step | None:
         return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, -1), sin_signed)
 
     def step(tokens, position_ids, attention_mask):
-        x = body.embed_tokens.weight[tokens]                        # [b, d]
+        x = _embed(tokens, body.embed_tokens)                      # [b, d]
         b, end = x.size(0), attention_mask.size(1) - 1
         cos, sin = body.rotary_emb(x, position_ids)                 # [b, 1, head_dim]
         half = head_dim // 2
@@ -190,14 +222,18 @@ def _gpt2(model, cache) -> Step | None:
     blocks = body.h
     cache_layers = cache.layers
 
-    def conv1d(x, layer):
+    def conv1d(x, layer):  # transformers' Conv1D: x @ W + b, W stored [in, out]
+        if type(layer).__name__ != "Conv1D":
+            return layer(x)
         return torch.addmm(layer.bias, x, layer.weight)
 
     def layer_norm(x, norm):
+        if type(norm) is not torch.nn.LayerNorm:
+            return norm(x)
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
     def step(tokens, position_ids, attention_mask):
-        x = body.wte.weight[tokens] + body.wpe.weight[position_ids[:, 0]]   # [b, d]
+        x = _embed(tokens, body.wte) + _embed(position_ids[:, 0], body.wpe)   # [b, d]
         b, end = x.size(0), attention_mask.size(1) - 1
         bias = _mask_bias(attention_mask, n_head, 1, x.dtype)
         for block, kv in zip(blocks, cache_layers):

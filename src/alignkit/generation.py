@@ -357,7 +357,8 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
     # in a compiled graph: the same generator gives the same stream either way.
     draw = (lambda n: None) if cfg.greedy else (lambda n: _uniforms(n, generator, device))
     tok, lp = _draw(out.logits[:, -1], cfg, draw(batch))
-    fast = decoder_for(model, cache, compile=compile_decode) if fast_decode else None
+    fast = (decoder_for(model, cache, compile=compile_decode, then=lambda logits, u: _draw(logits, cfg, u))
+            if fast_decode else None)
 
     rows = torch.arange(batch, device=device)                # original row of each active row
     alive = torch.ones(batch, dtype=torch.bool, device=device)
@@ -378,7 +379,7 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
             cache.batch_select_indices(keep)
             rows, tok, attn, next_pos, alive = rows[keep], tok[keep], attn[keep], next_pos[keep], alive[keep]
         if fast is not None:
-            tok, lp = _draw(fast(tok, next_pos + t, attn[:, :prompt_len + t + 1]), cfg, draw(tok.size(0)))
+            tok, lp = fast(tok, next_pos + t, attn[:, :prompt_len + t + 1], draw(tok.size(0)))
         else:
             tok, lp = decode(model, cfg, draw(tok.size(0)), input_ids=tok[:, None],
                              attention_mask=attn[:, :prompt_len + t + 1], position_ids=next_pos + t,
