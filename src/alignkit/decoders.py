@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Step = Callable[..., torch.Tensor]  # (tokens, position_ids, attention_mask, *extra) -> logits
 
 
 def decoder_for(model, cache, compile: bool = False, then: Callable | None = None) -> Step | None:

@@ -1,0 +1,76 @@
+"""Sampling paths side by side in one process: ``python bench/decode_paths.py --model llama-demo``.
+
+Calls transformers' ``generate`` and alignkit's four decoding paths (the model's forward or the
+decoder's step, eager or compiled) in turn on the same prompts, ``--rounds`` times, after one
+warm-up call each (which pays any compilation), and prints each path's median seconds per call and
+``generate``'s median over it. Interleaving in one process makes the ratios steadier than separate
+processes on a noisy machine. Needs ``bench/work/full`` (``python bench/prepare.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from alignkit.data.formats import encode_prompt
+from alignkit.generation import SamplingConfig, generate
+from alignkit.models import load_causal_lm, load_tokenizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-demo")
+    ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "work" / "full"))
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    model_dir = f"{args.work}/models/{args.model}"
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, tokenizer=tok).eval()
+    peer = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with open(f"{args.work}/data/{args.model}/prompts.jsonl") as f:
+        texts = [json.loads(line)["prompt"] for line in f][:args.batch]
+    prompts = [encode_prompt(t, tok) for t in texts]
+    tok.padding_side = "left"
+    batch = tok(texts, return_tensors="pt", padding=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def alignkit(fast: bool, compile: bool):
+        cfg = SamplingConfig(max_new_tokens=args.new_tokens, compile=compile)
+        return lambda: generate(model, prompts, cfg, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id, generator=generator, fast_decode=fast)
+
+    def hf_generate():
+        with torch.inference_mode():  # the bench's peer settings: plain sampling, no top-k
+            peer.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          max_new_tokens=args.new_tokens, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+
+    paths = {"generate": hf_generate, "forward, eager": alignkit(False, False),
+             "decoder step, eager": alignkit(True, False), "forward, compiled": alignkit(False, True),
+             "decoder step, compiled": alignkit(True, True)}
+    for call in paths.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, call in paths.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["generate"])
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{args.model}  {name:24s} median {median:.3f} s  min {min(values):.3f} s  "
+              f"generate / this {base / median:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
