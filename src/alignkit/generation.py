@@ -41,7 +41,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    # Run the one-token decode step through torch.compile (see generate()): ~1.25x faster decoding
+    # Run the one-token decode step through torch.compile (see generate()): 1.3-1.5x faster decoding
     # of small models on CPU once compiled; the first call pays the compilation.
     compile: bool = False
 
