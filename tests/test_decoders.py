@@ -169,3 +169,20 @@ def test_sliding_window_models_decode_through_the_forward():
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)
     assert decoder_for(model, cache) is None
+
+
+def test_step_refuses_a_mask_that_does_not_match_the_cache_and_a_full_cache():
+    model = _model("llama")
+    ids, mask = _left_padded()
+    b, width = ids.shape
+    cache = _preallocated_cache(model, width + 1)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        step = decoder_for(model, cache)
+        tokens, pos = torch.full((b,), EOS + 1), torch.full((b, 1), width)
+        with pytest.raises(ValueError, match="cache holds"):
+            step(tokens, pos, torch.ones(b, width + 2, dtype=torch.long))  # one column too many
+        step(tokens, pos, torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], 1))
+        assert all(layer.length == width + 1 for layer in cache.layers)
+        with pytest.raises(RuntimeError, match="KV cache full"):
+            step(tokens, pos + 1, torch.cat([mask, torch.ones(b, 2, dtype=mask.dtype)], 1))
