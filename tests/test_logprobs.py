@@ -116,3 +116,38 @@ def test_labelled_logps_run_the_head_at_the_targets_only_and_match_all_positions
     all_logps, all_targets, all_positions = labelled_logps(NoKeep(model), batch)
     assert all_positions.tolist() == [0, 1, 2, 3, 4]
     assert torch.allclose(all_logps, full, atol=1e-6, rtol=0) and torch.equal(all_targets, labels[:, 1:])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_lora_wrapped_model_runs_the_head_at_the_targets_only(tiny_lm, arch):
+    """PEFT's LoRA wrapper passes ``logits_to_keep`` through to the model it wraps, so the head
+    runs at the target positions only there too, with the log-probs and adapter gradients of the
+    full logits; a prompt-tuning wrapper (virtual tokens) keeps its own signature."""
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    from alignkit.logprobs import causal_logits, forward_parameters, labelled_logps, next_token_logps
+
+    targets = ["q_proj", "v_proj"] if arch == "llama" else ["c_attn"]
+    lora = get_peft_model(tiny_lm(arch), LoraConfig(r=2, target_modules=targets,
+                                                    init_lora_weights=False,
+                                                    fan_in_fan_out=arch == "gpt2"))
+    assert "logits_to_keep" in forward_parameters(lora)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9, 10], [-100, -100, 13, 14, -100, -100]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
+    head = lora.get_base_model().lm_head
+    seen = []
+    hook = head.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    logps, _, positions = labelled_logps(lora, batch)
+    hook.remove()
+    assert seen == [4] and positions.tolist() == [1, 2, 3, 4]
+    adapter = [p for n, p in lora.named_parameters() if "lora_A" in n][0]
+    (g_part,) = torch.autograd.grad(logps.sum(), adapter)
+    full, _ = next_token_logps(causal_logits(lora, batch), labels)
+    assert torch.allclose(full[:, positions], logps, atol=1e-6, rtol=0)
+    (g_full,) = torch.autograd.grad(full.sum(), adapter)
+    assert torch.allclose(g_part, g_full, atol=1e-6, rtol=0)
+
+    prompt_tuned = get_peft_model(tiny_lm(arch), PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                     num_virtual_tokens=2))
+    assert "logits_to_keep" not in forward_parameters(prompt_tuned)

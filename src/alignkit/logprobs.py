@@ -170,11 +170,22 @@ def labelled_logps(model, batch: dict,
 
 
 def forward_parameters(model) -> frozenset[str]:
-    """The names ``model.forward`` declares (empty if its signature cannot be read)."""
-    try:
-        return frozenset(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return frozenset()
+    """The names ``model.forward`` declares (empty if its signature cannot be read). A PEFT
+    wrapper whose adapters replace layers (LoRA and kin) passes its keyword arguments through to
+    the wrapped model, so the wrapped model's names count too (``logits_to_keep`` above all);
+    prompt-learning wrappers build their own inputs and count as they declare."""
+    def declared(fn) -> frozenset[str]:
+        try:
+            return frozenset(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            return frozenset()
+
+    names = declared(model.forward)
+    configs = getattr(model, "peft_config", None)
+    if configs and hasattr(model, "get_base_model") and not any(
+            getattr(c, "is_prompt_learning", True) for c in configs.values()):
+        names |= declared(model.get_base_model().forward)
+    return names
 
 
 def target_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
