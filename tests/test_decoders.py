@@ -159,16 +159,37 @@ def test_decoder_refuses_models_it_would_get_wrong():
     assert decoder_for(model, cache) is None
 
 
-def test_sliding_window_models_decode_through_the_forward():
-    torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, sliding_window=4, **IDS)).eval()
+def test_a_sliding_window_shorter_than_the_rollout_decodes_through_the_forward_and_a_longer_one_not():
+    """A window shorter than prompt + new tokens drops keys: no step (the forward's sliding cache).
+    A window that holds them all attends as a full layer: the cache is preallocated and the step
+    equals the forward on the model's own (sliding-window) cache."""
+    from transformers import DynamicCache
+
     ids, mask = _left_padded()
-    cache = _preallocated_cache(model, ids.size(1) + 2)
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-    assert decoder_for(model, cache) is None
+    b, width = ids.shape
+    steps = 3
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    for window, stepped in ((4, False), (width + steps, True)):
+        torch.manual_seed(0)
+        model = MistralForCausalLM(MistralConfig(
+            vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            initializer_range=0.2, sliding_window=window, **IDS)).eval()
+        cache, own = _preallocated_cache(model, width + steps), DynamicCache(config=model.config)
+        with torch.no_grad():
+            for c in (cache, own):
+                model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=c)
+            step = decoder_for(model, cache)
+            assert (step is not None) == stepped
+            if not stepped:
+                continue
+            attn, pos = mask, position_ids[:, -1:]
+            for t in range(steps):
+                tokens = torch.full((b,), EOS + 1 + t)
+                attn, pos = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype)], 1), pos + 1
+                ref = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=pos,
+                            past_key_values=own).logits[:, -1]
+                torch.testing.assert_close(step(tokens, pos, attn), ref, rtol=0, atol=2e-5)
 
 
 def test_step_refuses_a_mask_that_does_not_match_the_cache_and_a_full_cache():

@@ -244,13 +244,20 @@ def _preallocated_layer_class():
 
 def _preallocated_cache(model, capacity: int):
     """The model's ``DynamicCache`` with every plain full-attention layer preallocated to ``capacity``
-    tokens; sliding-window and other special layers stay as the model's config asks."""
+    tokens, and every sliding-window layer whose window holds all ``capacity`` tokens (it never
+    drops one, so it attends as a full layer: e.g. Mistral's 4,096-token window); other special
+    layers, and shorter windows, stay as the model's config asks."""
     from transformers import DynamicCache
 
     dynamic_layer, preallocated_layer = _preallocated_layer_class()
     cache = DynamicCache(config=model.config)
-    cache.layers = [preallocated_layer(capacity) if type(layer) is dynamic_layer else layer
-                    for layer in cache.layers]
+
+    def full_here(layer) -> bool:
+        return type(layer) is dynamic_layer or (
+            type(layer).__name__ == "DynamicSlidingWindowLayer"
+            and getattr(layer, "sliding_window", 0) >= capacity)
+
+    cache.layers = [preallocated_layer(capacity) if full_here(layer) else layer for layer in cache.layers]
     if not cache.layers:  # layers are created lazily: replicate ours instead
         cache.layer_class_to_replicate = functools.partial(preallocated_layer, capacity)
     return cache
