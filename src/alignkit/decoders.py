@@ -8,13 +8,13 @@ copies: a step always sees the current weights), attention as two batched matmul
 cache that the model's own prefill wrote.
 
 :func:`decoder_for` returns a step for the Hugging Face classes it knows (Llama, Mistral and Qwen2,
-GPT-2; a sliding window only where it holds the whole rollout, so that it drops nothing), under a PEFT wrapper whose adapters replace layers (LoRA and its
-kin) or bare; a projection, embedding or norm that is not the plain class (an adapter-wrapped or
-quantised layer) is called as a module, so its own forward applies. Anything else returns ``None``
-and decodes through the model's forward: other architectures, prompt-learning adapters, hooks
-(accelerate's device maps), dropout in training mode, shorter sliding windows, options the step
-does not implement. Parity
-with the model's forward is tested per architecture (``tests/test_decoders.py``).
+GPT-2; a sliding window only where it holds the whole rollout, so that it drops nothing), under a
+PEFT wrapper whose adapters replace layers (LoRA and its kin) or bare; a projection, embedding or
+norm that is not the plain class (an adapter-wrapped or quantised layer) is called as a module, so
+its own forward applies. Anything else returns ``None`` and decodes through the model's forward:
+other architectures, prompt-learning adapters, hooks (accelerate's device maps), dropout in
+training mode, shorter sliding windows, options the step does not implement. Parity with the
+model's forward is tested per architecture (``tests/test_decoders.py``).
 """
 
 from __future__ import annotations
