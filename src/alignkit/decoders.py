@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from alignkit.logprobs import adapter_base
+
 Step = Callable[..., torch.Tensor]  # (tokens, position_ids, attention_mask, *extra) -> logits
 
 
@@ -40,7 +42,7 @@ def decoder_for(model, cache, compile: bool = False, then: Callable | None = Non
     batch size and cache length; dynamo re-traces per model object). On the 2-core CPU of
     bench/README.md: 0.33 s against 0.42 s eager for 32 x 64 tokens of the demo model, after a
     first call of ~50 s."""
-    model = _unwrapped(model)
+    model = adapter_base(model)
     build = _BUILDERS.get(type(model).__name__) if model is not None else None
     if build is None or not _plain(model) or not _cache_is_preallocated(cache):
         return None
@@ -64,17 +66,6 @@ def _then(body: Step, then: Callable) -> Step:
 
 # Config fields of dropout applied functionally (not only through nn.Dropout modules).
 _DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
-
-
-def _unwrapped(model):
-    """The transformers model under a PEFT wrapper (its injected adapter layers stay in place),
-    ``None`` for prompt-learning adapters (prefix/prompt tuning change the inputs and the cache)."""
-    configs = getattr(model, "peft_config", None)
-    if configs is None or not hasattr(model, "get_base_model"):
-        return model
-    if any(getattr(c, "is_prompt_learning", True) for c in configs.values()):
-        return None
-    return model.get_base_model()
 
 
 def _plain(model) -> bool:
@@ -158,14 +149,12 @@ def _embed(tokens: torch.Tensor, layer) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Llama family
 
 
-def _llama(model, cache) -> Step | None:
+def _llama(model, cache) -> Step:
     """Llama, Mistral and Qwen2 (the Llama block with optional q/k/v bias): pre-norm RMSNorm,
     rotary positions (the model's own rotary module, so every RoPE scaling it supports applies),
     grouped-query attention, gated MLP."""
     body = model.model
     cfg = model.config
-    if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(model, "logit_scale", None) is not None:
-        return None
     attn0 = body.layers[0].self_attn
     head_dim, scaling = attn0.head_dim, attn0.scaling
     n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads

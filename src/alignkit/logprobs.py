@@ -171,9 +171,9 @@ def labelled_logps(model, batch: dict,
 
 def forward_parameters(model) -> frozenset[str]:
     """The names ``model.forward`` declares (empty if its signature cannot be read). A PEFT
-    wrapper whose adapters replace layers (LoRA and kin) passes its keyword arguments through to
-    the wrapped model, so the wrapped model's names count too (``logits_to_keep`` above all);
-    prompt-learning wrappers build their own inputs and count as they declare."""
+    wrapper whose adapters replace layers passes its keyword arguments through to the wrapped
+    model (:func:`adapter_base`), so the wrapped model's names count too (``logits_to_keep``
+    above all); prompt-learning wrappers build their own inputs and count as they declare."""
     def declared(fn) -> frozenset[str]:
         try:
             return frozenset(inspect.signature(fn).parameters)
@@ -181,11 +181,21 @@ def forward_parameters(model) -> frozenset[str]:
             return frozenset()
 
     names = declared(model.forward)
+    base = adapter_base(model)
+    return names | declared(base.forward) if base is not None and base is not model else names
+
+
+def adapter_base(model):
+    """The transformers model under a PEFT wrapper whose adapters replace layers (LoRA and kin:
+    the adapter layers stay in place inside it, and the wrapper passes its keyword arguments
+    through); ``model`` itself when it is no PEFT wrapper; ``None`` under prompt-learning
+    adapters (prefix/prompt tuning build their own inputs and cache)."""
     configs = getattr(model, "peft_config", None)
-    if configs and hasattr(model, "get_base_model") and not any(
-            getattr(c, "is_prompt_learning", True) for c in configs.values()):
-        names |= declared(model.get_base_model().forward)
-    return names
+    if not configs or not hasattr(model, "get_base_model"):
+        return model
+    if any(getattr(c, "is_prompt_learning", True) for c in configs.values()):
+        return None
+    return model.get_base_model()
 
 
 def target_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
