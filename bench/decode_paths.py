@@ -4,7 +4,9 @@ Calls transformers' ``generate`` and alignkit's four decoding paths (the model's
 decoder's step, eager or compiled) in turn on the same prompts, ``--rounds`` times, after one
 warm-up call each (which pays any compilation), and prints each path's median seconds per call and
 ``generate``'s median over it. Interleaving in one process makes the ratios steadier than separate
-processes on a noisy machine. Needs ``bench/work/full`` (``python bench/prepare.py``).
+processes on a noisy machine. ``--device cuda --dtype bf16`` runs both sides on the GPU with bf16
+weights; ``--paths`` picks some of the paths (``generate`` always runs: it is the baseline). Needs ``bench/work/full``
+(``python bench/prepare.py``).
 """
 
 from __future__ import annotations
@@ -30,18 +32,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--paths", default="forward,step,forward-compiled,step-compiled",
+                    help="alignkit paths to run, comma-separated (default: all four)")
     args = ap.parse_args()
 
     model_dir = f"{args.work}/models/{args.model}"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     tok = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir, tokenizer=tok).eval()
-    peer = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = load_causal_lm(model_dir, tokenizer=tok).eval().to(args.device, dtype)
+    peer = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(args.device, dtype)
     with open(f"{args.work}/data/{args.model}/prompts.jsonl") as f:
         texts = [json.loads(line)["prompt"] for line in f][:args.batch]
     prompts = [encode_prompt(t, tok) for t in texts]
     tok.padding_side = "left"
-    batch = tok(texts, return_tensors="pt", padding=True)
-    generator = torch.Generator().manual_seed(0)
+    batch = tok(texts, return_tensors="pt", padding=True).to(args.device)
+    generator = torch.Generator(args.device).manual_seed(0)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     def alignkit(fast: bool, compile: bool):
         cfg = SamplingConfig(max_new_tokens=args.new_tokens, compile=compile)
@@ -54,21 +62,27 @@ def main() -> None:
                           max_new_tokens=args.new_tokens, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id)
 
-    paths = {"generate": hf_generate, "forward, eager": alignkit(False, False),
-             "decoder step, eager": alignkit(True, False), "forward, compiled": alignkit(False, True),
-             "decoder step, compiled": alignkit(True, True)}
+    ours = {"forward": ("forward, eager", False, False), "step": ("decoder step, eager", True, False),
+            "forward-compiled": ("forward, compiled", False, True),
+            "step-compiled": ("decoder step, compiled", True, True)}
+    paths = {"generate": hf_generate}
+    for key in args.paths.split(","):
+        name, fast, compile = ours[key]
+        paths[name] = alignkit(fast, compile)
     for call in paths.values():
         call()
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(args.rounds):
         for name, call in paths.items():
+            sync()
             start = time.perf_counter()
             call()
+            sync()
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["generate"])
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{args.model}  {name:24s} median {median:.3f} s  min {min(values):.3f} s  "
+        print(f"{args.model} {args.device} {args.dtype}  {name:24s} median {median:.3f} s  min {min(values):.3f} s  "
               f"generate / this {base / median:.2f}x")
 
 

@@ -42,14 +42,16 @@ def _gpt2():  # tied head, attention scaled by the inverse layer index as well
 
 
 MODELS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "gpt2": _gpt2}
+# The parity tests also run on the GPU where there is one (fp32: TF32 is off by default).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _model(name):
+def _model(name, device="cpu"):
     torch.manual_seed(0)
-    return MODELS[name]().eval()
+    return MODELS[name]().eval().to(device)
 
 
-def _left_padded(lengths=(5, 1, 7, 3)):
+def _left_padded(lengths=(5, 1, 7, 3), device="cpu"):
     g = torch.Generator().manual_seed(0)
     width = max(lengths)
     ids = torch.full((len(lengths), width), PAD)
@@ -57,13 +59,14 @@ def _left_padded(lengths=(5, 1, 7, 3)):
     for i, n in enumerate(lengths):
         ids[i, width - n:] = torch.randint(EOS + 1, V, (n,), generator=g)
         mask[i, width - n:] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _assert_step_matches_forward(model, steps=6):
     """Prefill a left-padded batch, then decode ``steps`` random tokens through the decoder's step
     and through the model's forward: the same logits and the same cached keys/values each step."""
-    ids, mask = _left_padded()
+    device = next(model.parameters()).device
+    ids, mask = _left_padded(device=device)
     b, width = ids.shape
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     fast_cache, ref_cache = _preallocated_cache(model, width + steps), _preallocated_cache(model, width + steps)
@@ -75,8 +78,8 @@ def _assert_step_matches_forward(model, steps=6):
         assert step is not None
         attn, pos = mask, position_ids[:, -1:]
         for _ in range(steps):
-            tokens = torch.randint(EOS + 1, V, (b,), generator=g)
-            attn, pos = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype)], 1), pos + 1
+            tokens = torch.randint(EOS + 1, V, (b,), generator=g).to(device)
+            attn, pos = torch.cat([attn, attn.new_ones(b, 1)], 1), pos + 1
             ref = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=pos,
                         past_key_values=ref_cache).logits[:, -1]
             fast = step(tokens, pos, attn)
@@ -88,14 +91,16 @@ def _assert_step_matches_forward(model, steps=6):
                 torch.testing.assert_close(a.values, r.values, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", MODELS)
-def test_decode_step_logits_equal_the_models_forward_over_a_left_padded_batch(name):
-    _assert_step_matches_forward(_model(name))
+def test_decode_step_logits_equal_the_models_forward_over_a_left_padded_batch(name, device):
+    _assert_step_matches_forward(_model(name, device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,targets", [("llama", ["q_proj", "v_proj", "down_proj", "lm_head"]),
                                           ("gpt2", ["c_attn", "c_fc"])])
-def test_decode_step_applies_lora_adapters_and_their_disabled_state(name, targets):
+def test_decode_step_applies_lora_adapters_and_their_disabled_state(name, targets, device):
     """LoRA layers (random B, so the adapter changes every output) are called as modules: the
     step equals the PEFT model's forward with the adapter on, and with it off (a shared-roles
     reference)."""
@@ -104,21 +109,22 @@ def test_decode_step_applies_lora_adapters_and_their_disabled_state(name, target
     torch.manual_seed(0)
     lora = get_peft_model(_model(name), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                    init_lora_weights=False,
-                                                   fan_in_fan_out=name == "gpt2")).eval()
+                                                   fan_in_fan_out=name == "gpt2")).eval().to(device)
     _assert_step_matches_forward(lora)
     with lora.disable_adapter():
         _assert_step_matches_forward(lora)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", MODELS)
-def test_generate_draws_the_same_tokens_and_logps_with_and_without_the_decode_step(name):
-    model = _model(name)
+def test_generate_draws_the_same_tokens_and_logps_with_and_without_the_decode_step(name, device):
+    model = _model(name, device)
     with torch.no_grad():  # make EOS likely so rows finish at different steps and are dropped
         model.lm_head.weight[EOS] += 0.6 * model.lm_head.weight.abs().mean()
     prompts = [[BOS] + [3 + (i * 7 + j) % (V - 3) for j in range(n)] for i, n in enumerate((4, 0, 9, 2, 6, 3))]
     cfg = SamplingConfig(max_new_tokens=20, temperature=0.9)
     outs = [generate(model, prompts, cfg, eos_token_id=EOS, pad_token_id=PAD,
-                     generator=torch.Generator().manual_seed(3), fast_decode=fast) for fast in (True, False)]
+                     generator=torch.Generator(device).manual_seed(3), fast_decode=fast) for fast in (True, False)]
     fast, ref = outs
     assert torch.equal(fast.response_ids, ref.response_ids)
     assert torch.equal(fast.response_mask, ref.response_mask)

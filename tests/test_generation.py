@@ -198,6 +198,18 @@ def test_same_seed_same_sample_other_seed_differs():
     assert not torch.equal(a.response_ids, c.response_ids)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", MODELS)
+def test_a_cpu_generator_draws_the_same_sample_on_the_gpu(name):
+    """The stages seed (and checkpoint) a CPU generator whatever the model's device: a model on
+    the GPU draws the same tokens as on the CPU (fp32 logits equal to float error)."""
+    cpu = _model(name)
+    on_cpu, on_gpu = (_gen(model, _prompts()) for model in (cpu, _model(name).cuda()))
+    assert on_gpu.response_ids.is_cuda
+    assert torch.equal(on_gpu.response_ids.cpu(), on_cpu.response_ids)
+    torch.testing.assert_close(on_gpu.logps.cpu(), on_cpu.logps, rtol=0, atol=1e-4)
+
+
 def test_top_k_1_is_greedy():
     model = _llama(eos_bias=1.0)
     greedy = _gen(model, _prompts(), temperature=0.0)

@@ -127,8 +127,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def _uniforms(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """The ``[n, 1]`` fp64 uniforms of one sampling step (one draw from ``generator`` per step)."""
-    return torch.rand(n, 1, generator=generator, dtype=torch.float64, device=device)
+    """The ``[n, 1]`` fp64 uniforms of one sampling step (one draw from ``generator`` per step),
+    drawn on the generator's own device and moved to ``device``: a CPU generator (what the stages
+    checkpoint) drives a model on the GPU, with the same uniforms as on the CPU."""
+    if generator is None:
+        return torch.rand(n, 1, dtype=torch.float64, device=device)
+    return torch.rand(n, 1, generator=generator, dtype=torch.float64,
+                      device=generator.device).to(device, non_blocking=True)
 
 
 def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -406,7 +411,7 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: Samplin
     """Sample one response per prompt with a KV cache; see :class:`Rollout` for what comes back.
 
     ``prompt_ids``: a list of token-id lists (any lengths) or a ``[B, P]`` tensor with an optional
-    ``prompt_mask`` (left-padded; a right-padded mask is re-packed). ``generator`` (on the model's
+    ``prompt_mask`` (left-padded; a right-padded mask is re-packed). ``generator`` (on the CPU or the model's
     device) makes the sample reproducible. ``batch_size`` bounds memory by generating that many
     prompts at a time. Runs without autograd; the model's train/eval mode is left as it is (call
     ``model.eval()`` first to switch dropout off).

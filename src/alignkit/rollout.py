@@ -207,10 +207,12 @@ def training_scores(proxy: torch.Tensor, finished: torch.Tensor, cfg: ScoreConfi
 
 
 class GeneratorState:
-    """Checkpointable holder of the ``torch.Generator`` that draws samples and minibatches."""
+    """Checkpointable holder of the ``torch.Generator`` that draws samples and minibatches. It
+    lives on the CPU whatever the model's device (``generate`` moves the uniforms it draws; the
+    minibatch order is a CPU ``randperm``), so a run samples the same on every device."""
 
-    def __init__(self, seed: int, device="cpu"):
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
 
     def state_dict(self) -> dict:
         return {"state": self.generator.get_state()}

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from alignkit.data.collate import to_device
 from alignkit.losses import dpo_loss
 from alignkit.stages.dpo import (ADAPTERS, LossConfig, add_kto_mismatch, cache_reference,
                                  collate_dap, completion_logps, make_loss)
@@ -108,7 +109,9 @@ def test_every_loss_trains_without_calling_the_reference(tmp_path, name):
                    optim=OptimConfig(lr=3e-3), out_dir=tmp_path, tracker=Tracker(tmp_path, enabled=False),
                    accelerator=acc)
     assert ref.calls == calls_after_cache  # no reference forward in any training step
-    after = make_loss(LossConfig(name=name))(acc.unwrap_model(policy), collate_dap(ex, PAD)).values.mean().item()
+    trained = acc.unwrap_model(policy)  # on the accelerator's device (a GPU where there is one)
+    batch = to_device(collate_dap(ex, PAD), next(trained.parameters()).device)
+    after = make_loss(LossConfig(name=name))(trained, batch).values.mean().item()
     assert after < before - 1e-3, (name, before, after)
     assert result.step == 8
 

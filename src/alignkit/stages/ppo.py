@@ -407,7 +407,7 @@ def main(cfg: Config) -> dict:
     opt = make_optimizers(roles, cfg, algo)
     kl = (AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
           else FixedKLController(cfg.kl.beta))
-    state = LoopState(kl, RunningMoments(), GeneratorState(cfg.seed, accelerator.device))
+    state = LoopState(kl, RunningMoments(), GeneratorState(cfg.seed))
     names = sorted(opt)
     prepared = accelerator.prepare(*roles.modules().values(), *(opt[n] for n in names))
     opt = dict(zip(names, prepared[len(roles.modules()):]))

@@ -119,7 +119,7 @@ def evaluate_pairs(model, examples: list[dict], pad_id: int, gold_margin: list[f
     diff = torch.cat(diffs)
     out = {"pair_accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean())}
     if gold_margin is not None:
-        gold = torch.tensor(gold_margin)
+        gold = torch.tensor(gold_margin, device=diff.device)
         decided = gold != 0
         agree = ((diff > 0) == (gold > 0)) & decided
         out["gold_pair_accuracy"] = float(agree.sum() / decided.sum().clamp_min(1))
