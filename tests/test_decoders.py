@@ -149,6 +149,13 @@ def test_decoder_refuses_models_it_would_get_wrong():
     handle = model.transformer.h[0].register_forward_hook(lambda *a: None)
     assert step_for(model) is None                    # hooks would be bypassed
     handle.remove()
+    # transformers' own output-capturing hooks, left on the layers by a forward that asked for
+    # hidden states (SFT's packing probe does), record nothing while decoding: not a refusal.
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert any(m._forward_hooks for m in model.modules())
+    assert step_for(model) is not None
+    _assert_step_matches_forward(model)
 
     from peft import PromptTuningConfig, get_peft_model
 

@@ -68,10 +68,18 @@ def _then(body: Step, then: Callable) -> Step:
 _DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 
 
+def _records_outputs_only(hook) -> bool:
+    """transformers' output-capturing hook: installed for good on a model's layers by its first
+    forward with ``output_hidden_states`` or ``output_attentions`` (e.g. the packing probe), it
+    records only while such a forward runs, which decoding never asks for."""
+    return getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
+
+
 def _plain(model) -> bool:
     """No hooks (the step would bypass them) and no active dropout (the step applies none)."""
     for module in model.modules():
-        if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if hasattr(module, "_hf_hook") or not all(map(_records_outputs_only, hooks)):
             return False
         if model.training and isinstance(module, torch.nn.Dropout) and module.p > 0:
             return False
