@@ -234,7 +234,8 @@ def _rl(spec, algo: str, roles: str = "separate"):
                                                               compile=spec.get("compile", False))),
             kl=ppo.KLConfig(beta=beta),
             ppo=ppo.PPOConfig(algo=algo, epochs=spec.get("ppo_epochs", 1), minibatch_size=rows,
-                              micro_batch_size=spec.get("micro_batch", rows)),
+                              micro_batch_size=spec.get("micro_batch", rows),
+                              packing=spec.get("packing", True)),
             optim=optim, value_optim=optim, eval=ppo.EvalConfig(num_prompts=0, initial=False),
             seed=spec["seed"], resume="never", tensorboard=False,
             mixed_precision="bf16" if spec["precision"] == "bf16" else "no")

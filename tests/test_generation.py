@@ -210,6 +210,37 @@ def test_a_cpu_generator_draws_the_same_sample_on_the_gpu(name):
     torch.testing.assert_close(on_gpu.logps.cpu(), on_cpu.logps, rtol=0, atol=1e-4)
 
 
+def test_packed_rollout_by_hand():
+    """Two rows: prompt [1, 7] (one pad before it) + response [9, 5(EOS)], and prompt [1, 8, 6] +
+    response [4] then padding. The flat row holds the real tokens only, positions restart per
+    row, and each response token is predicted by the flat position just before it."""
+    r = Rollout(prompt_ids=torch.tensor([[0, 1, 7], [1, 8, 6]]), prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                response_ids=torch.tensor([[9, 5], [4, 0]]), response_mask=torch.tensor([[1, 1], [1, 0]]),
+                logps=torch.zeros(2, 2), finished=torch.tensor([True, False]))
+    p = r.packed()
+    assert p.input_ids.tolist() == [[1, 7, 9, 5, 1, 8, 6, 4]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
+    assert p.cu_seq_lens.tolist() == [0, 4, 8]
+    assert p.targets.tolist() == [1, 2, 6] and p.labels.tolist() == [9, 5, 4]
+    assert torch.equal(p.unflatten(torch.tensor([0.1, 0.2, 0.3])), torch.tensor([[0.1, 0.2], [0.3, 0.0]]))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_rollout_logps_equal_the_padded_forward(name):
+    from alignkit.attention import flat_packing
+
+    model = _model(name)
+    rollout = _gen(model, _prompts())
+    assert rollout.response_mask.sum() < rollout.response_mask.numel()   # padding to skip
+    assert flat_packing(model)
+    padded, packed = (rollout_logps(model, rollout, 0.7, pack) for pack in (False, True))
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    grads = [torch.autograd.grad((lp * torch.arange(lp.numel()).view_as(lp)).sum(), model.parameters())
+             for lp in (padded, packed)]
+    scale = max(float(a.abs().max()) for a in grads[0])
+    assert max(float((a - b).abs().max()) for a, b in zip(*grads)) < 1e-6 * scale
+
+
 def test_top_k_1_is_greedy():
     model = _llama(eos_bias=1.0)
     greedy = _gen(model, _prompts(), temperature=0.0)

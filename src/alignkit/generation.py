@@ -91,6 +91,19 @@ class Rollout:
         return (torch.cat([self.prompt_ids, self.response_ids], dim=1),
                 torch.cat([self.prompt_mask, self.response_mask], dim=1))
 
+    def packed(self) -> PackedRollout:
+        """The rows' real tokens (prompt, then response) in one flat row: see :class:`PackedRollout`."""
+        ids, mask = self.sequences()
+        real = mask.bool()
+        lengths = mask.sum(-1)
+        flat_index = (mask.flatten().cumsum(0) - 1).view_as(mask)   # of each real token
+        response = self.response_mask.bool()
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+        return PackedRollout(
+            input_ids=ids[real][None], position_ids=(mask.cumsum(-1) - 1)[real][None],
+            cu_seq_lens=cu, targets=flat_index[:, self.prompt_ids.size(1):][response] - 1,
+            labels=self.response_ids[response], response_mask=response)
+
     def response_lengths(self) -> torch.LongTensor:
         """Number of response tokens per row, EOS included."""
         return self.response_mask.sum(-1)
@@ -99,6 +112,37 @@ class Rollout:
         """Response text per row, special tokens (EOS) dropped."""
         return [tokenizer.decode(ids[:n].tolist(), skip_special_tokens=True)
                 for ids, n in zip(self.response_ids, self.response_lengths().tolist())]
+
+
+@dataclass
+class PackedRollout:
+    """A rollout's real tokens in one flat row, for a training forward with no padding.
+
+    Each row's prompt tokens then its response tokens (up to and including EOS), one sequence
+    after another: ``input_ids``/``position_ids`` ``[1, N]`` (positions restart at 0 for every
+    sequence, as ``cumsum(mask) - 1`` gives them in the padded layout), ``cu_seq_lens`` ``[B + 1]``
+    the boundaries (what flash attention's varlen path and ``alignkit_sdpa`` read). ``targets``
+    ``[K]``: the flat positions whose outputs predict the ``K`` response tokens ``labels``, in the
+    row-major order of ``response_mask`` ``[B, R]``, which :meth:`unflatten` scatters back to.
+    """
+
+    input_ids: torch.LongTensor
+    position_ids: torch.LongTensor
+    cu_seq_lens: torch.Tensor
+    targets: torch.LongTensor
+    labels: torch.LongTensor
+    response_mask: torch.BoolTensor
+
+    def inputs(self) -> dict:
+        """Keyword arguments of the model's forward (see ``alignkit.logprobs.packed_inputs``)."""
+        from alignkit.logprobs import packed_inputs
+
+        return packed_inputs({"input_ids": self.input_ids, "position_ids": self.position_ids,
+                              "cu_seq_lens": self.cu_seq_lens})
+
+    def unflatten(self, values: torch.Tensor) -> torch.Tensor:
+        """``[K]`` per response token -> ``[B, R]``, 0 on padding (gradients flow to ``values``)."""
+        return values.new_zeros(self.response_mask.shape).masked_scatter(self.response_mask, values)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -451,20 +495,34 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: Samplin
                    finished=torch.cat([c[3] for c in chunks]))
 
 
-def rollout_logps(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+def rollout_logps(model, rollout: Rollout, temperature: float = 1.0, pack: bool = False) -> torch.Tensor:
     """``[B, R]`` fp32 log-probs of the response tokens under one training forward, 0 on padding.
 
     Same ``logits / temperature`` scaling as :func:`generate` (``temperature == 0``, greedy, means
     1) and the same position ids (``cumsum(mask) - 1``), so under the policy that sampled the
     rollout this equals ``rollout.logps`` up to float error. Gradients flow (no ``no_grad`` here):
     this is the ``new_logps`` of a PPO ratio.
+
+    ``pack=True`` runs the forward on the real tokens only (:meth:`Rollout.packed`), for a model
+    whose attention keeps to each sequence of a flat row (``alignkit.attention.flat_packing`` and
+    ``alignkit.models.supports_packing(model, "flat")``; the caller checks): the same values
+    within float error, without the padding's compute.
     """
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    _, has_logits_to_keep = _forward_names(model)
+    if pack:
+        packed = rollout.packed()
+        keep = {"logits_to_keep": packed.targets} if has_logits_to_keep else {}
+        logits = model(**packed.inputs(), **keep).logits[0]
+        if not has_logits_to_keep:
+            logits = logits[packed.targets]
+        if temperature not in (0, 1):
+            logits = logits.float() / temperature
+        return packed.unflatten(token_logps(logits, packed.labels))
     input_ids, attention_mask = rollout.sequences()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     resp_len = rollout.response_ids.size(1)
-    _, has_logits_to_keep = _forward_names(model)
     # Only logits that predict response tokens are needed: positions P-1 .. P+R-2.
     keep = {"logits_to_keep": resp_len + 1} if has_logits_to_keep else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

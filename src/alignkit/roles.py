@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import torch
 
 from alignkit.config import ConfigError
-from alignkit.generation import Rollout, rollout_logps
+from alignkit.generation import Rollout
 from alignkit.models import LoraSpec
 
 POLICY, VALUE, REWARD = "default", "value", "reward"  # adapter names; the policy is PEFT's default
@@ -55,12 +55,17 @@ def backbone(model):
     return getattr(model, model.base_model_prefix)
 
 
-def token_values(body, head: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+def token_values(body, head: torch.nn.Module, rollout: Rollout, pack: bool = False) -> torch.Tensor:
     """Per-token values ``[B, R]`` (fp32, 0 on padding), gradients flowing.
 
     ``V_t`` is read at position ``P + t - 1`` of prompt + response, the state from which
-    response token ``t`` is drawn; position ids as :func:`~alignkit.generation.rollout_logps`.
+    response token ``t`` is drawn; position ids as :func:`~alignkit.generation.rollout_logps`,
+    and ``pack`` as there (the real tokens in one flat row).
     """
+    if pack:
+        packed = rollout.packed()
+        hidden = body(**packed.inputs()).last_hidden_state[0, packed.targets]
+        return packed.unflatten(head(hidden).squeeze(-1).float())
     input_ids, attention_mask = rollout.sequences()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -128,6 +133,10 @@ class SeparateRoles:
         reward_model = getattr(self.reward, "model", None)
         return [m for m in (self.policy, self.reference, self.value, reward_model) if m is not None]
 
+    def rollout_models(self) -> list[torch.nn.Module]:
+        """The models whose forwards read rollouts (log-probs, values)."""
+        return [m for m in (self.policy, self.reference, self.value) if m is not None]
+
     def one_model_params(self) -> int:
         return params_in_memory([self.reference])
 
@@ -142,8 +151,8 @@ class SeparateRoles:
     def value_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.value.parameters() if p.requires_grad]
 
-    def values(self, rollout: Rollout) -> torch.Tensor:
-        return token_values(backbone(self.value), self.value.score, rollout)
+    def values(self, rollout: Rollout, pack: bool = False) -> torch.Tensor:
+        return token_values(backbone(self.value), self.value.score, rollout, pack)
 
     def train(self, mode: bool = True) -> None:
         for m in self.modules().values():
@@ -166,7 +175,7 @@ class _AdapterOff(torch.nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
-        if logits_to_keep:
+        if torch.is_tensor(logits_to_keep) or logits_to_keep:  # a count, or positions (packed)
             kwargs["logits_to_keep"] = logits_to_keep
         with self._peft[0].disable_adapter():
             return self._peft[0].base_model.model(input_ids=input_ids, attention_mask=attention_mask,
@@ -312,6 +321,10 @@ class SharedRoles:
     def held(self) -> list[torch.nn.Module]:
         return [m for m in (self.peft, self.value_head, self.reward_head) if m is not None]
 
+    def rollout_models(self) -> list[torch.nn.Module]:
+        """The models whose forwards read rollouts: the one base, under each adapter."""
+        return [self.policy]
+
     def one_model_params(self) -> int:
         return sum(p.numel() for n, p in self.peft.named_parameters() if "lora_" not in n)
 
@@ -326,9 +339,9 @@ class SharedRoles:
     def value_parameters(self) -> list[torch.nn.Parameter]:
         return self.adapter_parameters(VALUE) + list(self.value_head.parameters())
 
-    def values(self, rollout: Rollout) -> torch.Tensor:
+    def values(self, rollout: Rollout, pack: bool = False) -> torch.Tensor:
         with self._active(VALUE):
-            return token_values(backbone(self.policy), self.value_head, rollout)
+            return token_values(backbone(self.policy), self.value_head, rollout, pack)
 
     def train(self, mode: bool = True) -> None:
         self.peft.train(mode)
@@ -353,10 +366,6 @@ def build_roles(placement: str, spec: RoleSpec, tokenizer, needs_value: bool):
         raise ConfigError(f"unknown roles placement {placement!r}; known: {sorted(PLACEMENTS)}") from None
     return cls(spec, tokenizer, needs_value)
 
-
-@torch.no_grad()
-def reference_logps(roles, rollout: Rollout, temperature: float) -> torch.Tensor:
-    return rollout_logps(roles.reference, rollout, temperature)
 
 
 def memory_report(roles) -> dict[str, float]:

@@ -79,12 +79,13 @@ class Sampled:
 
 def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
             sampling: SamplingConfig, generator: torch.Generator, *, batch_size: int,
-            gold=None, recompute_logps: bool = True) -> Sampled:
+            gold=None, recompute_logps: bool = True, pack: bool = False) -> Sampled:
     """Sample one response per prompt row, score it, and run the no-grad forwards.
 
     ``recompute_logps=False`` takes the log-probs recorded while sampling as the old policy's
     (one policy forward fewer); ``logprob_gap_max`` is then NaN here and the caller measures the
-    gap on its first training forward."""
+    gap on its first training forward. ``pack``: the forwards on the real tokens only
+    (:func:`~alignkit.generation.rollout_logps`)."""
     roles.train(False)
     start = time.perf_counter()
     rollout = generate(roles.policy, prompt_ids, sampling, eos_token_id=tokenizer.eos_token_id,
@@ -96,10 +97,10 @@ def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
     gold_scores = torch.tensor(gold(prompts, responses), dtype=torch.float32) if gold else None
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     with torch.no_grad():
-        old_logps = (rollout_logps(roles.policy, rollout, temperature) if recompute_logps
+        old_logps = (rollout_logps(roles.policy, rollout, temperature, pack) if recompute_logps
                      else rollout.logps)
-        ref_logps = rollout_logps(roles.reference, rollout, temperature)
-        values = roles.values(rollout) if roles.value is not None else None
+        ref_logps = rollout_logps(roles.reference, rollout, temperature, pack)
+        values = roles.values(rollout, pack) if roles.value is not None else None
     gap = (float(((old_logps - rollout.logps).abs() * rollout.response_mask).max())
            if recompute_logps else float("nan"))
     return Sampled(Experience(rollout, old_logps, ref_logps, values), prompts, responses,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -93,6 +93,10 @@ class PPOConfig:
     lam: float = 0.95
     whiten_advantages: bool = True     # PPO's per-batch advantage whitening
     grpo_scale: bool = True            # false: Dr. GRPO (no division by the group's std)
+    # The forwards over rollouts (old and reference log-probs, values, the updates) on each row's
+    # real tokens in one flat row, no padding, where the models' attention keeps to each sequence
+    # (checked at start, as SFT's train.packing); the same values within float error.
+    packing: bool = True
 
     def __post_init__(self):
         require(self.epochs >= 1, "ppo.epochs must be >= 1")
@@ -177,7 +181,7 @@ def accumulate(roles, mb: Experience, algo: Algorithm, ppo: PPOConfig, beta: flo
         sub = mb.take(range(start, min(start + ppo.micro_batch_size, len(mb))))
         mask = sub.mask.float()
         with accelerator.autocast():
-            new_logps = rollout_logps(roles.policy, sub.rollout, temperature)
+            new_logps = rollout_logps(roles.policy, sub.rollout, temperature, ppo.packing)
         weights, _ = loss_weights(algo.reduction, mask)
         loss = reduce_loss(algo.loss(new_logps, sub, beta, ppo).float(), weights, policy_norm)
         accelerator.backward(loss)
@@ -192,7 +196,7 @@ def accumulate(roles, mb: Experience, algo: Algorithm, ppo: PPOConfig, beta: flo
             stats["logprob_gap_max"] = max(stats.get("logprob_gap_max", 0.0), gap)
         if algo.uses_value:
             with accelerator.autocast():
-                values = roles.values(sub.rollout)
+                values = roles.values(sub.rollout, ppo.packing)
             vloss = reduce_loss(ppo_value_loss(values, sub.values, sub.returns, ppo.value_clip_eps),
                                 mask, value_norm)
             accelerator.backward(vloss)
@@ -320,7 +324,8 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
     rows = [i for i in chosen for _ in range(k)]   # k consecutive samples per prompt
     sampled = collect(roles, [ids[i] for i in rows], [texts[i] for i in rows], tokenizer,
                       cfg.rollout.sampling, state.rng.generator, batch_size=cfg.rollout.batch_size,
-                      gold=gold, recompute_logps=not cfg.rollout.reuse_sampling_logps)
+                      gold=gold, recompute_logps=not cfg.rollout.reuse_sampling_logps,
+                      pack=cfg.ppo.packing)
     exp = sampled.experience
     finished = exp.rollout.finished
     scores = training_scores(sampled.proxy, finished, cfg.score, state.moments)
@@ -348,6 +353,16 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
     state.kl.update(metrics["kl_to_ref"], len(exp))
     metrics["iteration_s"] = time.perf_counter() - start
     return metrics
+
+
+def _packs(roles, ppo: PPOConfig) -> bool:
+    """``ppo.packing``, where every model that reads rollouts keeps attention to each sequence of
+    a flat row (``alignkit.attention.flat_packing`` switches transformers' SDPA to one that does)."""
+    from alignkit.attention import flat_packing
+    from alignkit.models import supports_packing
+
+    return ppo.packing and all(flat_packing(m) and supports_packing(m, "flat")
+                               for m in roles.rollout_models())
 
 
 def _resume(cfg: Config, out: Path, accelerator, tracker) -> int:
@@ -398,6 +413,7 @@ def main(cfg: Config) -> dict:
     spec = RoleSpec(model=cfg.model, reference=cfg.reference, reward=cfg.reward,
                     value_init=cfg.value_init, chat=cfg.chat, lora=cfg.lora)
     roles = build_roles(cfg.roles, spec, tokenizer, needs_value=algo.uses_value).to(accelerator.device)
+    cfg = replace(cfg, ppo=replace(cfg.ppo, packing=_packs(roles, cfg.ppo)))
     prompts = load_prompts(cfg.rollout.prompts or f"task:{cfg.task}" + (":chat" if cfg.chat else ""),
                            cfg.rollout.num_prompts, tokenizer)
     gold = GoldReward(cfg.task, chat=cfg.chat) if cfg.task else None
