@@ -1,0 +1,72 @@
+"""A policy's forward and backward over a rollout, padded and packed (``ppo.packing``), in turn in
+one process: ``python bench/rollout_packing.py [--mean-fraction 0.6]``.
+
+Samples ``--rows`` responses of up to ``--new-tokens`` from the benchmark's demo-shaped model, then
+cuts each to a length drawn uniformly from ``[new_tokens / 6, new_tokens]`` (the demo's responses
+average 60% of the maximum; ``--full`` keeps every row at the maximum), and times
+``rollout_logps`` + backward both ways, ``--rounds`` times, after a warm-up: median seconds.
+Needs ``bench/work/full`` (``python bench/prepare.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from alignkit.attention import flat_packing
+from alignkit.data.formats import encode_prompt
+from alignkit.generation import Rollout, SamplingConfig, generate, rollout_logps
+from alignkit.models import load_causal_lm, load_tokenizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-demo")
+    ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "work" / "full"))
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--full", action="store_true", help="every response at the maximum length")
+    args = ap.parse_args()
+
+    model_dir = f"{args.work}/models/{args.model}"
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, tokenizer=tok).eval()
+    assert flat_packing(model)
+    with open(f"{args.work}/data/{args.model}/prompts.jsonl") as f:
+        texts = [json.loads(line)["prompt"] for line in f][:args.rows]
+    r = generate(model, [encode_prompt(t, tok) for t in texts], SamplingConfig(max_new_tokens=args.new_tokens),
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                 generator=torch.Generator().manual_seed(0))
+    n = args.new_tokens
+    lengths = torch.randint(n // 6, n + 1, (args.rows,), generator=torch.Generator().manual_seed(1))
+    lengths[0] = n
+    if args.full:
+        lengths[:] = n
+    mask = (torch.arange(r.response_ids.size(1))[None] < lengths[:, None]).long()
+    r = Rollout(r.prompt_ids, r.prompt_mask, r.response_ids, mask, r.logps * mask, r.finished)
+    print(f"{args.rows} rows, responses {float(mask.sum(1).float().mean()):.1f} of {n} tokens on "
+          f"average, prompts padded to {r.prompt_ids.size(1)}")
+    model.train()
+
+    def step(pack: bool) -> float:
+        start = time.perf_counter()
+        (rollout_logps(model, r, 1.0, pack) * r.response_mask).sum().backward()
+        return time.perf_counter() - start
+
+    step(False), step(True)
+    times = {False: [], True: []}
+    for _ in range(args.rounds):
+        for pack in (False, True):
+            times[pack].append(step(pack))
+    padded, packed = (statistics.median(times[p]) for p in (False, True))
+    print(f"forward + backward: padded {padded:.3f} s, packed {packed:.3f} s, packed / padded {packed / padded:.2f}")
+
+
+if __name__ == "__main__":
+    main()
