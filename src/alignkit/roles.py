@@ -367,7 +367,6 @@ def build_roles(placement: str, spec: RoleSpec, tokenizer, needs_value: bool):
     return cls(spec, tokenizer, needs_value)
 
 
-
 def memory_report(roles) -> dict[str, float]:
     """Parameters held for all roles, against one copy of the policy's base model, and the
     process's peak resident memory."""
