@@ -457,8 +457,8 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: Samplin
     ``prompt_ids``: a list of token-id lists (any lengths) or a ``[B, P]`` tensor with an optional
     ``prompt_mask`` (left-padded; a right-padded mask is re-packed). ``generator`` (on the CPU or
     the model's device) makes the sample reproducible. ``batch_size`` bounds memory by generating
-    that many prompts at a time. Runs without autograd; the model's train/eval mode is left as it is (call
-    ``model.eval()`` first to switch dropout off).
+    that many prompts at a time. Runs without autograd; the model's train/eval mode is left as it
+    is (call ``model.eval()`` first to switch dropout off).
 
     ``fast_decode=False`` decodes every token through the model's forward even where
     :func:`alignkit.decoders.decoder_for` has a step for it (the reference the step is tested against).
