@@ -217,7 +217,8 @@ def test_packed_rollout_by_hand():
     r = Rollout(prompt_ids=torch.tensor([[0, 1, 7], [1, 8, 6]]), prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
                 response_ids=torch.tensor([[9, 5], [4, 0]]), response_mask=torch.tensor([[1, 1], [1, 0]]),
                 logps=torch.zeros(2, 2), finished=torch.tensor([True, False]))
-    p = r.packed()
+    p = r.packed
+    assert r.packed is p                      # built once, shared by the forwards over it
     assert p.input_ids.tolist() == [[1, 7, 9, 5, 1, 8, 6, 4]]
     assert p.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
     assert p.cu_seq_lens.tolist() == [0, 4, 8]

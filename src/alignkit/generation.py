@@ -91,8 +91,10 @@ class Rollout:
         return (torch.cat([self.prompt_ids, self.response_ids], dim=1),
                 torch.cat([self.prompt_mask, self.response_mask], dim=1))
 
+    @functools.cached_property
     def packed(self) -> PackedRollout:
-        """The rows' real tokens (prompt, then response) in one flat row: see :class:`PackedRollout`."""
+        """The rows' real tokens (prompt, then response) in one flat row: see :class:`PackedRollout`.
+        Built once per rollout: the policy, reference and value forwards over it share it."""
         ids, mask = self.sequences()
         real = mask.bool()
         lengths = mask.sum(-1)
@@ -503,7 +505,7 @@ def rollout_logps(model, rollout: Rollout, temperature: float = 1.0, pack: bool 
     rollout this equals ``rollout.logps`` up to float error. Gradients flow (no ``no_grad`` here):
     this is the ``new_logps`` of a PPO ratio.
 
-    ``pack=True`` runs the forward on the real tokens only (:meth:`Rollout.packed`), for a model
+    ``pack=True`` runs the forward on the real tokens only (:attr:`Rollout.packed`), for a model
     whose attention keeps to each sequence of a flat row (``alignkit.attention.flat_packing`` and
     ``alignkit.models.supports_packing(model, "flat")``; the caller checks): the same values
     within float error, without the padding's compute.
@@ -512,7 +514,7 @@ def rollout_logps(model, rollout: Rollout, temperature: float = 1.0, pack: bool 
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     _, has_logits_to_keep = _forward_names(model)
     if pack:
-        packed = rollout.packed()
+        packed = rollout.packed
         keep = {"logits_to_keep": packed.targets} if has_logits_to_keep else {}
         logits = model(**packed.inputs(), **keep).logits[0]
         if not has_logits_to_keep:

@@ -63,7 +63,7 @@ def token_values(body, head: torch.nn.Module, rollout: Rollout, pack: bool = Fal
     and ``pack`` as there (the real tokens in one flat row).
     """
     if pack:
-        packed = rollout.packed()
+        packed = rollout.packed
         hidden = body(**packed.inputs()).last_hidden_state[0, packed.targets]
         return packed.unflatten(head(hidden).squeeze(-1).float())
     input_ids, attention_mask = rollout.sequences()
