@@ -437,3 +437,67 @@ def test_compiled_decode_equals_eager():
                             generator=torch.Generator().manual_seed(2), **kw)
         assert torch.equal(compiled.response_ids, eager.response_ids)
         torch.testing.assert_close(compiled.logps, eager.logps, rtol=0, atol=1e-5)
+
+
+def test_a_failing_compiler_falls_back_to_eager_decoding(monkeypatch):
+    """sampling.compile=true where compiling fails (no working C++ compiler, a compiler bug: here a
+    backend that raises, which dynamo reports as inductor's failures are, BackendCompilerFailed):
+    one warning, the samples of eager decoding, and later rollouts do not compile again. The
+    decoder's step, and the model's forward where a graph break lets a first graph run (writing
+    layer 0's cache) before the second fails to compile: that write is undone before decoding on."""
+    import operator
+    import warnings
+
+    import torch._dynamo
+
+    from alignkit import generation
+
+    tries, writes = [], []   # graphs the backend was given; those that write the KV cache
+    fail_after_write = {}
+
+    def failing_backend(graph_module, example_inputs):
+        tries.append(graph_module)
+        if not fail_after_write["on"] or writes:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found (test)")
+        if any(n.target is operator.setitem or n.target == "copy_" for n in graph_module.graph.nodes):
+            writes.append(graph_module)
+        return graph_module.forward  # runs the graph as traced
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=failing_backend, **kw))
+    torch._dynamo.reset()  # graphs compiled by earlier tests would serve the call without compiling
+    generation._compiled_decode_and_draw.cache_clear()
+    model = _model("llama")
+    layer = model.model.layers[1]
+
+    def broken_forward(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return type(layer).forward(layer, *args, **kwargs)
+
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD)
+    try:
+        for fast in (True, False):
+            if not fast:
+                monkeypatch.setattr(layer, "forward", broken_forward)
+            tries.clear()
+            fail_after_write["on"] = not fast
+            monkeypatch.setattr(generation, "_compile_failure", [])
+            eager = generate(model, _prompts(), SamplingConfig(max_new_tokens=12), fast_decode=fast,
+                             generator=torch.Generator().manual_seed(3), **kw)
+            failed = r"torch.compile failed \(RuntimeError: InvalidCxxCompiler: No working C\+\+"
+            with pytest.warns(RuntimeWarning, match=failed):
+                compiled = generate(model, _prompts(), SamplingConfig(max_new_tokens=12, compile=True),
+                                    fast_decode=fast, generator=torch.Generator().manual_seed(3), **kw)
+            n = len(tries)
+            assert n == 1 if fast else len(writes) == 1  # the failure came after a write
+            assert eager.finished.any() and not eager.finished.all()
+            assert torch.equal(compiled.response_ids, eager.response_ids)
+            assert torch.equal(compiled.logps, eager.logps)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                again = generate(model, _prompts(), SamplingConfig(max_new_tokens=12, compile=True),
+                                 fast_decode=fast, generator=torch.Generator().manual_seed(3), **kw)
+            assert len(tries) == n and torch.equal(again.response_ids, eager.response_ids)
+    finally:
+        generation._compiled_decode_and_draw.cache_clear()
+        torch._dynamo.reset()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -328,6 +329,46 @@ def _compiled_decode_and_draw():
     return torch.compile(_decode_and_draw, dynamic=True)
 
 
+# The first reason torch.compile failed in this process (no working C++ compiler, a compiler bug
+# for this model), once it has: later rollouts decode eagerly instead of failing the same way.
+_compile_failure: list[str] = []
+
+
+def _decode_step(model, cache, cfg: SamplingConfig, compile_decode: bool, fast_decode: bool):
+    """``step(tokens [b], position_ids [b, 1], attention_mask [b, L + 1], u) -> (tokens, logps)``:
+    the decoder's step where :mod:`alignkit.decoders` has one (and ``fast_decode``), else the
+    model's forward on the last tokens; through ``torch.compile`` if ``compile_decode``."""
+    compile_decode = compile_decode and not _compile_failure
+    fast = (decoder_for(model, cache, compile=compile_decode, then=lambda logits, u: _draw(logits, cfg, u))
+            if fast_decode else None)
+    if fast is not None:
+        return fast
+    decode = _compiled_decode_and_draw() if compile_decode else _decode_and_draw
+    cache_name, _ = _forward_names(model)
+
+    def step(tokens, position_ids, attention_mask, u):
+        return decode(model, cfg, u, input_ids=tokens[:, None], attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=True, **{cache_name: cache})
+
+    return step
+
+
+def _eager_after(error: Exception, cache, length: int):
+    """Record that compiling a decode step failed (``error``) and warn once; crop what a graph that
+    ran before the failing one appended to ``cache`` back to ``length`` tokens per layer."""
+    cause = getattr(error, "inner_exception", None) or error  # what the compiler raised
+    reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+    if not _compile_failure:
+        warnings.warn(f"sampling.compile: torch.compile failed ({reason}); decoding without it "
+                      "for the rest of this process (the same samples, more slowly)", RuntimeWarning,
+                      stacklevel=3)
+    _compile_failure.append(reason)
+    for layer in cache.layers:
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
+
+
 def _forward_names(model) -> tuple[str, bool]:
     """The KV-cache keyword of this model's forward (``past_key_values`` was renamed ``cache`` in
     transformers 5.x) and whether it takes ``logits_to_keep`` (skips the LM head where unread)."""
@@ -399,7 +440,6 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
     device = ids.device
     cache_name, has_logits_to_keep = _forward_names(model)
     cache = _preallocated_cache(model, prompt_len + steps)
-    decode = _compiled_decode_and_draw() if compile_decode else _decode_and_draw
 
     tokens_out = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)
     logps_out = torch.zeros((batch, steps), dtype=torch.float32, device=device)
@@ -415,8 +455,7 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
     # in a compiled graph: the same generator gives the same stream either way.
     draw = (lambda n: None) if cfg.greedy else (lambda n: _uniforms(n, generator, device))
     tok, lp = _draw(out.logits[:, -1], cfg, draw(batch))
-    fast = (decoder_for(model, cache, compile=compile_decode, then=lambda logits, u: _draw(logits, cfg, u))
-            if fast_decode else None)
+    step = _decode_step(model, cache, cfg, compile_decode, fast_decode)
 
     rows = torch.arange(batch, device=device)                # original row of each active row
     alive = torch.ones(batch, dtype=torch.bool, device=device)
@@ -436,12 +475,15 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
             keep = alive.nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
             rows, tok, attn, next_pos, alive = rows[keep], tok[keep], attn[keep], next_pos[keep], alive[keep]
-        if fast is not None:
-            tok, lp = fast(tok, next_pos + t, attn[:, :prompt_len + t + 1], draw(tok.size(0)))
-        else:
-            tok, lp = decode(model, cfg, draw(tok.size(0)), input_ids=tok[:, None],
-                             attention_mask=attn[:, :prompt_len + t + 1], position_ids=next_pos + t,
-                             use_cache=True, **{cache_name: cache})
+        inputs = (tok, next_pos + t, attn[:, :prompt_len + t + 1], draw(tok.size(0)))
+        try:
+            tok, lp = step(*inputs)
+        except torch._dynamo.exc.BackendCompilerFailed as error:  # compiling failed: go on eagerly
+            if not compile_decode:
+                raise
+            _eager_after(error, cache, prompt_len + t)
+            step = _decode_step(model, cache, cfg, False, fast_decode)
+            tok, lp = step(*inputs)
 
     tokens_out = tokens_out[:, :n_steps]
     is_eos = (tokens_out == eos_token_id).long()
@@ -467,10 +509,11 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: Samplin
 
     ``compile_decode=True`` (or ``cfg.compile``) runs the one-token decode step (the decoder's step,
     else the model's forward and the draw) through ``torch.compile`` (the prefill stays eager). Off
-    by default: it needs a working compiler toolchain, the first call per model pays the
-    compilation (~15-50 s for a small model on a 2-core CPU), and a changed model structure
-    re-traces (a LoRA policy recompiles once when its adapters are first toggled); it pays off in
-    long RL loops that sample thousands of batches from one policy.
+    by default: the first call per model pays the compilation (~15-50 s for a small model on a
+    2-core CPU), and a changed model structure re-traces (a LoRA policy recompiles once when its
+    adapters are first toggled); it pays off in long RL loops that sample thousands of batches
+    from one policy. Where compiling fails (no working C++ compiler, a compiler bug) it warns once
+    and the process decodes without it from then on: the same samples, more slowly.
     """
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise ValueError("generate() supports decoder-only causal LMs")
