@@ -464,7 +464,8 @@ def test_a_failing_compiler_falls_back_to_eager_decoding(monkeypatch):
         return graph_module.forward  # runs the graph as traced
 
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=failing_backend, **kw))
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None, options=None:  # inductor's options
+                        compile_(fn, backend=failing_backend, dynamic=dynamic))
     torch._dynamo.reset()  # graphs compiled by earlier tests would serve the call without compiling
     generation._compiled_decode_and_draw.cache_clear()
     model = _model("llama")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.decoders import decoder_for
+from alignkit.decoders import compile_options, decoder_for
 from alignkit.logprobs import IGNORE_INDEX, forward_parameters, token_logps
 
 
@@ -321,12 +321,12 @@ def _decode_and_draw(model, cfg: SamplingConfig, u: torch.Tensor | None, **kwarg
 
 
 @functools.cache
-def _compiled_decode_and_draw():
+def _compiled_decode_and_draw(device_type: str):
     # The draw inside the graph: softmax, CDF and log-probs fuse with the LM head's output instead
     # of running as ~15 eager ops per step. dynamic=True: one graph serves every batch size (rows
     # are dropped as they finish) and every cache length; dynamo re-traces per model object
     # (guards on its identity) and per sampling config.
-    return torch.compile(_decode_and_draw, dynamic=True)
+    return torch.compile(_decode_and_draw, dynamic=True, options=compile_options(device_type))
 
 
 # The first reason torch.compile failed in this process (no working C++ compiler, a compiler bug
@@ -343,7 +343,7 @@ def _decode_step(model, cache, cfg: SamplingConfig, compile_decode: bool, fast_d
             if fast_decode else None)
     if fast is not None:
         return fast
-    decode = _compiled_decode_and_draw() if compile_decode else _decode_and_draw
+    decode = _compiled_decode_and_draw(_model_device(model).type) if compile_decode else _decode_and_draw
     cache_name, _ = _forward_names(model)
 
     def step(tokens, position_ids, attention_mask, u):
