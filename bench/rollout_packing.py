@@ -1,11 +1,14 @@
 """A policy's forward and backward over a rollout, padded and packed (``ppo.packing``), in turn in
-one process: ``python bench/rollout_packing.py [--mean-fraction 0.6]``.
+one process: ``python bench/rollout_packing.py [--full] [--group 4 [--prompt-tokens 128]]``.
 
 Samples ``--rows`` responses of up to ``--new-tokens`` from the benchmark's demo-shaped model, then
 cuts each to a length drawn uniformly from ``[new_tokens / 6, new_tokens]`` (the demo's responses
 average 60% of the maximum; ``--full`` keeps every row at the maximum), and times
-``rollout_logps`` + backward both ways, ``--rounds`` times, after a warm-up: median seconds.
-Needs ``bench/work/full`` (``python bench/prepare.py``).
+``rollout_logps`` + backward each way, ``--rounds`` times, after a warm-up: median seconds.
+``--group K``: ``rows / K`` prompts, each sampled ``K`` times (GRPO/RLOO's groups), which adds
+the layout with each prompt written once for its group (``pack="shared"``); ``--prompt-tokens``
+lengthens every prompt to that many tokens (its text repeated). Needs ``bench/work/full``
+(``python bench/prepare.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--full", action="store_true", help="every response at the maximum length")
+    ap.add_argument("--group", type=int, default=1, help="samples per prompt")
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="lengthen prompts to this many tokens")
     args = ap.parse_args()
 
     model_dir = f"{args.work}/models/{args.model}"
@@ -39,8 +44,11 @@ def main() -> None:
     model = load_causal_lm(model_dir, tokenizer=tok).eval()
     assert flat_packing(model)
     with open(f"{args.work}/data/{args.model}/prompts.jsonl") as f:
-        texts = [json.loads(line)["prompt"] for line in f][:args.rows]
-    r = generate(model, [encode_prompt(t, tok) for t in texts], SamplingConfig(max_new_tokens=args.new_tokens),
+        texts = [json.loads(line)["prompt"] for line in f][:args.rows // args.group]
+    prompts = [encode_prompt(t, tok) for t in texts for _ in range(args.group)]
+    if args.prompt_tokens:
+        prompts = [(p * (args.prompt_tokens // len(p) + 1))[:args.prompt_tokens] for p in prompts]
+    r = generate(model, prompts, SamplingConfig(max_new_tokens=args.new_tokens),
                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                  generator=torch.Generator().manual_seed(0))
     n = args.new_tokens
@@ -54,18 +62,21 @@ def main() -> None:
           f"average, prompts padded to {r.prompt_ids.size(1)}")
     model.train()
 
-    def step(pack: bool) -> float:
+    def step(pack) -> float:
         start = time.perf_counter()
         (rollout_logps(model, r, 1.0, pack) * r.response_mask).sum().backward()
         return time.perf_counter() - start
 
-    step(False), step(True)
-    times = {False: [], True: []}
+    layouts = {"padded": False, "packed": True} | ({"shared": "shared"} if args.group > 1 else {})
+    for pack in layouts.values():
+        step(pack)
+    times = {name: [] for name in layouts}
     for _ in range(args.rounds):
-        for pack in (False, True):
-            times[pack].append(step(pack))
-    padded, packed = (statistics.median(times[p]) for p in (False, True))
-    print(f"forward + backward: padded {padded:.3f} s, packed {packed:.3f} s, packed / padded {packed / padded:.2f}")
+        for name, pack in layouts.items():
+            times[name].append(step(pack))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print("forward + backward: " + ", ".join(f"{name} {t:.3f} s ({t / median['padded']:.2f} of padded)"
+                                             for name, t in median.items()))
 
 
 if __name__ == "__main__":

@@ -96,16 +96,51 @@ class Rollout:
     def packed(self) -> PackedRollout:
         """The rows' real tokens (prompt, then response) in one flat row: see :class:`PackedRollout`.
         Built once per rollout: the policy, reference and value forwards over it share it."""
+        return self._pack(share=False)
+
+    @functools.cached_property
+    def packed_shared(self) -> PackedRollout:
+        """As :attr:`packed`, with each prompt written once for all the rows that sampled from it
+        (GRPO/RLOO's groups): see :class:`PackedRollout`."""
+        return self._pack(share=True)
+
+    def packing(self, pack: bool | str) -> PackedRollout:
+        """:attr:`packed_shared` for ``pack == "shared"``, else :attr:`packed`."""
+        return self.packed_shared if pack == "shared" else self.packed
+
+    def _pack(self, share: bool) -> PackedRollout:
         ids, mask = self.sequences()
-        real = mask.bool()
-        lengths = mask.sum(-1)
-        flat_index = (mask.flatten().cumsum(0) - 1).view_as(mask)   # of each real token
-        response = self.response_mask.bool()
+        width = self.prompt_ids.size(1)
+        rows = ids.size(0)
+        leader = list(range(rows))   # the row whose segment holds this row's prompt
+        if share:
+            first: dict[tuple, int] = {}
+            for i, (prompt, real) in enumerate(zip(self.prompt_ids.tolist(), self.prompt_mask.tolist())):
+                leader[i] = first.setdefault(tuple(t for t, m in zip(prompt, real) if m), i)
+        # Segments in order: each prompt's first row whole, then the other rows of that prompt,
+        # response only (so a follower's segment comes right after one that starts with its prompt).
+        order = torch.tensor(sorted(range(rows), key=lambda i: (leader[i], i)))
+        leader = torch.tensor(leader)
+        follower = leader != torch.arange(rows)
+        keep = mask.bool()
+        keep[follower, :width] = False
+        kept = keep[order]
+        flat_index = torch.empty_like(mask)
+        flat_index[order] = (kept.flatten().cumsum(0) - 1).view_as(kept)   # of each kept token
+        # Token t >= 1 of a response is predicted at the flat position of token t - 1; token 0 at
+        # the last prompt token, in the segment of the row's leader.
+        predicted_at = flat_index[:, width:] - 1
+        predicted_at[:, 0] = flat_index[leader, width] - 1
+        prompt_lengths = self.prompt_mask.sum(-1)
+        shared = torch.where(follower, prompt_lengths, 0)[order]
+        lengths = kept.sum(-1)
         cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+        response = self.response_mask.bool()
         return PackedRollout(
-            input_ids=ids[real][None], position_ids=(mask.cumsum(-1) - 1)[real][None],
-            cu_seq_lens=cu, targets=flat_index[:, self.prompt_ids.size(1):][response] - 1,
-            labels=self.response_ids[response], response_mask=response)
+            input_ids=ids[order][kept][None], position_ids=(mask.cumsum(-1) - 1)[order][kept][None],
+            cu_seq_lens=cu, targets=predicted_at[response], labels=self.response_ids[response],
+            response_mask=response,
+            shared_prefix_lens=tuple(shared.tolist()) if bool(follower.any()) else None)
 
     def response_lengths(self) -> torch.LongTensor:
         """Number of response tokens per row, EOS included."""
@@ -123,10 +158,21 @@ class PackedRollout:
 
     Each row's prompt tokens then its response tokens (up to and including EOS), one sequence
     after another: ``input_ids``/``position_ids`` ``[1, N]`` (positions restart at 0 for every
-    sequence, as ``cumsum(mask) - 1`` gives them in the padded layout), ``cu_seq_lens`` ``[B + 1]``
-    the boundaries (what flash attention's varlen path and ``alignkit_sdpa`` read). ``targets``
-    ``[K]``: the flat positions whose outputs predict the ``K`` response tokens ``labels``, in the
-    row-major order of ``response_mask`` ``[B, R]``, which :meth:`unflatten` scatters back to.
+    sequence, as ``cumsum(mask) - 1`` gives them in the padded layout), ``cu_seq_lens`` the
+    segments' boundaries (what flash attention's varlen path and ``alignkit_sdpa`` read).
+    ``targets`` ``[K]``: the flat positions whose outputs predict the ``K`` response tokens
+    ``labels``, in the row-major order of ``response_mask`` ``[B, R]``, which :meth:`unflatten`
+    scatters back to.
+
+    With the prompts shared (:attr:`Rollout.packed_shared`; prefix sharing, Wang & Hegde 2024,
+    arXiv:2410.20305, as ``data.collate.collate_shared`` does for preference pairs), the rows that
+    sampled from the same prompt are written one after another, the first whole and the others as
+    their response only, positions continuing from the prompt's length and
+    ``shared_prefix_lens`` (per segment: the prompt length, 0 for a first row) letting each
+    attend to the prompt of the segment before it (``alignkit_sdpa`` only: the caller checks
+    ``models.supports_packing(model, "shared")``). A response's first token is predicted at the
+    prompt's last token, which all the group's rows then share: the same values within float
+    error, the prompt's forward and backward run once per group instead of once per row.
     """
 
     input_ids: torch.LongTensor
@@ -135,13 +181,17 @@ class PackedRollout:
     targets: torch.LongTensor
     labels: torch.LongTensor
     response_mask: torch.BoolTensor
+    shared_prefix_lens: tuple[int, ...] | None = None
 
     def inputs(self) -> dict:
         """Keyword arguments of the model's forward (see ``alignkit.logprobs.packed_inputs``)."""
         from alignkit.logprobs import packed_inputs
 
-        return packed_inputs({"input_ids": self.input_ids, "position_ids": self.position_ids,
-                              "cu_seq_lens": self.cu_seq_lens})
+        batch = {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                 "cu_seq_lens": self.cu_seq_lens}
+        if self.shared_prefix_lens is not None:
+            batch["shared_prefix_lens"] = self.shared_prefix_lens
+        return packed_inputs(batch)
 
     def unflatten(self, values: torch.Tensor) -> torch.Tensor:
         """``[K]`` per response token -> ``[B, R]``, 0 on padding (gradients flow to ``values``)."""
@@ -540,7 +590,8 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: Samplin
                    finished=torch.cat([c[3] for c in chunks]))
 
 
-def rollout_logps(model, rollout: Rollout, temperature: float = 1.0, pack: bool = False) -> torch.Tensor:
+def rollout_logps(model, rollout: Rollout, temperature: float = 1.0,
+                  pack: bool | str = False) -> torch.Tensor:
     """``[B, R]`` fp32 log-probs of the response tokens under one training forward, 0 on padding.
 
     Same ``logits / temperature`` scaling as :func:`generate` (``temperature == 0``, greedy, means
@@ -551,13 +602,15 @@ def rollout_logps(model, rollout: Rollout, temperature: float = 1.0, pack: bool 
     ``pack=True`` runs the forward on the real tokens only (:attr:`Rollout.packed`), for a model
     whose attention keeps to each sequence of a flat row (``alignkit.attention.flat_packing`` and
     ``alignkit.models.supports_packing(model, "flat")``; the caller checks): the same values
-    within float error, without the padding's compute.
+    within float error, without the padding's compute. ``pack="shared"`` also writes each prompt
+    once for the rows sampled from it (:attr:`Rollout.packed_shared`; the caller checks
+    ``supports_packing(model, "shared")``).
     """
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     _, has_logits_to_keep = _forward_names(model)
     if pack:
-        packed = rollout.packed
+        packed = rollout.packing(pack)
         keep = {"logits_to_keep": packed.targets} if has_logits_to_keep else {}
         logits = model(**packed.inputs(), **keep).logits[0]
         if not has_logits_to_keep:

@@ -55,7 +55,8 @@ def backbone(model):
     return getattr(model, model.base_model_prefix)
 
 
-def token_values(body, head: torch.nn.Module, rollout: Rollout, pack: bool = False) -> torch.Tensor:
+def token_values(body, head: torch.nn.Module, rollout: Rollout,
+                 pack: bool | str = False) -> torch.Tensor:
     """Per-token values ``[B, R]`` (fp32, 0 on padding), gradients flowing.
 
     ``V_t`` is read at position ``P + t - 1`` of prompt + response, the state from which
@@ -63,7 +64,7 @@ def token_values(body, head: torch.nn.Module, rollout: Rollout, pack: bool = Fal
     and ``pack`` as there (the real tokens in one flat row).
     """
     if pack:
-        packed = rollout.packed
+        packed = rollout.packing(pack)
         hidden = body(**packed.inputs()).last_hidden_state[0, packed.targets]
         return packed.unflatten(head(hidden).squeeze(-1).float())
     input_ids, attention_mask = rollout.sequences()
@@ -151,7 +152,7 @@ class SeparateRoles:
     def value_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.value.parameters() if p.requires_grad]
 
-    def values(self, rollout: Rollout, pack: bool = False) -> torch.Tensor:
+    def values(self, rollout: Rollout, pack: bool | str = False) -> torch.Tensor:
         return token_values(backbone(self.value), self.value.score, rollout, pack)
 
     def train(self, mode: bool = True) -> None:
@@ -339,7 +340,7 @@ class SharedRoles:
     def value_parameters(self) -> list[torch.nn.Parameter]:
         return self.adapter_parameters(VALUE) + list(self.value_head.parameters())
 
-    def values(self, rollout: Rollout, pack: bool = False) -> torch.Tensor:
+    def values(self, rollout: Rollout, pack: bool | str = False) -> torch.Tensor:
         with self._active(VALUE):
             return token_values(backbone(self.policy), self.value_head, rollout, pack)
 

@@ -79,7 +79,7 @@ class Sampled:
 
 def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
             sampling: SamplingConfig, generator: torch.Generator, *, batch_size: int,
-            gold=None, recompute_logps: bool = True, pack: bool = False) -> Sampled:
+            gold=None, recompute_logps: bool = True, pack: bool | str = False) -> Sampled:
     """Sample one response per prompt row, score it, and run the no-grad forwards.
 
     ``recompute_logps=False`` takes the log-probs recorded while sampling as the old policy's

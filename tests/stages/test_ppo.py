@@ -99,37 +99,43 @@ def test_batch_of_8_equals_2_accumulated_micro_batches_of_4(tiny_base, algo):
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_a_packed_minibatch_equals_the_padded_one(tiny_base, algo):
-    """ppo.packing: the rows' real tokens in one flat row give the padded batch's losses, metrics
-    and gradients (policy and value), and the old/reference log-probs and values of collect."""
+    """ppo.packing: the rows' real tokens in one flat row, and with each prompt written once for
+    its rows (the two samples of a prompt, here apart in a shuffled minibatch), give the padded
+    batch's losses, metrics and gradients (policy and value), and the old/reference log-probs and
+    values of collect."""
     torch.manual_seed(0)
     roles, exp, a, _ = _experience(tiny_base, algo)
-    assert ppo._packs(roles, ppo.PPOConfig()) and not ppo._packs(roles, ppo.PPOConfig(packing=False))
+    assert ppo._packs(roles, ppo.PPOConfig()) == "shared" and not ppo._packs(roles, ppo.PPOConfig(packing=False))
+    exp = exp.take([0, 2, 1, 4, 3, 6, 5, 7])   # each micro-batch of 4 holds a prompt's 2 rows apart
+    assert exp.take([0, 1, 2, 3]).rollout.packed_shared.shared_prefix_lens.count(0) == 3
     mask = exp.rollout.sequences()[1]
     assert mask.sum() < mask.numel()                          # the rows have padding to skip
     accelerator = make_accelerator("no")
     params = roles.policy_parameters() + (roles.value_parameters() if a.uses_value else [])
     results = []
-    for packing in (False, True):
+    for packing in (False, True, "shared"):
         for p in params:
             p.grad = None
         ppo_cfg = ppo.PPOConfig(algo=algo, minibatch_size=8, micro_batch_size=4, packing=packing)
         stats = ppo.accumulate(roles, exp, a, ppo_cfg, 0.1, 1.0, accelerator)
         results.append((stats, [p.grad.clone() for p in params]))
-    (padded, g1), (packed, g2) = results
-    for key in ("policy_loss", "value_loss", "clipfrac", "approx_kl"):
-        assert packed[key] == pytest.approx(padded[key], abs=1e-5), key
-    assert max(float((x - y).abs().max()) for x, y in zip(g1, g2)) < 1e-5
+    (padded, g1), *packed_runs = results
+    for packed, g2 in packed_runs:
+        for key in ("policy_loss", "value_loss", "clipfrac", "approx_kl"):
+            assert packed[key] == pytest.approx(padded[key], abs=1e-5), key
+        assert max(float((x - y).abs().max()) for x, y in zip(g1, g2)) < 1e-5
     assert max(float(x.abs().max()) for x in g1) > 1e-4
 
     from alignkit.generation import rollout_logps
 
     with torch.no_grad():
-        for model in (roles.policy, roles.reference):
-            torch.testing.assert_close(rollout_logps(model, exp.rollout, 1.0, True),
-                                       rollout_logps(model, exp.rollout, 1.0), rtol=0, atol=1e-5)
-        if a.uses_value:
-            torch.testing.assert_close(roles.values(exp.rollout, True), roles.values(exp.rollout),
-                                       rtol=0, atol=1e-5)
+        for pack in (True, "shared"):
+            for model in (roles.policy, roles.reference):
+                torch.testing.assert_close(rollout_logps(model, exp.rollout, 1.0, pack),
+                                           rollout_logps(model, exp.rollout, 1.0), rtol=0, atol=1e-5)
+            if a.uses_value:
+                torch.testing.assert_close(roles.values(exp.rollout, pack), roles.values(exp.rollout),
+                                           rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- resume

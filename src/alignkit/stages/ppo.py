@@ -94,9 +94,10 @@ class PPOConfig:
     whiten_advantages: bool = True     # PPO's per-batch advantage whitening
     grpo_scale: bool = True            # false: Dr. GRPO (no division by the group's std)
     # The forwards over rollouts (old and reference log-probs, values, the updates) on each row's
-    # real tokens in one flat row, no padding, where the models' attention keeps to each sequence
-    # (checked at start, as SFT's train.packing); the same values within float error.
-    packing: bool = True
+    # real tokens in one flat row, no padding, each prompt once for the rows sampled from it, where
+    # the models' attention allows (checked at start, as SFT's train.packing; main then holds the
+    # layout here: True flat, "shared" with the prompts shared); the same values within float error.
+    packing: bool | str = True
 
     def __post_init__(self):
         require(self.epochs >= 1, "ppo.epochs must be >= 1")
@@ -104,6 +105,8 @@ class PPOConfig:
                 "ppo.minibatch_size and ppo.micro_batch_size must be > 0")
         require(self.clip_eps > 0, "ppo.clip_eps must be > 0")
         require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+        require(self.packing in (True, False, "shared"),
+                f"ppo.packing must be true or false, got {self.packing!r}")
 
 
 @dataclass(frozen=True)
@@ -355,14 +358,19 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
     return metrics
 
 
-def _packs(roles, ppo: PPOConfig) -> bool:
-    """``ppo.packing``, where every model that reads rollouts keeps attention to each sequence of
-    a flat row (``alignkit.attention.flat_packing`` switches transformers' SDPA to one that does)."""
+def _packs(roles, ppo: PPOConfig) -> bool | str:
+    """How the forwards over rollouts pack (``rollout_logps``'s ``pack``): ``"shared"`` (each
+    prompt written once for its group's rows) where every model that reads rollouts lets a
+    segment attend to the prompt of the one before it, else ``True`` (one flat row) where each
+    keeps attention to each sequence of a flat row (``alignkit.attention.flat_packing`` switches
+    transformers' SDPA to one that does both), else ``False``; ``False`` if ``ppo.packing`` is off."""
     from alignkit.attention import flat_packing
     from alignkit.models import supports_packing
 
-    return ppo.packing and all(flat_packing(m) and supports_packing(m, "flat")
-                               for m in roles.rollout_models())
+    models = roles.rollout_models()
+    if not (ppo.packing and all(flat_packing(m) and supports_packing(m, "flat") for m in models)):
+        return False
+    return "shared" if all(supports_packing(m, "shared") for m in models) else True
 
 
 def _resume(cfg: Config, out: Path, accelerator, tracker) -> int:
