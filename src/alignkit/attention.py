@@ -25,6 +25,8 @@ sampling uses), and fp32 is the more accurate of the two.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -96,16 +98,25 @@ def sequence_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
     pieces = list(zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2)))
     shared = kwargs.get("shared_prefix_lens") or (0,) * len(pieces)
     for j, s in enumerate(shared):
-        if s:  # collate_shared: this segment continues the first s tokens of the one before it
-            pieces[j] = tuple(torch.cat([before[:, :, :s], own], 2)
-                              for before, own in zip(pieces[j - 1], pieces[j]))
+        if s:  # this segment continues the first s tokens of the one before it: their keys/values
+            q, k, v = pieces[j]
+            _, k_before, v_before = pieces[j - 1]   # (extended already if it continues one too)
+            pieces[j] = (q, torch.cat([k_before[:, :, :s], k], 2), torch.cat([v_before[:, :, :s], v], 2))
     with torch.autocast(device, enabled=False):
-        out = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                              scale=scaling)[:, :, s:]
+        out = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
+                                              **({"attn_mask": _continuing(q.size(2), s, q.device)}
+                                                 if s else {"is_causal": True}))
                for (q, k, v), s in zip(pieces, shared)]
     # Concatenated in the [1, T, H, D] layout the caller reshapes to [1, T, H * D]: one copy here
     # and none there (concatenating [1, H, T, D] and transposing would make the caller copy again).
     return torch.cat([o.transpose(1, 2) for o in out], 1).to(dtype), None
+
+
+@functools.lru_cache(maxsize=256)
+def _continuing(length: int, shared: int, device) -> torch.Tensor:
+    """``[length, shared + length]`` causal mask of a segment's own queries over the ``shared``
+    keys before them and its own (query ``i`` sits at position ``shared + i``)."""
+    return torch.ones(length, shared + length, dtype=torch.bool, device=device).tril(shared)
 
 
 def register() -> str:
