@@ -5,8 +5,9 @@ decoder's step, eager or compiled) in turn on the same prompts, ``--rounds`` tim
 warm-up call each (which pays any compilation), and prints each path's median seconds per call and
 ``generate``'s median over it. Interleaving in one process makes the ratios steadier than separate
 processes on a noisy machine. ``--device cuda --dtype bf16`` runs both sides on the GPU with bf16
-weights; ``--paths`` picks some of the paths (``generate`` always runs: it is the baseline). Needs ``bench/work/full``
-(``python bench/prepare.py``).
+weights; ``--paths`` picks some of the paths (``generate`` always runs: it is the baseline);
+``--group K`` samples each of ``batch / K`` prompts ``K`` times (GRPO/RLOO), ``--prompt-tokens``
+lengthens the prompts (their text repeated). Needs ``bench/work/full`` (``python bench/prepare.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--paths", default="forward,step,forward-compiled,step-compiled",
                     help="alignkit paths to run, comma-separated (default: all four)")
+    ap.add_argument("--group", type=int, default=1,
+                    help="samples per prompt: batch / group prompts, each repeated (GRPO/RLOO)")
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="lengthen prompts to this many tokens")
     args = ap.parse_args()
 
     model_dir = f"{args.work}/models/{args.model}"
@@ -44,10 +48,12 @@ def main() -> None:
     model = load_causal_lm(model_dir, tokenizer=tok).eval().to(args.device, dtype)
     peer = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(args.device, dtype)
     with open(f"{args.work}/data/{args.model}/prompts.jsonl") as f:
-        texts = [json.loads(line)["prompt"] for line in f][:args.batch]
-    prompts = [encode_prompt(t, tok) for t in texts]
+        texts = [json.loads(line)["prompt"] for line in f][:args.batch // args.group]
+    prompts = [encode_prompt(t, tok) for t in texts for _ in range(args.group)]
+    if args.prompt_tokens:
+        prompts = [(p * (args.prompt_tokens // len(p) + 1))[:args.prompt_tokens] for p in prompts]
     tok.padding_side = "left"
-    batch = tok(texts, return_tensors="pt", padding=True).to(args.device)
+    batch = tok.pad({"input_ids": prompts}, return_tensors="pt").to(args.device)
     generator = torch.Generator(args.device).manual_seed(0)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 

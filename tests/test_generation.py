@@ -226,6 +226,29 @@ def test_packed_rollout_by_hand():
     assert torch.equal(p.unflatten(torch.tensor([0.1, 0.2, 0.3])), torch.tensor([[0.1, 0.2], [0.3, 0.0]]))
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_a_repeated_prompt_is_prefilled_once(name, monkeypatch):
+    """GRPO/RLOO sample each prompt k times: the prefill runs once per distinct prompt (3 here,
+    of 6 rows, repeats apart) and its cache is copied to the prompt's rows; the samples are those
+    of a prefill over every row."""
+    from alignkit import generation
+
+    model = _model(name)
+    base = _prompts((3, 7, 5))
+    prompts = [base[0], base[1], base[0], base[2], base[1], base[0]]
+    rows_seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows_seen.append(kw["input_ids"].size(0)),
+                                           with_kwargs=True)
+    once = _gen(model, prompts, max_new_tokens=10)
+    hook.remove()
+    assert rows_seen[0] == 3
+    monkeypatch.setattr(generation, "_distinct_rows", lambda ids, mask: (None, None))
+    every = _gen(model, prompts, max_new_tokens=10)
+    assert torch.equal(once.response_ids, every.response_ids)
+    torch.testing.assert_close(once.logps, every.logps, rtol=0, atol=1e-5)
+    assert not torch.equal(once.response_ids[0], once.response_ids[2])   # rows draw on their own
+
+
 def test_shared_prompts_packed_by_hand():
     """Rows 0 and 2 sampled from the same prompt [1, 7]: row 2's segment follows row 0's and holds
     its response only, positions continuing from 2, attending to the 2 prompt tokens before it;

@@ -475,6 +475,19 @@ def _left_pad(prompt_ids, prompt_mask, pad_token_id: int, device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
+def _distinct_rows(ids: torch.Tensor, mask: torch.Tensor):
+    """``(first, copies)`` where rows repeat (GRPO/RLOO sample each prompt ``k`` times): the first
+    row of each distinct prompt, and for every row the index of its prompt in ``first``; ``(None,
+    None)`` when every row is distinct."""
+    distinct, copies = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
+    if distinct.size(0) == ids.size(0):
+        return None, None
+    rows = torch.arange(ids.size(0), device=ids.device)
+    first = torch.full((distinct.size(0),), ids.size(0), device=ids.device).scatter_reduce(
+        0, copies, rows, "amin")
+    return first, copies
+
+
 def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pad_token_id: int,
                     generator, compile_decode: bool, fast_decode: bool) -> tuple[torch.Tensor, ...]:
     """Sample up to ``cfg.max_new_tokens`` for one left-padded chunk.
@@ -499,12 +512,20 @@ def _generate_chunk(model, ids, mask, cfg: SamplingConfig, eos_token_id: int, pa
     attn = torch.cat([mask, mask.new_ones(batch, steps)], dim=1)
 
     keep_last = {"logits_to_keep": 1} if has_logits_to_keep else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                **{cache_name: cache}, **keep_last)
+    first, copies = _distinct_rows(ids, mask)
+    if first is None:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                    **{cache_name: cache}, **keep_last)
+        last_logits = out.logits[:, -1]
+    else:  # one prefill per distinct prompt, its cache and logits copied to each of its rows
+        out = model(input_ids=ids[first], attention_mask=mask[first], position_ids=position_ids[first],
+                    use_cache=True, **{cache_name: cache}, **keep_last)
+        cache.batch_select_indices(copies)
+        last_logits = out.logits[copies, -1]
     # The uniforms are drawn here, one [b, 1] draw per step, whether the draw then runs eagerly or
     # in a compiled graph: the same generator gives the same stream either way.
     draw = (lambda n: None) if cfg.greedy else (lambda n: _uniforms(n, generator, device))
-    tok, lp = _draw(out.logits[:, -1], cfg, draw(batch))
+    tok, lp = _draw(last_logits, cfg, draw(batch))
     step = _decode_step(model, cache, cfg, compile_decode, fast_decode)
 
     rows = torch.arange(batch, device=device)                # original row of each active row
