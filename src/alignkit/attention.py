@@ -12,9 +12,10 @@ block-diagonal mask. This module registers ``alignkit_sdpa`` with transformers'
 is transformers' own SDPA, so generation, padded batches and anything else run unchanged.
 
 Given ``shared_prefix_lens`` too (``alignkit.data.collate.collate_shared``: a pair's prompt
-written once), a segment with a shared length ``s`` attends to the first ``s`` tokens of the
-segment before it, then to itself causally, with its positions continuing from ``s``: the
-second answer of a pair sees the prompt and not the first answer.
+written once; ``Rollout.packed_shared``: a sampling group's), a segment with a shared length
+``s`` attends to the first ``s`` tokens of the segment before it, then to itself causally, with
+its positions continuing from ``s``: the second answer of a pair sees the prompt and not the
+first answer.
 
 It also defers the mask transformers builds for a single unpadded row (``DeferredMask``): a flat
 row's mask is block-diagonal, ``T x T`` for the whole row, and the per-sequence path never reads it.

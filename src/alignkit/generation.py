@@ -119,9 +119,10 @@ class Rollout:
                 leader[i] = first.setdefault(tuple(t for t, m in zip(prompt, real) if m), i)
         # Segments in order: each prompt's first row whole, then the other rows of that prompt,
         # response only (so a follower's segment comes right after one that starts with its prompt).
-        order = torch.tensor(sorted(range(rows), key=lambda i: (leader[i], i)))
-        leader = torch.tensor(leader)
-        follower = leader != torch.arange(rows)
+        device = mask.device
+        order = torch.tensor(sorted(range(rows), key=lambda i: (leader[i], i)), device=device)
+        leader = torch.tensor(leader, device=device)
+        follower = leader != torch.arange(rows, device=device)
         keep = mask.bool()
         keep[follower, :width] = False
         kept = keep[order]
