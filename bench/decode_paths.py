@@ -26,6 +26,19 @@ from alignkit.generation import SamplingConfig, generate
 from alignkit.models import load_causal_lm, load_tokenizer
 
 
+def bench_prompts(work: str, model: str, tok, rows: int, group: int = 1,
+                  prompt_tokens: int = 0) -> list[list[int]]:
+    """``rows`` prompts of the benchmark's model ``model``, token ids: ``rows / group`` of its
+    prompts, each ``group`` times in a row (GRPO/RLOO's samples per prompt), each lengthened to
+    ``prompt_tokens`` tokens (its ids repeated) if given."""
+    with open(f"{work}/data/{model}/prompts.jsonl") as f:
+        texts = [json.loads(line)["prompt"] for line in f][:rows // group]
+    prompts = [encode_prompt(t, tok) for t in texts for _ in range(group)]
+    if prompt_tokens:
+        prompts = [(p * (prompt_tokens // len(p) + 1))[:prompt_tokens] for p in prompts]
+    return prompts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-demo")
@@ -47,11 +60,7 @@ def main() -> None:
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tokenizer=tok).eval().to(args.device, dtype)
     peer = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(args.device, dtype)
-    with open(f"{args.work}/data/{args.model}/prompts.jsonl") as f:
-        texts = [json.loads(line)["prompt"] for line in f][:args.batch // args.group]
-    prompts = [encode_prompt(t, tok) for t in texts for _ in range(args.group)]
-    if args.prompt_tokens:
-        prompts = [(p * (args.prompt_tokens // len(p) + 1))[:args.prompt_tokens] for p in prompts]
+    prompts = bench_prompts(args.work, args.model, tok, args.batch, args.group, args.prompt_tokens)
     tok.padding_side = "left"
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt").to(args.device)
     generator = torch.Generator(args.device).manual_seed(0)

@@ -14,7 +14,6 @@ lengthens every prompt to that many tokens (its text repeated). Needs ``bench/wo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -22,9 +21,9 @@ from pathlib import Path
 import torch
 
 from alignkit.attention import flat_packing
-from alignkit.data.formats import encode_prompt
 from alignkit.generation import Rollout, SamplingConfig, generate, rollout_logps
 from alignkit.models import load_causal_lm, load_tokenizer
+from decode_paths import bench_prompts  # bench/ is the script's folder
 
 
 def main() -> None:
@@ -43,11 +42,7 @@ def main() -> None:
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tokenizer=tok).eval()
     assert flat_packing(model)
-    with open(f"{args.work}/data/{args.model}/prompts.jsonl") as f:
-        texts = [json.loads(line)["prompt"] for line in f][:args.rows // args.group]
-    prompts = [encode_prompt(t, tok) for t in texts for _ in range(args.group)]
-    if args.prompt_tokens:
-        prompts = [(p * (args.prompt_tokens // len(p) + 1))[:args.prompt_tokens] for p in prompts]
+    prompts = bench_prompts(args.work, args.model, tok, args.rows, args.group, args.prompt_tokens)
     r = generate(model, prompts, SamplingConfig(max_new_tokens=args.new_tokens),
                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                  generator=torch.Generator().manual_seed(0))

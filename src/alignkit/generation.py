@@ -111,18 +111,15 @@ class Rollout:
     def _pack(self, share: bool) -> PackedRollout:
         ids, mask = self.sequences()
         width = self.prompt_ids.size(1)
-        rows = ids.size(0)
-        leader = list(range(rows))   # the row whose segment holds this row's prompt
-        if share:
-            first: dict[tuple, int] = {}
-            for i, (prompt, real) in enumerate(zip(self.prompt_ids.tolist(), self.prompt_mask.tolist())):
-                leader[i] = first.setdefault(tuple(t for t, m in zip(prompt, real) if m), i)
+        rows = torch.arange(ids.size(0), device=ids.device)
+        # The row whose segment holds this row's prompt: its first row (the prompts share one
+        # left-padded width, so equal prompts are equal rows).
+        first, copies = _distinct_rows(self.prompt_ids, self.prompt_mask) if share else (None, None)
+        leader = rows if first is None else first[copies]
+        follower = leader != rows
         # Segments in order: each prompt's first row whole, then the other rows of that prompt,
         # response only (so a follower's segment comes right after one that starts with its prompt).
-        device = mask.device
-        order = torch.tensor(sorted(range(rows), key=lambda i: (leader[i], i)), device=device)
-        leader = torch.tensor(leader, device=device)
-        follower = leader != torch.arange(rows, device=device)
+        order = torch.argsort(leader, stable=True)
         keep = mask.bool()
         keep[follower, :width] = False
         kept = keep[order]
