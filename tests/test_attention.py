@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from alignkit.attention import NAME, flat_packing, sequence_sdpa
+from alignkit.attention import NAME, _plan, flat_packing, sequence_sdpa
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,6 +41,46 @@ def test_flat_row_attends_within_each_sequence_with_shared_kv_heads():
     out, weights = sequence_sdpa(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu)
     ref = written_out(q, k, v, lengths, 0.3)
     assert weights is None and out.shape == (1, 15, 4, 8)
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def written_out_shared(q, k, v, lengths, shared, scale):
+    """As ``written_out``, where segment ``j`` also attends to the first ``shared[j]`` keys of
+    segment ``j - 1`` (those of its prefix first, when it continues one too), its own queries at
+    positions ``shared[j] + i``."""
+    out, keys, start = [], [], 0
+    for n, s in zip(lengths, shared):
+        keys = (keys[:s] if s else []) + list(range(start, start + n))
+        qs = q[0, :, start:start + n]
+        ks, vs = k[0][:, keys], v[0][:, keys]
+        scores = qs @ ks.transpose(-1, -2) * scale
+        late = torch.arange(s + n)[None, :] > (s + torch.arange(n))[:, None]  # key after the query
+        out.append(scores.masked_fill(late, -math.inf).softmax(-1) @ vs)
+        start += n
+    return torch.cat(out, 1).transpose(0, 1)[None]
+
+
+def test_short_rows_are_batched_padded_and_exact_with_shared_prefixes():
+    """Sampling groups (a prompt written once, the other rows continuing it), a segment whose
+    prefix is longer than itself, and rows too few or too long to batch: the same outputs and
+    gradients as attention written out per segment."""
+    lengths = (9, 6, 6, 2, 5, 4, 4, 4, 8, 2, 3, 130, 7)
+    shared = (0, 3, 3, 3, 0, 2, 2, 2, 0, 6, 0, 0, 0)
+    plan = _plan(lengths, shared, torch.device("cpu"))
+    singles = {j: prefix for j, prefix in plan.singles}
+    assert [(rows, width) for rows, width, _ in plan.buckets] == [(9, 9)]  # the short rows, padded
+    assert singles[9].length == 6 and singles[11] is None     # prefix > own; wider than _WIDTH
+    q, k, v = qkv(list(lengths), heads=4, kv_heads=4)
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True)
+    cu = torch.tensor((0,) + lengths).cumsum(0)
+    out, _ = sequence_sdpa(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, shared_prefix_lens=shared)
+    ref = written_out_shared(q, k, v, lengths, shared, 0.3)
+    assert out.shape == ref.shape == (1, sum(lengths), 4, 8)
     assert torch.allclose(out, ref, atol=1e-6, rtol=0)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
