@@ -347,15 +347,14 @@ def test_invert_cdf_frequencies():
     assert invert_cdf(target.expand(6, 4), steps).tolist() == [0, 0, 2, 2, 3, 3]
 
 
-def test_invert_cdf_never_returns_a_zero_mass_token_at_the_top_of_the_cdf(monkeypatch):
+def test_invert_cdf_never_returns_a_zero_mass_token_at_the_top_of_the_cdf():
     # u = 1 puts u * total at the CDF's end: the count lands past the last token, which has no
-    # mass in the first row; that row falls back to its most probable token, the other keeps its draw.
-    probs = torch.tensor([[0.2, 0.8, 0.0], [0.5, 0.2, 0.3]])
-    top = torch.ones(2, 1, dtype=torch.float64)
-    assert invert_cdf(probs, top).tolist() == [1, 2]
-    # Inside a compiled decode step the fallback is taken without a host sync: same result.
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert invert_cdf(probs, top).tolist() == [1, 2]
+    # mass in the first and third rows; those take the last token with mass (not the most
+    # probable one: 0 in the third row), the second row keeps its draw.
+    probs = torch.tensor([[0.2, 0.8, 0.0, 0.0], [0.5, 0.2, 0.2, 0.1], [0.6, 0.3, 0.1, 0.0]])
+    top = torch.ones(3, 1, dtype=torch.float64)
+    assert invert_cdf(probs, top).tolist() == [1, 3, 2]
+    assert invert_cdf(probs, top * 0.9999).tolist() == [1, 3, 2]
 
 
 def test_sampling_config_validation():

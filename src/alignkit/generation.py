@@ -240,16 +240,14 @@ def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     The CDF is accumulated in fp64 so that a token's probability is not lost in fp32 rounding of
     a running sum near 1; a zero-probability token is never drawn (its CDF step is exactly zero).
     The index is the count of CDF entries <= ``u * total`` (``searchsorted(..., right=True)``),
-    written as a comparison and a sum so that a compiled decode step fuses it.
+    written as a comparison and a sum so that a compiled decode step fuses it. ``u * total`` can
+    round up to ``total`` itself (probability ~2**-53), where that count would pass the last token
+    with mass: the index is capped at that token's, the count of entries < ``total`` (the quantile
+    function's value at 1), in the same pass and with no host sync.
     """
     cdf = probs.double().cumsum(-1)
-    idx = (cdf <= u * cdf[:, -1:]).sum(-1).clamp_max(probs.size(-1) - 1)
-    # u * total can round up to total itself (probability ~2**-53); never return a zero-mass token.
-    ok = probs.gather(-1, idx[:, None]).squeeze(-1) > 0
-    if torch.compiler.is_compiling():  # fused into the graph: no host sync
-        return torch.where(ok, idx, probs.argmax(-1))
-    # Eager: the fallback's argmax over the vocabulary is only paid when needed.
-    return idx if bool(ok.all()) else torch.where(ok, idx, probs.argmax(-1))
+    total = cdf[:, -1:]
+    return torch.minimum((cdf <= u * total).sum(-1), (cdf < total).sum(-1))
 
 
 def _draw(logits: torch.Tensor, cfg: SamplingConfig,
