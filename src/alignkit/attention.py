@@ -177,8 +177,8 @@ def _plan(lengths: tuple, shared: tuple, device) -> _Plan:
         if len(group) < _ROWS:
             continue
         width = len(rows[group[0]])
-        keys = [r + [r[-1]] * (width - len(r)) for r in (rows[j] for j in group)]
-        buckets.append((len(group), width, torch.tensor(sum(keys, []), device=device)))
+        keys = [i for r in (rows[j] for j in group) for i in r + [r[-1]] * (width - len(r))]
+        buckets.append((len(group), width, torch.tensor(keys, device=device)))
         for row, j in enumerate(group):
             where[j] = offset + row * width + shared[j]
         offset += len(group) * width
