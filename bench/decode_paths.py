@@ -5,7 +5,9 @@ decoder's step, eager or compiled) in turn on the same prompts, ``--rounds`` tim
 warm-up call each (which pays any compilation), and prints each path's median seconds per call and
 ``generate``'s median over it. Interleaving in one process makes the ratios steadier than separate
 processes on a noisy machine. ``--device cuda --dtype bf16`` runs both sides on the GPU with bf16
-weights; ``--paths`` picks some of the paths (``generate`` always runs: it is the baseline);
+weights; ``--paths`` picks some of the paths (``generate`` always runs: it is the baseline;
+``generate-compiled`` adds transformers' own fast path, a static cache and the model's forward
+through ``torch.compile``);
 ``--group K`` samples each of ``batch / K`` prompts ``K`` times (GRPO/RLOO), ``--prompt-tokens``
 lengthens the prompts (their text repeated). Needs ``bench/work/full`` (``python bench/prepare.py``).
 """
@@ -49,7 +51,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--paths", default="forward,step,forward-compiled,step-compiled",
-                    help="alignkit paths to run, comma-separated (default: all four)")
+                    help="alignkit paths to run, comma-separated (default: all four); "
+                         "generate-compiled adds transformers' generate with a static cache and "
+                         "its forward compiled")
     ap.add_argument("--group", type=int, default=1,
                     help="samples per prompt: batch / group prompts, each repeated (GRPO/RLOO)")
     ap.add_argument("--prompt-tokens", type=int, default=0, help="lengthen prompts to this many tokens")
@@ -71,17 +75,27 @@ def main() -> None:
         return lambda: generate(model, prompts, cfg, eos_token_id=tok.eos_token_id,
                                 pad_token_id=tok.pad_token_id, generator=generator, fast_decode=fast)
 
-    def hf_generate():
+    def hf_generate(model=peer, **options):
         with torch.inference_mode():  # the bench's peer settings: plain sampling, no top-k
-            peer.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                          max_new_tokens=args.new_tokens, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id)
+            model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                           max_new_tokens=args.new_tokens, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, **options)
+
+    def hf_generate_compiled():
+        # transformers' documented fast path: a static cache and the model's forward through
+        # torch.compile (its automatic compilation in generate() is for accelerators only).
+        return hf_generate(compiled_peer, cache_implementation="static")
 
     ours = {"forward": ("forward, eager", False, False), "step": ("decoder step, eager", True, False),
             "forward-compiled": ("forward, compiled", False, True),
             "step-compiled": ("decoder step, compiled", True, True)}
     paths = {"generate": hf_generate}
     for key in args.paths.split(","):
+        if key == "generate-compiled":
+            compiled_peer = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(args.device, dtype)
+            compiled_peer.forward = torch.compile(compiled_peer.forward)
+            paths["generate, static cache, compiled"] = hf_generate_compiled
+            continue
         name, fast, compile = ours[key]
         paths[name] = alignkit(fast, compile)
     for call in paths.values():
