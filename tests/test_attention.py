@@ -11,19 +11,32 @@ from alignkit.attention import NAME, _plan, flat_packing, sequence_sdpa
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def written_out(q, k, v, lengths, scale):
+def written_out(q, k, v, lengths, scale, shared=None):
     """Causal softmax attention of each sequence on its own, from the definition
-    (Vaswani et al. 2017, eq. 1), key/value heads shared by consecutive query heads."""
+    (Vaswani et al. 2017, eq. 1), key/value heads shared by consecutive query heads; segment ``j``
+    also attends to the first ``shared[j]`` keys of segment ``j - 1`` (those of its prefix first,
+    when it continues one too), its own queries at positions ``shared[j] + i``."""
     groups = q.shape[1] // k.shape[1]
-    out, start = [], 0
-    for n in lengths:
-        qs, ks, vs = (t[0, :, start:start + n] for t in (q, k, v))
-        ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+    out, keys, start = [], [], 0
+    for n, s in zip(lengths, shared or [0] * len(lengths)):
+        keys = (keys[:s] if s else []) + list(range(start, start + n))
+        qs = q[0, :, start:start + n]
+        ks, vs = (t[0][:, keys].repeat_interleave(groups, 0) for t in (k, v))
         scores = qs @ ks.transpose(-1, -2) * scale
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
-        out.append(scores.softmax(-1) @ vs)
+        late = torch.arange(s + n)[None, :] > (s + torch.arange(n))[:, None]  # key after the query
+        out.append(scores.masked_fill(late, -math.inf).softmax(-1) @ vs)
         start += n
     return torch.cat(out, 1).transpose(0, 1)[None]  # [1, T, H, D]
+
+
+def assert_same_attention(out, ref, inputs):
+    """Equal outputs, and equal gradients of the inputs under a random cotangent."""
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((out * g).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * g).sum(), inputs)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
 def qkv(lengths, heads=4, kv_heads=2, dim=8, dtype=torch.float32):
@@ -41,28 +54,7 @@ def test_flat_row_attends_within_each_sequence_with_shared_kv_heads():
     out, weights = sequence_sdpa(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu)
     ref = written_out(q, k, v, lengths, 0.3)
     assert weights is None and out.shape == (1, 15, 4, 8)
-    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
-    for a, b in zip(grads, ref_grads):
-        assert torch.allclose(a, b, atol=1e-5, rtol=0)
-
-
-def written_out_shared(q, k, v, lengths, shared, scale):
-    """As ``written_out``, where segment ``j`` also attends to the first ``shared[j]`` keys of
-    segment ``j - 1`` (those of its prefix first, when it continues one too), its own queries at
-    positions ``shared[j] + i``."""
-    out, keys, start = [], [], 0
-    for n, s in zip(lengths, shared):
-        keys = (keys[:s] if s else []) + list(range(start, start + n))
-        qs = q[0, :, start:start + n]
-        ks, vs = k[0][:, keys], v[0][:, keys]
-        scores = qs @ ks.transpose(-1, -2) * scale
-        late = torch.arange(s + n)[None, :] > (s + torch.arange(n))[:, None]  # key after the query
-        out.append(scores.masked_fill(late, -math.inf).softmax(-1) @ vs)
-        start += n
-    return torch.cat(out, 1).transpose(0, 1)[None]
+    assert_same_attention(out, ref, (q, k, v))
 
 
 def test_short_rows_are_batched_padded_and_exact_with_shared_prefixes():
@@ -75,18 +67,13 @@ def test_short_rows_are_batched_padded_and_exact_with_shared_prefixes():
     singles = {j: prefix for j, prefix in plan.singles}
     assert [(rows, width) for rows, width, _ in plan.buckets] == [(9, 9)]  # the short rows, padded
     assert singles[9].length == 6 and singles[11] is None     # prefix > own; wider than _WIDTH
-    q, k, v = qkv(list(lengths), heads=4, kv_heads=4)
-    module = SimpleNamespace(num_key_value_groups=1, is_causal=True)
+    q, k, v = qkv(list(lengths))
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
     cu = torch.tensor((0,) + lengths).cumsum(0)
     out, _ = sequence_sdpa(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, shared_prefix_lens=shared)
-    ref = written_out_shared(q, k, v, lengths, shared, 0.3)
+    ref = written_out(q, k, v, lengths, 0.3, shared)
     assert out.shape == ref.shape == (1, sum(lengths), 4, 8)
-    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
-    for a, b in zip(grads, ref_grads):
-        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert_same_attention(out, ref, (q, k, v))
 
 
 def test_bf16_training_attention_runs_in_fp32_and_returns_bf16():
