@@ -111,8 +111,8 @@ def main() -> None:
     base = statistics.median(times["generate"])
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{args.model} {args.device} {args.dtype}  {name:24s} median {median:.3f} s  min {min(values):.3f} s  "
-              f"generate / this {base / median:.2f}x")
+        print(f"{args.model} {args.device} {args.dtype}  {name:33s} median {median:.3f} s  "
+              f"min {min(values):.3f} s  generate / this {base / median:.2f}x")
 
 
 if __name__ == "__main__":

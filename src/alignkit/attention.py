@@ -153,7 +153,8 @@ def _plan(lengths: tuple, shared: tuple, device) -> _Plan:
     padded to the bucket's longest with the row's last index (a padded query's output is dropped,
     and causal attention never lets a real query see a padded key, so real outputs and all
     gradients are exact); a prefix's queries are then computed again, so a segment whose prefix is
-    longer than itself, and a bucket of fewer than ``_ROWS``, run on their own. Cached: a forward's layers share it."""
+    longer than itself, and a bucket of fewer than ``_ROWS``, run on their own. Cached: a
+    forward's layers share it."""
     shared = shared or (0,) * len(lengths)
     starts = [0]
     for n in lengths[:-1]:
@@ -177,7 +178,7 @@ def _plan(lengths: tuple, shared: tuple, device) -> _Plan:
         if len(group) < _ROWS:
             continue
         width = len(rows[group[0]])
-        keys = [i for r in (rows[j] for j in group) for i in r + [r[-1]] * (width - len(r))]
+        keys = [index for r in (rows[j] for j in group) for index in r + [r[-1]] * (width - len(r))]
         buckets.append((len(group), width, torch.tensor(keys, device=device)))
         for row, j in enumerate(group):
             where[j] = offset + row * width + shared[j]
