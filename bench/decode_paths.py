@@ -15,6 +15,7 @@ lengthens the prompts (their text repeated). Needs ``bench/work/full`` (``python
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -81,20 +82,18 @@ def main() -> None:
                            max_new_tokens=args.new_tokens, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id, **options)
 
-    def hf_generate_compiled():
-        # transformers' documented fast path: a static cache and the model's forward through
-        # torch.compile (its automatic compilation in generate() is for accelerators only).
-        return hf_generate(compiled_peer, cache_implementation="static")
-
     ours = {"forward": ("forward, eager", False, False), "step": ("decoder step, eager", True, False),
             "forward-compiled": ("forward, compiled", False, True),
             "step-compiled": ("decoder step, compiled", True, True)}
     paths = {"generate": hf_generate}
     for key in args.paths.split(","):
         if key == "generate-compiled":
-            compiled_peer = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(args.device, dtype)
-            compiled_peer.forward = torch.compile(compiled_peer.forward)
-            paths["generate, static cache, compiled"] = hf_generate_compiled
+            # transformers' documented fast path: a static cache and the model's forward through
+            # torch.compile (its automatic compilation in generate() is for accelerators only).
+            compiled = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(args.device, dtype)
+            compiled.forward = torch.compile(compiled.forward)
+            paths["generate, static cache, compiled"] = functools.partial(
+                hf_generate, compiled, cache_implementation="static")
             continue
         name, fast, compile = ours[key]
         paths[name] = alignkit(fast, compile)

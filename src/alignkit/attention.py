@@ -29,6 +29,7 @@ sampling uses), and fp32 is the more accurate of the two.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -156,9 +157,7 @@ def _plan(lengths: tuple, shared: tuple, device) -> _Plan:
     longer than itself, and a bucket of fewer than ``_ROWS``, run on their own. Cached: a
     forward's layers share it."""
     shared = shared or (0,) * len(lengths)
-    starts = [0]
-    for n in lengths[:-1]:
-        starts.append(starts[-1] + n)
+    starts = [0, *itertools.accumulate(lengths[:-1])]
     rows = []  # per segment: its keys' flat indices
     for j, (start, n, s) in enumerate(zip(starts, lengths, shared)):
         rows.append((rows[j - 1][:s] if s else []) + list(range(start, start + n)))

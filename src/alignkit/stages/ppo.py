@@ -106,7 +106,7 @@ class PPOConfig:
         require(self.clip_eps > 0, "ppo.clip_eps must be > 0")
         require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
         require(self.packing in (True, False, "shared"),
-                f"ppo.packing must be true or false, got {self.packing!r}")
+                f"ppo.packing must be true, false or \"shared\", got {self.packing!r}")
 
 
 @dataclass(frozen=True)
