@@ -167,8 +167,7 @@ def main() -> int:
     args = ap.parse_args()
 
     set_threads()
-    spec = dict(run.FULL[args.case], case=args.case, seed=0, precision=args.precision,
-                model_dir=f"{args.work}/models/{args.model}", data_dir=f"{args.work}/data/{args.model}")
+    spec = run.cell_spec(run.FULL[args.case], args.case, args.model, args.precision, args.work)
     if args.steps is not None:
         spec["steps"] = args.steps
     logs = Path(args.work) / "logs" / f"kernels-{time.strftime('%Y%m%d-%H%M%S')}"

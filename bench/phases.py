@@ -69,9 +69,8 @@ def main() -> int:
     timed(ppo, "accumulate", times["forward + backward"])
     timed(ppo, "_step", times["optimiser"])
     timed(ppo, "run_iteration", times["iteration"])
-    spec = dict(run.FULL[args.case], side="alignkit", case=args.case, seed=0, precision="fp32",
-                model_dir=f"{args.work}/models/{args.model}", data_dir=f"{args.work}/data/{args.model}",
-                warmup=args.warmup, steps=args.steps)
+    spec = dict(run.cell_spec(run.FULL[args.case], args.case, args.model, "fp32", args.work),
+                side="alignkit", warmup=args.warmup, steps=args.steps)
     alignkit_cases.CASES[args.case](spec)
 
     iterations = len(times["iteration"])

@@ -335,6 +335,13 @@ def markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------------- main
 
 
+def cell_spec(sizes: dict, case: str, model: str, precision: str, work) -> dict:
+    """One cell's spec for ``worker.py`` (and the scripts that run a cell in-process): the case's
+    sizes, its model's and data's folders under ``work``, seed 0."""
+    return dict(sizes, case=case, seed=0, precision=precision,
+                model_dir=f"{work}/models/{model}", data_dir=f"{work}/data/{model}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny models and sizes, 1 rep")
@@ -412,8 +419,7 @@ def main() -> int:
     for case in cases:
         for model in model_map[case]:
             for precision in precisions:
-                spec = dict(sizes[case], case=case, seed=0, precision=precision,
-                            model_dir=str(work / "models" / model), data_dir=str(work / "data" / model))
+                spec = cell_spec(sizes[case], case, model, precision, work)
                 if args.warmup is not None:
                     spec["warmup"] = args.warmup
                 if args.steps is not None:

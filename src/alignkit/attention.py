@@ -190,8 +190,11 @@ def _plan(lengths: tuple, shared: tuple, device) -> _Plan:
             offset += n
     if not buckets:  # every segment on its own, in order: the concatenation is the flat row
         return _Plan([], singles, None)
-    take = torch.cat([torch.arange(where[j], where[j] + n) for j, n in enumerate(lengths)])
-    return _Plan(buckets, singles, take.to(device))
+    # Flat token t of segment j is output row where[j] + (t - starts[j]).
+    shift = torch.tensor([where[j] - start for j, start in enumerate(starts)], device=device)
+    take = torch.arange(sum(lengths), device=device) + shift.repeat_interleave(
+        torch.tensor(lengths, device=device))
+    return _Plan(buckets, singles, take)
 
 
 @functools.lru_cache(maxsize=256)
