@@ -1,8 +1,8 @@
 """alignkit side of each benchmark case (runs in the project venv, one case per process).
 
 Every case drives alignkit's own code path, the same one the stage's ``main`` uses:
-``alignkit.training.train`` with the stage's loss and collate functions, ``build_dataset`` for
-tokenisation, ``cache_reference`` for DPO, ``alignkit.generation.generate`` for sampling. Only the
+``alignkit.engine.training.train`` with the stage's loss and collate functions, ``build_dataset`` for
+tokenisation, ``cache_reference`` for DPO, ``alignkit.engine.generation.generate`` for sampling. Only the
 tracker is replaced, by a clock that marks the end of every optimiser step.
 """
 
@@ -32,7 +32,7 @@ class ClockTracker:
 
 
 def _loop(spec: dict):
-    from alignkit.training import LoopConfig, OptimConfig
+    from alignkit.engine.training import LoopConfig, OptimConfig
 
     loop = LoopConfig(max_steps=spec["warmup"] + spec["steps"], batch_size=spec["batch"],
                       micro_batch_size=spec["batch"], log_every=1, save_every=0, seed=spec["seed"],
@@ -45,7 +45,7 @@ def _loop(spec: dict):
 
 
 def _train(spec, model, examples, lengths, collate, weight_of, loss_fn, extra=None):
-    from alignkit.training import make_accelerator, train
+    from alignkit.engine.training import make_accelerator, train
 
     loop, optim = _loop(spec)
     accelerator = make_accelerator(loop.mixed_precision)
@@ -60,7 +60,7 @@ def _train(spec, model, examples, lengths, collate, weight_of, loss_fn, extra=No
 
 def _pack(spec, model, pairs: bool = False) -> str | None:
     """The stage's packing layout (``train.packing``, on by default; ``training.use_packing``)."""
-    from alignkit.training import use_packing
+    from alignkit.engine.training import use_packing
 
     return use_packing(model, _loop(spec)[0], pairs=pairs)
 
@@ -80,8 +80,9 @@ def _dataset_shape(examples, fields=("input_ids",)) -> dict:
 def sft(spec):
     from alignkit.data.collate import collate_rows
     from alignkit.data.formats import build_dataset
-    from alignkit.logprobs import IGNORE_INDEX
-    from alignkit.models import last_mlp, load_causal_lm, load_tokenizer
+    from alignkit.math.logprobs import IGNORE_INDEX
+    from alignkit.engine.models import load_causal_lm, load_tokenizer
+    from alignkit.engine.forward import last_mlp
     from alignkit.stages.sft import loss_for, n_targets
 
     n = spec["batch"] * (spec["warmup"] + spec["steps"])
@@ -114,8 +115,8 @@ def sft(spec):
 def rm(spec):
     from alignkit.data.collate import collate_preference
     from alignkit.data.formats import build_dataset
-    from alignkit.models import load_scalar_model, load_tokenizer
-    from alignkit.models import last_mlp
+    from alignkit.engine.models import load_scalar_model, load_tokenizer
+    from alignkit.engine.forward import last_mlp
     from alignkit.stages.reward import make_loss, supports_last_rows_only
 
     n = spec["batch"] * (spec["warmup"] + spec["steps"])
@@ -136,7 +137,7 @@ def rm(spec):
 
 def dpo(spec):
     from alignkit.data.formats import build_dataset
-    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.engine.models import load_causal_lm, load_tokenizer
     from alignkit.stages.dpo import LossConfig, cache_reference, collate_dap, make_loss
 
     n = spec["batch"] * (spec["warmup"] + spec["steps"])
@@ -161,8 +162,8 @@ def dpo(spec):
 
 def sample(spec):
     from alignkit.data.formats import encode_prompt
-    from alignkit.generation import SamplingConfig, generate
-    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.engine.generation import SamplingConfig, generate
+    from alignkit.engine.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(spec["model_dir"])
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
@@ -190,9 +191,9 @@ def sample(spec):
 
 def _rl(spec, algo: str, roles: str = "separate"):
     from alignkit import tracking
-    from alignkit.generation import SamplingConfig
+    from alignkit.engine.generation import SamplingConfig
     from alignkit.stages import ppo
-    from alignkit.training import OptimConfig
+    from alignkit.engine.training import OptimConfig
 
     k = spec.get("k", 1)
     p = spec["prompts_per_iter"]

@@ -25,8 +25,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignkit.data.formats import encode_prompt
-from alignkit.generation import SamplingConfig, generate
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.engine.generation import SamplingConfig, generate
+from alignkit.engine.models import load_causal_lm, load_tokenizer
 
 
 def bench_prompts(work: str, model: str, tok, rows: int, group: int = 1,

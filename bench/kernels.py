@@ -113,7 +113,7 @@ def record(spec: dict) -> tuple[collections.Counter, int]:
     recorder = Recorder()
     first, last = spec["warmup"], spec["warmup"] + spec["steps"]
     if spec["case"] == "sample":
-        import alignkit.generation as generation
+        import alignkit.engine.generation as generation
 
         plain, n = generation.generate, [0]
 

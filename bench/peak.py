@@ -45,7 +45,7 @@ def main():
     threads = set_threads()
     sizes = [int(s) for s in args.sizes.split(",")]
     result = {"threads": threads, "sizes": sizes, "repeats": args.repeats}
-    from alignkit.training import cpu_has_fast_bf16
+    from alignkit.engine.training import cpu_has_fast_bf16
 
     # Without bf16 matrix instructions PyTorch emulates bf16 products (~100x slower than fp32 on an
     # AVX2-only CPU: 2048^3 would take minutes per product); one small size records how slow.

@@ -57,7 +57,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2, help="iterations left out (compilation)")
     args = ap.parse_args()
 
-    from alignkit import rollout
+    from alignkit.engine.rl import rollout
     from alignkit.stages import ppo
 
     set_threads()

@@ -1,7 +1,7 @@
 """Build the benchmark's models, tokenizers and datasets (runs in the alignkit venv).
 
 Nothing is downloaded: tokenizers are trained on the sentiment task's corpus with
-``alignkit.tokenizer.train_tokenizer``, models are built from configs with fixed seeds, and both are
+``alignkit.engine.tokenizer.train_tokenizer``, models are built from configs with fixed seeds, and both are
 written with ``save_pretrained`` so each side loads them with ``from_pretrained``. Datasets are
 JSONL *text* records, so each side tokenises with its own data pipeline; the recorded ``length``
 is the token count both pipelines should produce (BOS + prompt + completion + EOS), which the
@@ -143,7 +143,7 @@ def main():
     args = ap.parse_args()
 
     from alignkit.tasks import get_task
-    from alignkit.tokenizer import train_tokenizer
+    from alignkit.engine.tokenizer import train_tokenizer
 
     out = Path(args.out)
     task = get_task("sentiment")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from alignkit.attention import flat_packing
-from alignkit.generation import Rollout, SamplingConfig, generate, rollout_logps
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.engine.attention import flat_packing
+from alignkit.engine.generation import Rollout, SamplingConfig, generate, rollout_logps
+from alignkit.engine.models import load_causal_lm, load_tokenizer
 from decode_paths import bench_prompts  # bench/ is the script's folder
 
 

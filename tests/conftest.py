@@ -13,7 +13,7 @@ def tiny_base(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from alignkit.tasks import get_task
-    from alignkit.tokenizer import train_tokenizer
+    from alignkit.engine.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_base") / "model"
     texts = get_task("sentiment").corpus(400, seed=0)

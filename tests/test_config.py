@@ -4,7 +4,7 @@ from typing import Literal
 import pytest
 
 from alignkit.config import ConfigError, apply_overrides, build, load_config, require
-from alignkit.training import LoopConfig, OptimConfig
+from alignkit.engine.training import LoopConfig, OptimConfig
 
 
 @dataclass(frozen=True)

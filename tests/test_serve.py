@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("flask")
 
-from alignkit.feedback.judges import HttpConfig, JudgeConfig, PairwiseJudge  # noqa: E402
+from alignkit.engine.judges import HttpConfig, JudgeConfig, PairwiseJudge  # noqa: E402
 from alignkit.serve import Engine, create_app, serve_until_interrupted  # noqa: E402
 
 PAIR = (["I watched"], [" a good film."], [" a dull film."])
@@ -25,7 +25,7 @@ PAIR = (["I watched"], [" a good film."], [" a dull film."])
 
 @pytest.fixture(scope="module")
 def engine(tiny_base):
-    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.engine.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(tiny_base)
     model = load_causal_lm(tiny_base, tokenizer=tok)

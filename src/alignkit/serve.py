@@ -9,7 +9,7 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (``prompt``, ``max_token
 ``top_logprobs``, ``max_tokens`` / ``max_completion_tokens``). No streaming.
 
 Prompts are tokenised by :func:`alignkit.data.formats.encode_prompt`, exactly as training and the
-local judge backend encode them, and sampled by :func:`alignkit.generation.generate`. Reported
+local judge backend encode them, and sampled by :func:`alignkit.engine.generation.generate`. Reported
 log-probs are those of the model's own next-token distribution (temperature 1), from one forward
 pass over prompt + completion: what a judge reads its soft labels from. One request runs the
 model at a time (a lock); Flask's threads only overlap the network I/O.
@@ -60,7 +60,7 @@ class Engine:
         ``logps`` of those tokens and ``top`` alternatives per token when asked for."""
         import torch
 
-        from alignkit.generation import SamplingConfig, generate
+        from alignkit.engine.generation import SamplingConfig, generate
 
         longest = max(len(ids) for ids in prompt_ids)
         if longest >= self.context:
@@ -290,7 +290,7 @@ def create_app(engine: Engine, api_key: str | None = None):
 
 
 def load_engine(path: str, name: str | None = None, max_top_logprobs: int = 20) -> Engine:
-    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.engine.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, tokenizer=tokenizer)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from alignkit.tokenizer import train_tokenizer
+from alignkit.engine.tokenizer import train_tokenizer
 
 WORDS = "the cat dog sat on mat a big small red blue runs fast slow happy sad".split()
 

@@ -8,7 +8,7 @@ from alignkit.data.collate import (
     length_grouped_batches, pack_bins, pad_sequences,
 )
 from alignkit.data.formats import build_dataset
-from alignkit.logprobs import IGNORE_INDEX as IGN
+from alignkit.math.logprobs import IGNORE_INDEX as IGN
 
 
 def test_pad_sequences_right_and_left():

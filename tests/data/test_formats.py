@@ -11,7 +11,7 @@ from alignkit.data.formats import (
     encode_preference, encode_prompt, encode_prompt_completion, encode_unpaired, parse_record, prompt_ids,
 )
 from alignkit.data.io import DataError, Record
-from alignkit.logprobs import IGNORE_INDEX as IGN
+from alignkit.math.logprobs import IGNORE_INDEX as IGN
 
 
 def plain(tok, text):

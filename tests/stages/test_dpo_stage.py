@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from alignkit.data.collate import to_device
-from alignkit.losses import dpo_loss
+from alignkit.math.losses import dpo_loss
 from alignkit.stages.dpo import (ADAPTERS, LossConfig, add_kto_mismatch, cache_reference,
                                  collate_dap, completion_logps, make_loss)
-from alignkit.training import LoopConfig, OptimConfig, make_accelerator, train
+from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train
 from alignkit.tracking import Tracker
 
 PAD = 0
@@ -46,7 +46,7 @@ def unpaired_examples(n=8):
 
 @pytest.mark.parametrize("pack", [None, "rows", "flat", "shared"])
 def test_cached_reference_is_deterministic_and_matches_inline_forward(pack):
-    from alignkit.attention import flat_packing
+    from alignkit.engine.attention import flat_packing
 
     ref = tiny_model()
     flat_packing(ref)
@@ -128,7 +128,7 @@ def test_kto_mismatch_pairs_prompt_with_next_completion():
 @pytest.mark.parametrize("layout", ["rows", "flat", "shared"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-gqa"])
 def test_packed_batch_gives_the_padded_log_probs_and_gradients(arch, layout, tiny_lm):
-    from alignkit.attention import flat_packing
+    from alignkit.engine.attention import flat_packing
 
     ex = pref_examples(6)
     # Shared beyond the prompt: answers that start alike, and one that is the other's prefix.
@@ -154,7 +154,7 @@ def test_packed_batch_gives_the_padded_log_probs_and_gradients(arch, layout, tin
 def test_shared_layout_log_probs_without_logits_to_keep(tiny_lm):
     """A forward that does not take ``logits_to_keep`` (e.g. a wrapper) gets all the logits and
     the targets are read from them: the same log-probs."""
-    from alignkit.attention import flat_packing
+    from alignkit.engine.attention import flat_packing
 
     class Wrapped(torch.nn.Module):
         def __init__(self, inner):

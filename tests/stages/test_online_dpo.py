@@ -112,7 +112,7 @@ def test_store_source_of_each_labeler():
 
 
 def test_pairwise_judge_spec_routes_to_the_pairwise_labeler(monkeypatch):
-    import alignkit.feedback.judges as judges
+    import alignkit.engine.judges as judges
 
     seen = []
 
@@ -131,7 +131,7 @@ def test_training_examples_start_with_the_prompt_tokens_the_policy_sampled_from(
     """Sampling and training tokenise a prompt alike (chat template or plain text), so DPO's
     log-probs are those of the responses the policy actually wrote."""
     from alignkit.data.formats import build_dataset
-    from alignkit.models import load_tokenizer
+    from alignkit.engine.models import load_tokenizer
     from alignkit.stages.evaluate import encode_prompts
 
     tok = load_tokenizer(tiny_base)
@@ -283,7 +283,7 @@ def test_reward_source_labeler_in_the_stage_and_its_store(tiny_base, tmp_path, m
 
 
 def test_pairwise_judge_labels_the_rounds_end_to_end(tiny_base, tmp_path, monkeypatch):
-    from alignkit.feedback.judges import make_judge_labeler
+    from alignkit.engine.judges import make_judge_labeler
 
     judge = tmp_path / "judge.yaml"
     judge.write_text(f"judge:\n  model: {tiny_base}\n  batch_size: 8\n")

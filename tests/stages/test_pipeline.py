@@ -126,7 +126,7 @@ def test_every_shipped_config_validates(path):
     import yaml
 
     from alignkit.config import load_config
-    from alignkit.feedback.judges import load_stage_config
+    from alignkit.engine.judges import load_stage_config
     from alignkit.stages import dpo, judge, judge_model, ppo, rest
 
     raw = yaml.safe_load(open(path))

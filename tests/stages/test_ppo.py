@@ -7,15 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignkit.algorithms import ALGORITHMS
+from alignkit.engine.rl.algorithms import ALGORITHMS
 from alignkit.config import ConfigError, load_config
-from alignkit.generation import SamplingConfig
-from alignkit.models import load_causal_lm, load_tokenizer
-from alignkit.roles import RoleSpec, build_roles
-from alignkit.rollout import collect, iteration_prompts
+from alignkit.engine.generation import SamplingConfig
+from alignkit.engine.models import load_causal_lm, load_tokenizer
+from alignkit.engine.rl.roles import RoleSpec, build_roles
+from alignkit.engine.rl.rollout import collect, iteration_prompts
 from alignkit.stages import ppo
 from alignkit.tracking import read_metrics
-from alignkit.training import make_accelerator
+from alignkit.engine.training import make_accelerator
 
 INTERRUPT = {"at_call": None, "calls": 0}
 
@@ -126,7 +126,7 @@ def test_a_packed_minibatch_equals_the_padded_one(tiny_base, algo):
         assert max(float((x - y).abs().max()) for x, y in zip(g1, g2)) < 1e-5
     assert max(float(x.abs().max()) for x in g1) > 1e-4
 
-    from alignkit.generation import rollout_logps
+    from alignkit.engine.generation import rollout_logps
 
     with torch.no_grad():
         for pack in (True, "shared"):
@@ -169,7 +169,7 @@ def test_resumed_run_equals_uninterrupted(tiny_base, prompt_file, tmp_path):
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
 def test_reusing_the_sampled_logps_skips_a_forward_and_changes_nothing(tiny_base, prompt_file,
                                                                       tmp_path, algo, monkeypatch):
-    from alignkit import rollout
+    from alignkit.engine.rl import rollout
 
     calls = []
     real = rollout.rollout_logps

@@ -26,8 +26,8 @@ def _tiny_lm(vocab=64):
 
 @pytest.mark.parametrize("pack", [None, "rows", "flat"])
 def test_reward_weighted_bc_matches_direct_formula_and_bc_is_weight_one(pack):
-    from alignkit.attention import flat_packing
-    from alignkit.losses import reduce_loss
+    from alignkit.engine.attention import flat_packing
+    from alignkit.math.losses import reduce_loss
     from alignkit.stages.sft import causal_lm_loss, n_targets
 
     model = _tiny_lm().eval()

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from alignkit.attention import flat_packing
+from alignkit.engine.attention import flat_packing
 from alignkit.data.collate import collate_preference
-from alignkit.models import last_mlp
+from alignkit.engine.forward import last_mlp
 from alignkit.stages.reward import (make_loss, pair_rewards, score_head,
                                     supports_last_rows_only)
 
@@ -63,7 +63,7 @@ def test_packed_scores_and_gradients_equal_padded(arch, layout, last_rows_only, 
 def test_packed_scores_through_a_lora_reward_model(tiny_lm):
     from transformers import AutoModelForSequenceClassification
 
-    from alignkit.models import LoraSpec, apply_lora
+    from alignkit.engine.models import LoraSpec, apply_lora
 
     config = tiny_lm("llama").config
     config.num_labels = 1

@@ -78,10 +78,10 @@ def test_sft_on_packed_batches_trains_as_on_padded_ones(tiny_base, tmp_path):
 def test_last_mlp_at_the_targets_only_gives_the_same_loss_and_gradients(tiny_lm, arch, pack):
     """With ``last_rows_only`` the last layer's MLP sees only the positions with a target, in
     every row, and the loss and every gradient are those of the whole computation."""
-    from alignkit.attention import flat_packing
+    from alignkit.engine.attention import flat_packing
     from alignkit.data.collate import collate_rows
-    from alignkit.models import last_mlp
-    from alignkit.losses import reduce_loss
+    from alignkit.engine.forward import last_mlp
+    from alignkit.math.losses import reduce_loss
 
     model = tiny_lm(arch)
     if pack == "flat":

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from alignkit.logprobs import IGNORE_INDEX
+from alignkit.math.logprobs import IGNORE_INDEX
 
 Side = Literal["right", "left"]
 Packing = Literal["rows", "flat", "shared"]
@@ -93,7 +93,7 @@ def collate_packed(examples: Sequence[Mapping], layout: Packing = "rows",
     tail is filler with labels ``IGNORE_INDEX``. ``layout="flat"``: all sequences, in order, in
     one row with no filler, plus ``cu_seq_lens`` (``[N + 1]``, where each sequence starts, then
     the row's end); for attention that runs per sequence given those boundaries (flash
-    attention's varlen kernels, :mod:`alignkit.attention`), see ``logprobs.packed_inputs``.
+    attention's varlen kernels, :mod:`alignkit.engine.attention`), see ``logprobs.packed_inputs``.
 
     Each sequence keeps its own position ids (0, 1, ...), which is how Hugging Face models
     recognise packed sequences and confine attention to each one (``attention_mask`` must then be
@@ -154,8 +154,8 @@ def collate_shared(pairs: Sequence[tuple[Mapping, Mapping]]) -> dict:
     segments keep a token of their own). ``b``'s positions continue from ``s``. Attention must
     then let each ``b`` segment see the first ``s`` tokens of the segment before it and nothing
     else of it: ``shared_prefix_lens`` (per segment, 0 for ``a``), read by ``alignkit_sdpa``
-    (:mod:`alignkit.attention`); a model whose attention cannot is not given this layout
-    (``models.supports_packing``). The shared tokens' forward and backward run once per pair.
+    (:mod:`alignkit.engine.attention`); a model whose attention cannot is not given this layout
+    (``forward.supports_packing``). The shared tokens' forward and backward run once per pair.
 
     Sequences are numbered ``a_0..a_{B-1}, b_0..b_{B-1}`` (the order of ``collate_preference``);
     ``sequence_index`` gives each token its sequence, the shared tokens to ``a``. The next-token

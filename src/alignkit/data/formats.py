@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignkit.data.io import DataError, Record, load_records
-from alignkit.logprobs import IGNORE_INDEX
+from alignkit.math.logprobs import IGNORE_INDEX
 
 logger = logging.getLogger("alignkit.data")
 

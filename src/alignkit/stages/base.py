@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import require
-from alignkit.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,10 @@ def lm_collate(seqs: list[list[int]], pad_id: int, pack: str | None = None) -> d
 
 
 def main(cfg: Config) -> dict:
-    from alignkit.models import save_model
+    from alignkit.engine.models import save_model
     from alignkit.stages.sft import causal_lm_loss
     from alignkit.tasks import get_task
-    from alignkit.tokenizer import train_tokenizer
+    from alignkit.engine.tokenizer import train_tokenizer
     from alignkit.tracking import Tracker
 
     accelerator = make_accelerator(cfg.train.mixed_precision)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from alignkit.config import require
-from alignkit.generation import SamplingConfig
+from alignkit.engine.generation import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def kl_plugin(rewards, n: int) -> float:
 
 
 def score_samples(prompts: list[str], responses: list[str], cfg: Config) -> dict[str, list[float]]:
-    from alignkit.rewards import make_reward_source
+    from alignkit.engine.scoring import make_reward_source
 
     scores = {"proxy_reward": make_reward_source(cfg.reward, chat=cfg.chat)(prompts, responses)}
     gold_spec = f"gold:{cfg.task}" + (":chat" if cfg.chat else "") if cfg.task else None
@@ -133,7 +133,7 @@ def per_n_metrics(scores: dict[str, np.ndarray], n: int, base: dict | None) -> d
 
 
 def main(cfg: Config) -> dict:
-    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.engine.models import load_causal_lm, load_tokenizer
     from alignkit.stages.evaluate import sample_policy
     from alignkit.stages.rest import load_prompts
     from alignkit.tracking import Tracker

@@ -23,12 +23,12 @@ import torch
 
 from alignkit.config import require
 from alignkit.data.sources import DataConfig
-from alignkit.generation import SamplingConfig
-from alignkit.logprobs import (IGNORE_INDEX, causal_logits, next_token_logps, sum_per_sequence,
-                               target_logps)
-from alignkit.losses import dpo_implicit_rewards, get_loss, kto_reference_point
-from alignkit.models import LoraSpec
-from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
+from alignkit.engine.generation import SamplingConfig
+from alignkit.math.logprobs import IGNORE_INDEX, next_token_logps, sum_per_sequence
+from alignkit.engine.forward import causal_logits, target_logps
+from alignkit.math.losses import dpo_implicit_rewards, get_loss, kto_reference_point
+from alignkit.engine.models import LoraSpec
+from alignkit.engine.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
                                use_packing, train)
 
 REFERENCE_FREE = {"simpo", "orpo"}
@@ -170,7 +170,7 @@ def add_kto_mismatch(examples: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Loss adapters: each maps (policy sequence stats, cached reference values) to the registered
-# pure loss of :mod:`alignkit.losses`. One entry per variant, no branching.
+# pure loss of :mod:`alignkit.math.losses`. One entry per variant, no branching.
 
 
 def _ref(batch, key):
@@ -278,7 +278,7 @@ def make_eval(cfg: Config, tokenizer, reference):
 
 
 def load_reference(cfg: Config, tokenizer):
-    from alignkit.models import load_causal_lm
+    from alignkit.engine.models import load_causal_lm
 
     return load_causal_lm(cfg.reference or cfg.model, tokenizer=tokenizer).eval()
 
@@ -313,7 +313,7 @@ def fit(model, examples, cfg: Config, tokenizer, out: Path, tracker, accelerator
 
 
 def main(cfg: Config) -> dict:
-    from alignkit.models import apply_lora, load_causal_lm, load_tokenizer, save_model
+    from alignkit.engine.models import apply_lora, load_causal_lm, load_tokenizer, save_model
     from alignkit.tracking import Tracker
 
     if cfg.online.rounds > 0:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import require
-from alignkit.generation import SamplingConfig
+from alignkit.engine.generation import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def encode_prompts(prompts: list[str], tokenizer, chat: bool) -> list[list[int]]
 def sample_policy(model, tokenizer, prompts: list[str], sampling: SamplingConfig, *, chat: bool,
                   seed: int, batch_size: int = 64):
     """Sample one response per prompt; returns the rollout and the decoded response texts."""
-    from alignkit.generation import generate
+    from alignkit.engine.generation import generate
 
     ids = encode_prompts(prompts, tokenizer, chat)
     gen = torch.Generator().manual_seed(seed)
@@ -68,7 +68,7 @@ def sample_policy(model, tokenizer, prompts: list[str], sampling: SamplingConfig
 @torch.no_grad()
 def sequence_kl(policy, reference, rollout, temperature: float = 1.0) -> torch.Tensor:
     """Per-sample ``sum_t log pi - log ref`` over response tokens (k1; unbiased for seq. KL)."""
-    from alignkit.generation import rollout_logps
+    from alignkit.engine.generation import rollout_logps
 
     pi = rollout_logps(policy, rollout, temperature)
     ref = rollout_logps(reference, rollout, temperature)
@@ -92,7 +92,7 @@ def success_metrics(gold, success_at: float | None) -> dict:
 
 
 def evaluate_policy(policy, tokenizer, cfg: Config, reference=None, proxy=None) -> tuple[dict, list[dict]]:
-    from alignkit.rewards import GoldReward
+    from alignkit.engine.scoring import GoldReward
 
     task_prompts = GoldReward(cfg.task, chat=cfg.chat).task.prompts(cfg.split, cfg.num_prompts)
     prompts = [p for p in task_prompts for _ in range(cfg.samples_per_prompt)]
@@ -126,8 +126,8 @@ def _temperature(sampling: SamplingConfig) -> float:
 
 
 def main(cfg: Config) -> dict:
-    from alignkit.models import load_causal_lm, load_tokenizer
-    from alignkit.rewards import make_reward_source
+    from alignkit.engine.models import load_causal_lm, load_tokenizer
+    from alignkit.engine.scoring import make_reward_source
     from alignkit.tracking import Tracker
 
     tracker = Tracker(cfg.out_dir, cfg, stage="evaluate")

@@ -1,7 +1,7 @@
 """``alignkit label-ai``: AI labels for response pairs (RLAIF), with their cost and agreement.
 
 Reads the unlabelled pairs an ``alignkit label`` run wrote (``<pairs_dir>/pairs_<split>.jsonl``)
-and has an AI judge (:mod:`alignkit.feedback.judges`: a local model or any OpenAI-compatible
+and has an AI judge (:mod:`alignkit.engine.judges`: a local model or any OpenAI-compatible
 endpoint) label them, both orders averaged. Every judgement is recorded in the preference store
 (source ``ai``, judge id, template version, rationale, cost, latency); every request is cached
 there, so a re-run or a resumed run pays for nothing twice. Where ``<pairs_dir>/<split>.jsonl``
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from alignkit.config import require
-from alignkit.feedback.judges import JudgeConfig
+from alignkit.engine.judges import JudgeConfig
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Config:
 
 
 def load(path: str, overrides: list[str]) -> Config:
-    from alignkit.feedback.judges import load_stage_config
+    from alignkit.engine.judges import load_stage_config
 
     return load_stage_config(Config, path, "label_ai", overrides)
 
@@ -59,7 +59,7 @@ def _read(path: Path) -> list[dict]:
 def label_split(judge, pairs: list[dict], chunk: int) -> tuple[list, list[dict], list[dict]]:
     """Judge ``pairs`` chunk by chunk; returns the judgements, preference records of the
     decided pairs, and the unlabelled pairs with the reason."""
-    from alignkit.feedback.judges import preference_record
+    from alignkit.engine.judges import preference_record
 
     judgements, records, unlabelled = [], [], []
     for s in range(0, len(pairs), chunk):
@@ -81,7 +81,7 @@ def label_split(judge, pairs: list[dict], chunk: int) -> tuple[list, list[dict],
 
 
 def main(cfg: Config) -> dict:
-    from alignkit.feedback.judges import PairwiseJudge, agreement, position_bias_rate
+    from alignkit.engine.judges import PairwiseJudge, agreement, position_bias_rate
     from alignkit.feedback.store import PreferenceStore
     from alignkit.stages.label import write_jsonl
     from alignkit.tracking import Tracker

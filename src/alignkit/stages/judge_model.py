@@ -11,7 +11,7 @@ its agreement with gold-based labels is a real measurement, not the gold in disg
 
 Setup: base model + the rendered records. Loop: supervised fine-tuning on the answer tokens
 (:func:`alignkit.stages.sft.causal_lm_loss`). Save: ``<out_dir>/model``; then the held-out check
-runs through :class:`alignkit.feedback.judges.PairwiseJudge` / ``PointwiseJudge``, the same code
+runs through :class:`alignkit.engine.judges.PairwiseJudge` / ``PointwiseJudge``, the same code
 that labels with any other LLM.
 """
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from alignkit.config import require
-from alignkit.feedback.judges import JudgeConfig, render, render_messages
-from alignkit.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.engine.judges import JudgeConfig, render, render_messages
+from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def sft_records(cfg: Config, pairs: list, points: list) -> list[dict]:
 
 def heldout_check(cfg: Config, model_path: str, pairs: list, points: list, backend=None) -> dict:
     """Agreement with the latent labels through the ordinary judge code (local backend)."""
-    from alignkit.feedback.judges import PairwiseJudge, PointwiseJudge
+    from alignkit.engine.judges import PairwiseJudge, PointwiseJudge
 
     judge_cfg = replace(cfg.judge, model=model_path, backend="local",
                         id="judge-model-check" if backend is not None else "")
@@ -134,7 +134,7 @@ def heldout_check(cfg: Config, model_path: str, pairs: list, points: list, backe
                           [f["response_b"] for f in fields])
         right = [(r.label == "a") == (answer == "1") for r, (_, answer, _) in zip(res, pairs)
                  if r.label in ("a", "b")]
-        from alignkit.feedback.judges import position_bias_rate
+        from alignkit.engine.judges import position_bias_rate
 
         out["heldout_pair_accuracy"] = sum(right) / max(len(right), 1)
         out["heldout_position_bias_rate"] = position_bias_rate([tuple(r.slot_probs) for r in res])
@@ -151,7 +151,7 @@ def heldout_check(cfg: Config, model_path: str, pairs: list, points: list, backe
 def main(cfg: Config) -> dict:
     from alignkit.data.collate import collate_rows
     from alignkit.data.formats import build_dataset
-    from alignkit.models import load_causal_lm, load_tokenizer, save_model
+    from alignkit.engine.models import load_causal_lm, load_tokenizer, save_model
     from alignkit.stages.sft import loss_for, n_targets
     from alignkit.tracking import Tracker
 
@@ -183,7 +183,7 @@ def main(cfg: Config) -> dict:
         cfg.eval_examples if cfg.pointwise_examples else 0, seed=1)
 
     def eval_fn(m) -> dict:
-        from alignkit.feedback.judges import LocalBackend
+        from alignkit.engine.judges import LocalBackend
 
         backend = LocalBackend(cfg.model, cfg.judge.batch_size, model=m, tokenizer=tokenizer)
         return heldout_check(cfg, str(out / "model"), held_pairs, held_points, backend)
@@ -204,6 +204,6 @@ def main(cfg: Config) -> dict:
 
 def load(path: str, overrides: list[str]) -> Config:
     """``--config`` may be a file with a shared ``judge:`` section and a ``judge_model:`` one."""
-    from alignkit.feedback.judges import load_stage_config
+    from alignkit.engine.judges import load_stage_config
 
     return load_stage_config(Config, path, "judge_model", overrides)

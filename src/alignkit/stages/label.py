@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import require
-from alignkit.generation import SamplingConfig
+from alignkit.engine.generation import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main(cfg: Config) -> dict:
     from alignkit.feedback.simulate import SimulatedAnnotator, label_pairs
-    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.engine.models import load_causal_lm, load_tokenizer
     from alignkit.tasks import get_task
     from alignkit.tracking import Tracker
 
@@ -108,7 +108,7 @@ def main(cfg: Config) -> dict:
 
 def _judge_labels(cfg: Config, out: Path) -> dict:
     """The AI judge's labels of the pairs just written (``out/ai``), with its agreement metrics."""
-    from alignkit.feedback.judges import load_judge_config
+    from alignkit.engine.judges import load_judge_config
     from alignkit.stages import judge
 
     ai = judge.main(judge.Config(judge=load_judge_config(cfg.judge), pairs_dir=str(out),

@@ -63,10 +63,10 @@ def label_with(labeler: str, task_name: str | None, temperature: float, seed: in
         annotator = SimulatedAnnotator(temperature=temperature, seed=seed)
         return lambda p, a, b: label_pairs(task, p, a, b, annotator)
     if labeler.startswith(PAIRWISE_JUDGE):
-        from alignkit.feedback.judges import make_judge_labeler
+        from alignkit.engine.judges import make_judge_labeler
 
         return make_judge_labeler(labeler[len(PAIRWISE_JUDGE):])
-    from alignkit.rewards import make_reward_source
+    from alignkit.engine.scoring import make_reward_source
 
     source = make_reward_source(labeler, chat=chat)
 
@@ -116,11 +116,11 @@ def sample_and_label(policy, tokenizer, prompts: list[str], labeler: Labeler, sa
 
 
 def run_online(cfg) -> dict:
-    from alignkit.models import apply_lora, load_causal_lm, load_tokenizer, save_model
+    from alignkit.engine.models import apply_lora, load_causal_lm, load_tokenizer, save_model
     from alignkit.stages.dpo import REFERENCE_FREE, fit, load_reference, make_eval, prepare_examples
     from alignkit.stages.label import write_jsonl
     from alignkit.tracking import Tracker
-    from alignkit.training import make_accelerator
+    from alignkit.engine.training import make_accelerator
 
     out = Path(cfg.out_dir)
     on = cfg.online

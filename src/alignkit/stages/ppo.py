@@ -1,8 +1,8 @@
 """``alignkit ppo``: RLHF with PPO, or the critic-free RLOO and GRPO, on one loop.
 
-Each iteration: sample ``k`` responses for each of a batch of prompts (:mod:`alignkit.rollout`),
+Each iteration: sample ``k`` responses for each of a batch of prompts (:mod:`alignkit.engine.rl.rollout`),
 score them with a reward source, turn scores into advantages (the algorithm's part, registered
-in :mod:`alignkit.algorithms`), then run ``ppo.epochs`` passes of clipped-surrogate updates over
+in :mod:`alignkit.engine.rl.algorithms`), then run ``ppo.epochs`` passes of clipped-surrogate updates over
 shuffled minibatches.
 
 * ``ppo`` (Schulman et al. 2017; RLHF as Ziegler et al. 2019, Stiennon et al. 2020, Ouyang et
@@ -14,7 +14,7 @@ shuffled minibatches.
 * ``grpo`` (Shao et al. 2024): group-normalised scores as advantages, the k3 KL to the
   reference as a loss term, each response's tokens averaged.
 
-Roles live in :mod:`alignkit.roles` (``roles: separate | shared``). Gold rewards of built-in
+Roles live in :mod:`alignkit.engine.rl.roles` (``roles: separate | shared``). Gold rewards of built-in
 tasks are computed on the same rollouts for reporting and never enter training unless the
 reward source itself is ``gold:TASK``. A checkpoint after an iteration holds the policy, the
 value, the optimisers, schedulers, KL controller, reward normaliser and every RNG, so a resumed
@@ -32,15 +32,15 @@ from typing import Literal
 
 import torch
 
-from alignkit.advantages import AdaptiveKLController, FixedKLController, kl_penalty
-from alignkit.algorithms import ALGORITHMS, Algorithm, loss_weights, sequence_kl
+from alignkit.math.advantages import AdaptiveKLController, FixedKLController, kl_penalty
+from alignkit.engine.rl.algorithms import ALGORITHMS, Algorithm, loss_weights, sequence_kl
 from alignkit.config import require
-from alignkit.generation import SamplingConfig, rollout_logps
-from alignkit.losses import ppo_clipped, ppo_value_loss, reduce_loss
-from alignkit.models import LoraSpec
-from alignkit.rollout import (Experience, GeneratorState, RunningMoments, ScoreConfig,
+from alignkit.engine.generation import SamplingConfig, rollout_logps
+from alignkit.math.losses import ppo_clipped, ppo_value_loss, reduce_loss
+from alignkit.engine.models import LoraSpec
+from alignkit.engine.rl.rollout import (Experience, GeneratorState, RunningMoments, ScoreConfig,
                               iteration_prompts, load_prompts)
-from alignkit.training import OptimConfig
+from alignkit.engine.training import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def accumulate(roles, mb: Experience, algo: Algorithm, ppo: PPOConfig, beta: flo
                temperature: float, accelerator, measure_gap: bool = False) -> dict[str, float]:
     """Accumulate the gradients of one minibatch (policy and, for PPO, value) into ``.grad``.
 
-    The normalisers are those of the whole minibatch (:func:`alignkit.losses.reduce_loss`), so the
+    The normalisers are those of the whole minibatch (:func:`alignkit.math.losses.reduce_loss`), so the
     gradient does not depend on ``ppo.micro_batch_size``. Returns summed metrics and their counts;
     ``measure_gap`` adds ``logprob_gap_max``, the largest |new - old| log-prob (before an update).
     """
@@ -258,7 +258,7 @@ def optimise(roles, exp: Experience, algo: Algorithm, cfg: Config, beta: float, 
 
 
 def make_optimizers(roles, cfg: Config, algo: Algorithm) -> dict:
-    from alignkit.training import lr_lambda, make_optimizer
+    from alignkit.engine.training import lr_lambda, make_optimizer
 
     per_iteration = cfg.ppo.epochs * (cfg.rollout.rows // cfg.ppo.minibatch_size)
     total = cfg.iterations * per_iteration
@@ -317,7 +317,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cfg: Config,
                   state: LoopState, opt: dict, accelerator, gold) -> dict:
-    from alignkit.rollout import collect, training_scores
+    from alignkit.engine.rl.rollout import collect, training_scores
     from alignkit.stages.evaluate import success_metrics
 
     start = time.perf_counter()
@@ -362,10 +362,10 @@ def _packs(roles, ppo: PPOConfig) -> bool | str:
     """How the forwards over rollouts pack (``rollout_logps``'s ``pack``): ``"shared"`` (each
     prompt written once for its group's rows) where every model that reads rollouts lets a
     segment attend to the prompt of the one before it, else ``True`` (one flat row) where each
-    keeps attention to each sequence of a flat row (``alignkit.attention.flat_packing`` switches
+    keeps attention to each sequence of a flat row (``alignkit.engine.attention.flat_packing`` switches
     transformers' SDPA to one that does both), else ``False``; ``False`` if ``ppo.packing`` is off."""
-    from alignkit.attention import flat_packing
-    from alignkit.models import supports_packing
+    from alignkit.engine.attention import flat_packing
+    from alignkit.engine.forward import supports_packing
 
     models = roles.rollout_models()
     if not (ppo.packing and all(flat_packing(m) and supports_packing(m, "flat") for m in models)):
@@ -374,7 +374,7 @@ def _packs(roles, ppo: PPOConfig) -> bool | str:
 
 
 def _resume(cfg: Config, out: Path, accelerator, tracker) -> int:
-    from alignkit.training import _latest_checkpoint
+    from alignkit.engine.training import _latest_checkpoint
 
     ckpt = None
     if cfg.resume == "auto":
@@ -405,11 +405,11 @@ def _initial_eval(roles, tokenizer, cfg: Config, out: Path) -> dict:
 def main(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
-    from alignkit.models import load_tokenizer
-    from alignkit.rewards import GoldReward
-    from alignkit.roles import RoleSpec, build_roles, memory_report
+    from alignkit.engine.models import load_tokenizer
+    from alignkit.engine.scoring import GoldReward
+    from alignkit.engine.rl.roles import RoleSpec, build_roles, memory_report
     from alignkit.tracking import Tracker
-    from alignkit.training import _save_checkpoint, make_accelerator
+    from alignkit.engine.training import _save_checkpoint, make_accelerator
 
     accelerator = make_accelerator(cfg.mixed_precision)
     require(accelerator.num_processes == 1, "alignkit ppo runs in one process")

@@ -10,11 +10,11 @@ For each Grow step ``g = 0 .. G-1``:
   ``tau_0 <= tau_1 <= ...``), optionally mix in the original SFT data, and fine-tune the
   previous policy on them at ``lr * lr_decay**i``: behaviour cloning (NLL) by default, or
   reward-weighted BC (each sample's NLL times its normalised reward). Normalising and
-  thresholding live in :mod:`alignkit.filtering`.
+  thresholding live in :mod:`alignkit.engine.rl.filtering`.
 
 After every Improve step the policy is evaluated on held-out prompts (proxy reward, gold reward
 on built-in tasks, a held-out signal, KL to the SFT model) and the reward-hacking guard
-(:mod:`alignkit.guard`) sees (proxy, held-out). Expert iteration / RAFT (Anthony et al. 2017;
+(:mod:`alignkit.engine.rl.guard`) sees (proxy, held-out). Expert iteration / RAFT (Anthony et al. 2017;
 Dong et al. 2023) is this stage with one Improve step per Grow (``configs/raft.yaml``).
 
 Files under ``out_dir``: ``initial/metrics.json`` (the SFT model), ``grow_<g>/grown.jsonl``,
@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 from alignkit.config import require
-from alignkit.filtering import FilterConfig, select
-from alignkit.generation import SamplingConfig
-from alignkit.guard import GuardConfig, GuardDecision, HackingGuard
-from alignkit.models import LoraSpec
-from alignkit.training import LoopConfig, LossOutput, OptimConfig
+from alignkit.engine.rl.filtering import FilterConfig, select
+from alignkit.engine.generation import SamplingConfig
+from alignkit.engine.rl.guard import GuardConfig, GuardDecision, HackingGuard
+from alignkit.engine.models import LoraSpec
+from alignkit.engine.training import LoopConfig, LossOutput, OptimConfig
 
 
 @dataclass(frozen=True)
@@ -249,10 +249,10 @@ def sft_mix(cfg: Config, tokenizer) -> list[dict]:
 def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir: Path,
             tokenizer) -> dict:
     """Fine-tune ``policy`` on ``examples``; save ``step_dir/model``; return the loop's metrics."""
-    from alignkit.models import apply_lora, save_model
+    from alignkit.engine.models import apply_lora, save_model
     from alignkit.stages.sft import n_targets, supports_last_rows_only
     from alignkit.tracking import Tracker
-    from alignkit.training import make_accelerator, train, use_packing
+    from alignkit.engine.training import make_accelerator, train, use_packing
 
     imp = cfg.improve
     optim = replace(imp.optim, lr=imp.optim.lr * imp.lr_decay ** i)
@@ -290,7 +290,7 @@ class Judges:
 
 
 def make_judges(cfg: Config) -> Judges:
-    from alignkit.rewards import make_reward_source
+    from alignkit.engine.scoring import make_reward_source
 
     gold_spec = f"gold:{cfg.task}" + (":chat" if cfg.chat else "") if cfg.task else None
     gold = make_reward_source(gold_spec) if gold_spec else None
@@ -344,7 +344,7 @@ def _step_dir(out: Path, g: int, i: int) -> Path:
 def run_improve(cfg: Config, g: int, i: int, k: int, grown: list[dict], policy_path: str,
                 tokenizer, mix: list[dict]) -> dict:
     """Filter, train and save one Improve step; returns its metrics."""
-    from alignkit.models import load_causal_lm, save_model
+    from alignkit.engine.models import load_causal_lm, save_model
 
     step_dir = _step_dir(Path(cfg.out_dir), g, i)
     kept, norm = select(grown, cfg.filter, i)
@@ -371,7 +371,7 @@ def run_improve(cfg: Config, g: int, i: int, k: int, grown: list[dict], policy_p
 
 
 def main(cfg: Config) -> dict:
-    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.engine.models import load_causal_lm, load_tokenizer
     from alignkit.tracking import Tracker
 
     out = Path(cfg.out_dir)
@@ -449,7 +449,7 @@ def _watch(guard: HackingGuard | None, metrics: dict, key: str | None, tracker,
 def _grown(cfg: Config, g: int, policy_path: str, tokenizer, prompts: list[str],
            judges: Judges) -> list[dict]:
     """The grown set of step ``g``: read back if it was written, else sampled now."""
-    from alignkit.models import load_causal_lm
+    from alignkit.engine.models import load_causal_lm
 
     path = grown_path(Path(cfg.out_dir), g, cfg.grow.format)
     if path.exists():

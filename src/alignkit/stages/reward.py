@@ -17,10 +17,11 @@ import torch
 
 from alignkit.config import require
 from alignkit.data.sources import DataConfig, sft_source
-from alignkit.logprobs import packed_inputs
-from alignkit.losses import bradley_terry_loss
-from alignkit.models import LoraSpec, last_mlp, rows_only
-from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
+from alignkit.engine.forward import packed_inputs
+from alignkit.math.losses import bradley_terry_loss
+from alignkit.engine.models import LoraSpec
+from alignkit.engine.forward import last_mlp, rows_only
+from alignkit.engine.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
                                use_packing, train)
 
 
@@ -82,9 +83,9 @@ def packed_scores(model, batch, last_rows_only: bool = False) -> torch.Tensor:
 
 def supports_last_rows_only(model, pack: str) -> bool:
     """Whether ``packed_scores`` gives the same scores with ``last_rows_only`` on ``model``
-    (``models.rows_only_agrees``), checked on two random pairs in layout ``pack``."""
+    (``forward.rows_only_agrees``), checked on two random pairs in layout ``pack``."""
     from alignkit.data.collate import collate_preference, to_device
-    from alignkit.models import probe_sequences, rows_only_agrees
+    from alignkit.engine.forward import probe_sequences, rows_only_agrees
 
     ids = probe_sequences(model, (6, 9, 5, 7))
     pairs = [{"chosen_input_ids": a, "chosen_labels": a, "rejected_input_ids": b,
@@ -142,7 +143,7 @@ def main(cfg: Config) -> dict:
     from alignkit.data.collate import collate_preference
     from alignkit.data.formats import build_dataset
     from alignkit.data.io import load_records
-    from alignkit.models import apply_lora, load_scalar_model, load_tokenizer, save_model
+    from alignkit.engine.models import apply_lora, load_scalar_model, load_tokenizer, save_model
     from alignkit.tracking import Tracker
 
     accelerator = make_accelerator(cfg.train.mixed_precision)

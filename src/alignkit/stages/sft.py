@@ -1,7 +1,7 @@
 """``alignkit sft``: supervised fine-tuning on demonstrations (prompt/completion or chat).
 
 Setup: tokenizer + causal LM via ``from_pretrained``, optional LoRA, data with loss on completion
-tokens only. Loop: :func:`alignkit.training.train` with the token-level NLL. Save: a Hugging
+tokens only. Loop: :func:`alignkit.engine.training.train` with the token-level NLL. Save: a Hugging
 Face folder ``<out_dir>/model`` (LoRA merged) that every later stage loads by path.
 """
 
@@ -15,10 +15,11 @@ import torch
 
 from alignkit.config import require
 from alignkit.data.sources import DataConfig, sft_source
-from alignkit.logprobs import IGNORE_INDEX, labelled_logps
-from alignkit.losses import sft_loss
-from alignkit.models import LoraSpec
-from alignkit.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
+from alignkit.math.logprobs import IGNORE_INDEX
+from alignkit.engine.forward import labelled_logps
+from alignkit.math.losses import sft_loss
+from alignkit.engine.models import LoraSpec
+from alignkit.engine.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
                                use_packing, train)
 
 
@@ -51,10 +52,10 @@ def causal_lm_loss(model, batch, token_weights: torch.Tensor | None = None,
 
 def supports_last_rows_only(model, pack: str | None) -> bool:
     """Whether ``labelled_logps`` gives the same log-probs with ``last_rows_only`` on ``model``
-    (``models.rows_only_agrees``), checked on two random sequences with targets on their second
+    (``forward.rows_only_agrees``), checked on two random sequences with targets on their second
     half, in layout ``pack`` (right-padded for None)."""
     from alignkit.data.collate import collate_rows, to_device
-    from alignkit.models import probe_sequences, rows_only_agrees
+    from alignkit.engine.forward import probe_sequences, rows_only_agrees
 
     rows = [{"input_ids": s, "labels": [IGNORE_INDEX] * (len(s) // 2) + s[len(s) // 2:]}
             for s in probe_sequences(model, (7, 10))]
@@ -90,7 +91,7 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 32) ->
 def main(cfg: Config) -> dict:
     from alignkit.data.collate import collate_rows
     from alignkit.data.formats import build_dataset
-    from alignkit.models import apply_lora, load_causal_lm, load_tokenizer, save_model
+    from alignkit.engine.models import apply_lora, load_causal_lm, load_tokenizer, save_model
     from alignkit.tracking import Tracker
 
     accelerator = make_accelerator(cfg.train.mixed_precision)

@@ -1,0 +1,222 @@
+"""One iteration's experience for PPO, RLOO and GRPO: sample, score, and the no-grad forwards.
+
+prompts --:func:`~alignkit.engine.generation.generate`--> responses with their recorded log-probs
+--decode--> reward source (text in, floats out) --> scores; then, without gradients, the
+training forward of the policy (the ``old_logps`` of the importance ratio), the reference's
+log-probs and the values.
+
+The ratio uses the training forward's log-probs, not the recorded ones, so it is exactly 1 before
+the first update whatever the sampler's numerics; the recorded ones serve to check that the two
+agree (``logprob_gap_max``: a gap beyond float error means generation and training see different
+tokens, positions or padding).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+import torch
+
+from alignkit.config import require
+from alignkit.engine.generation import Rollout, SamplingConfig, generate, rollout_logps
+
+
+@dataclass
+class Experience:
+    """Rollout rows and their per-token tensors (``[B, R]`` aligned with ``response_ids``)."""
+
+    rollout: Rollout
+    old_logps: torch.Tensor                  # policy, training forward, before this update
+    ref_logps: torch.Tensor
+    values: torch.Tensor | None = None       # value model before this update (PPO only)
+    advantages: torch.Tensor | None = None   # [B, R] per token or [B] per sequence
+    returns: torch.Tensor | None = None      # value targets [B, R] (PPO only)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.rollout.response_mask
+
+    def __len__(self) -> int:
+        return self.rollout.response_ids.size(0)
+
+    def take(self, idx) -> Experience:
+        """Rows ``idx``, without the columns that are padding in all of them (less compute)."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.mask.device)
+        r = self.rollout
+        prompt_mask = r.prompt_mask[idx]
+        lead = int((prompt_mask.sum(0) == 0).sum())  # left padding common to every row
+        width = max(int(r.response_mask[idx].sum(-1).max()), 1)
+        rows = Rollout(prompt_ids=r.prompt_ids[idx, lead:], prompt_mask=prompt_mask[:, lead:],
+                       response_ids=r.response_ids[idx, :width],
+                       response_mask=r.response_mask[idx, :width], logps=r.logps[idx, :width],
+                       finished=r.finished[idx])
+
+        def cut(x):
+            if x is None:
+                return None
+            return x[idx, :width] if x.dim() == 2 else x[idx]
+
+        return replace(self, rollout=rows, **{f.name: cut(getattr(self, f.name))
+                                              for f in fields(self) if f.name != "rollout"})
+
+
+@dataclass
+class Sampled:
+    """What one iteration sampled and how it scored, for the algorithms and the metrics."""
+
+    experience: Experience
+    prompts: list[str]
+    responses: list[str]
+    proxy: torch.Tensor            # [B] raw reward-source scores
+    gold: torch.Tensor | None      # [B] the task's gold reward (reporting only)
+    logprob_gap_max: float
+    generation_seconds: float
+
+
+def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
+            sampling: SamplingConfig, generator: torch.Generator, *, batch_size: int,
+            gold=None, recompute_logps: bool = True, pack: bool | str = False) -> Sampled:
+    """Sample one response per prompt row, score it, and run the no-grad forwards.
+
+    ``recompute_logps=False`` takes the log-probs recorded while sampling as the old policy's
+    (one policy forward fewer); ``logprob_gap_max`` is then NaN here and the caller measures the
+    gap on its first training forward. ``pack``: the forwards on the real tokens only
+    (:func:`~alignkit.engine.generation.rollout_logps`)."""
+    roles.train(False)
+    start = time.perf_counter()
+    rollout = generate(roles.policy, prompt_ids, sampling, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, generator=generator,
+                       batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    responses = rollout.decode(tokenizer)
+    proxy = torch.tensor(roles.reward(prompts, responses), dtype=torch.float32)
+    gold_scores = torch.tensor(gold(prompts, responses), dtype=torch.float32) if gold else None
+    temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+    with torch.no_grad():
+        old_logps = (rollout_logps(roles.policy, rollout, temperature, pack) if recompute_logps
+                     else rollout.logps)
+        ref_logps = rollout_logps(roles.reference, rollout, temperature, pack)
+        values = roles.values(rollout, pack) if roles.value is not None else None
+    gap = (float(((old_logps - rollout.logps).abs() * rollout.response_mask).max())
+           if recompute_logps else float("nan"))
+    return Sampled(Experience(rollout, old_logps, ref_logps, values), prompts, responses,
+                   proxy.to(old_logps.device), gold_scores, gap, seconds)
+
+
+def load_prompts(spec: str, n: int, tokenizer) -> tuple[list[str], list[list[int]]]:
+    """Prompt texts (what reward sources read) and their token ids (what the policy continues).
+
+    ``spec``: ``task:NAME[:chat]`` (the task's train prompts) or a file of prompt records
+    (``{"prompt": ...}`` or ``{"messages": [...]}``); ``n`` > 0 keeps the first ``n``.
+    """
+    from alignkit.data.sources import parse_task
+
+    n = n or None
+    task = parse_task(spec)
+    if task is not None:
+        from alignkit.stages.evaluate import encode_prompts
+        from alignkit.tasks import get_task
+
+        texts = get_task(task[0], chat=task[1]).prompts("train", n)
+        return texts, encode_prompts(texts, tokenizer, task[1])
+    from alignkit.data.formats import prompt_ids
+    from alignkit.data.io import load_records
+
+    records = load_records(spec)[:n]
+    return [_prompt_text(r) for r in records], [prompt_ids(r, tokenizer) for r in records]
+
+
+def _prompt_text(record) -> str:
+    """What a reward source reads: the prompt string, or the last user message of a chat."""
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    return [m["content"] for m in (prompt or record["messages"]) if m["role"] == "user"][-1]
+
+
+def iteration_prompts(pool: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
+    """Indices of the prompts of ``iteration``: consecutive slices of per-epoch shuffles of the
+    pool, a pure function of its arguments (nothing to checkpoint)."""
+    start = iteration * per_iteration
+    out: list[int] = []
+    while len(out) < per_iteration:
+        epoch, offset = divmod(start + len(out), pool)
+        order = list(range(pool))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        out.extend(order[offset:offset + per_iteration - len(out)])
+    return out
+
+
+class RunningMoments:
+    """Mean and variance of every score seen so far, merged batch by batch (Chan, Golub &
+    LeVeque 1979, the pairwise update); the state of reward normalisation across iterations."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n = x.numel()
+        mean = float(x.mean())
+        m2 = float(((x - mean) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta ** 2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How a reward-source score becomes the training score (before any KL shaping)."""
+
+    normalize: Literal["none", "scale", "standardize"] = "none"  # by the running std (and mean)
+    clip: float | None = None          # clip to [-clip, clip] after normalising
+    no_eos_penalty: float = 0.0        # subtracted from responses that never produced EOS
+
+    def __post_init__(self):
+        require(self.clip is None or self.clip > 0, "score.clip must be > 0 (or null)")
+        require(self.no_eos_penalty >= 0, "score.no_eos_penalty must be >= 0")
+
+
+def training_scores(proxy: torch.Tensor, finished: torch.Tensor, cfg: ScoreConfig,
+                    moments: RunningMoments) -> torch.Tensor:
+    """Penalise unfinished responses, normalise by running moments (updated with this batch
+    first), clip. ``[B] -> [B]``."""
+    scores = proxy - cfg.no_eos_penalty * (~finished.bool()).to(proxy.dtype)
+    if cfg.normalize != "none":
+        moments.update(scores)
+        shift = moments.mean if cfg.normalize == "standardize" else 0.0
+        scores = (scores - shift) / (moments.std + 1e-8)
+    if cfg.clip is not None:
+        scores = scores.clamp(-cfg.clip, cfg.clip)
+    return scores
+
+
+class GeneratorState:
+    """Checkpointable holder of the ``torch.Generator`` that draws samples and minibatches. It
+    lives on the CPU whatever the model's device (``generate`` moves the uniforms it draws; the
+    minibatch order is a CPU ``randperm``), so a run samples the same on every device."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])

@@ -1,0 +1,104 @@
+"""Reward sources: one interface for every stage that scores responses.
+
+A reward source maps ``(prompts, responses)`` (text) to one float per response. Specs:
+
+* ``model:PATH``        a trained reward model (``alignkit rm`` output or any scalar-head model)
+* ``gold:TASK``         a built-in task's hidden gold reward / verifier (explicit opt-in only)
+* ``python:MOD:FUNC``   a user function ``FUNC(prompts, responses) -> list[float]``
+* ``judge:CONFIG``      an AI judge (see :mod:`alignkit.engine.judges`), when available
+
+Text in, scores out: the reward model may use a different tokenizer from the policy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Protocol
+
+import torch
+
+
+class RewardSource(Protocol):
+    name: str
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]: ...
+
+
+class GoldReward:
+    def __init__(self, task_name: str, chat: bool = False):
+        from alignkit.tasks import get_task
+
+        self.task = get_task(task_name, chat=chat)
+        self.name = f"gold:{task_name}"
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [float(x) for x in self.task.gold_reward(prompts, responses)]
+
+
+class PythonReward:
+    def __init__(self, target: str):
+        module, _, func = target.rpartition(":")
+        if not module:
+            raise ValueError(f"reward 'python:{target}' must be python:module:function")
+        self.fn: Callable = getattr(importlib.import_module(module), func)
+        self.name = f"python:{target}"
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        scores = [float(x) for x in self.fn(prompts, responses)]
+        if len(scores) != len(responses):
+            raise ValueError(f"{self.name} returned {len(scores)} scores for {len(responses)} responses")
+        return scores
+
+
+class RewardModel:
+    """A scalar-head model scoring ``prompt + response`` encoded exactly as in RM training."""
+
+    def __init__(self, path: str, batch_size: int = 32, chat: bool = False, model=None,
+                 tokenizer=None, max_length: int = 512):
+        from alignkit.engine.models import load_scalar_model, load_tokenizer
+
+        self.tokenizer = tokenizer or load_tokenizer(path)
+        self.model = model or load_scalar_model(path, tokenizer=self.tokenizer)
+        self.model.eval()
+        self.batch_size = batch_size
+        self.chat = chat
+        self.max_length = max_length
+        self.name = f"model:{path}"
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from alignkit.data.collate import collate_sft
+        from alignkit.data.formats import encode_prompt_completion
+
+        encoded = []
+        for p, r in zip(prompts, responses):
+            r = r or " "  # an empty response is still scored (at its EOS)
+            if self.chat:
+                p, r = [{"role": "user", "content": p}], [{"role": "assistant", "content": r}]
+            enc = encode_prompt_completion(p, r, self.tokenizer, self.max_length, "truncate")
+            encoded.append({"input_ids": enc.input_ids, "labels": enc.labels})
+        device = next(self.model.parameters()).device
+        scores: list[float] = []
+        for s in range(0, len(encoded), self.batch_size):
+            batch = collate_sft(encoded[s:s + self.batch_size], self.tokenizer.pad_token_id)
+            logits = self.model(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device)).logits
+            scores.extend(logits[:, 0].float().tolist())
+        return scores
+
+
+def make_reward_source(spec: str, **kwargs) -> RewardSource:
+    kind, _, rest = spec.partition(":")
+    if kind == "model":
+        return RewardModel(rest, **kwargs)
+    if kind == "gold":
+        name, _, variant = rest.partition(":")
+        return GoldReward(name, chat=variant == "chat")
+    if kind == "python":
+        return PythonReward(rest)
+    if kind == "judge":
+        from alignkit.engine.judges import make_judge_reward  # lands with the RLAIF work
+
+        return make_judge_reward(rest, **kwargs)
+    raise ValueError(f"unknown reward source {spec!r}: use model:PATH, gold:TASK, "
+                     f"python:MODULE:FUNC or judge:CONFIG")

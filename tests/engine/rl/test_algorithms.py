@@ -1,0 +1,53 @@
+"""The PPO / RLOO / GRPO registry: the reductions' weights and normalisers by hand, and where each
+algorithm puts the KL (RLOO: in the sequence reward; GRPO: not in the advantages)."""
+
+from types import SimpleNamespace
+
+import torch
+
+from alignkit.engine.rl.algorithms import ALGORITHMS, loss_weights, sequence_kl
+
+
+def test_registry_entries():
+    assert {name: (a.uses_value, a.reduction) for name, a in ALGORITHMS.items()} == {
+        "ppo": (True, "token_mean"), "rloo": (False, "sequence_sum"),
+        "grpo": (False, "sequence_mean")}
+
+
+def test_loss_weights_hand_values():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    weights, norm = loss_weights("token_mean", mask)
+    assert weights.tolist() == mask.float().tolist() and norm == 4.0      # tokens
+    weights, norm = loss_weights("sequence_sum", mask)
+    assert weights.tolist() == mask.float().tolist() and norm == 2.0      # responses
+    weights, norm = loss_weights("sequence_mean", mask)
+    torch.testing.assert_close(weights, torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0],
+                                                      [1.0, 0.0, 0.0, 0.0]]))
+    assert norm == 2.0
+
+
+def _experience():
+    # k1 per token = logps - ref_logps: (0.5, -1.0, masked) and (0.5, 0.5, 0.5).
+    return SimpleNamespace(old_logps=torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]]),
+                           ref_logps=torch.tensor([[-1.5, -1.0, 0.0], [-1.0, -1.0, -1.0]]),
+                           mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]))
+
+
+def _cfg(k=2, estimator="k1", grpo_scale=False):
+    return SimpleNamespace(kl=SimpleNamespace(estimator=estimator),
+                           rollout=SimpleNamespace(samples_per_prompt=k),
+                           ppo=SimpleNamespace(grpo_scale=grpo_scale))
+
+
+def test_rloo_reward_carries_the_sequence_kl():
+    exp = _experience()
+    assert sequence_kl(exp, "k1").tolist() == [-0.5, 1.5]
+    # R = score - beta * KL = (1 + 0.25, 3 - 0.75); leave-one-out baseline of k = 2: the other.
+    advantages, returns = ALGORITHMS["rloo"].advantages(exp, torch.tensor([1.0, 3.0]), 0.5, _cfg())
+    assert advantages.tolist() == [-1.0, 1.0] and returns is None
+
+
+def test_grpo_advantages_leave_the_kl_to_the_loss():
+    advantages, returns = ALGORITHMS["grpo"].advantages(_experience(), torch.tensor([1.0, 3.0]),
+                                                        0.5, _cfg(grpo_scale=False))
+    assert advantages.tolist() == [-1.0, 1.0] and returns is None
