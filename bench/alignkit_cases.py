@@ -2,7 +2,7 @@
 
 Every case drives alignkit's own code path, the same one the stage's ``main`` uses:
 ``alignkit.engine.training.train`` with the stage's loss and collate functions, ``build_dataset`` for
-tokenisation, ``cache_reference`` for DPO, ``alignkit.engine.generation.generate`` for sampling. Only the
+tokenisation, ``cache_reference`` for DPO, ``alignkit.engine.sampling.sample`` for sampling. Only the
 tracker is replaced, by a clock that marks the end of every optimiser step.
 """
 
@@ -83,7 +83,7 @@ def sft(spec):
     from alignkit.math.logprobs import IGNORE_INDEX
     from alignkit.engine.models import load_causal_lm, load_tokenizer
     from alignkit.engine.forward import last_mlp
-    from alignkit.stages.sft import loss_for, n_targets
+    from alignkit.engine.lm_loss import loss_for, n_targets
 
     n = spec["batch"] * (spec["warmup"] + spec["steps"])
     tok = load_tokenizer(spec["model_dir"])
@@ -117,7 +117,7 @@ def rm(spec):
     from alignkit.data.formats import build_dataset
     from alignkit.engine.models import load_scalar_model, load_tokenizer
     from alignkit.engine.forward import last_mlp
-    from alignkit.stages.reward import make_loss, supports_last_rows_only
+    from alignkit.engine.rm_loss import make_loss, supports_last_rows_only
 
     n = spec["batch"] * (spec["warmup"] + spec["steps"])
     tok = load_tokenizer(spec["model_dir"])
@@ -138,7 +138,7 @@ def rm(spec):
 def dpo(spec):
     from alignkit.data.formats import build_dataset
     from alignkit.engine.models import load_causal_lm, load_tokenizer
-    from alignkit.stages.dpo import LossConfig, cache_reference, collate_dap, make_loss
+    from alignkit.engine.dap_loss import LossConfig, cache_reference, collate_dap, make_loss
 
     n = spec["batch"] * (spec["warmup"] + spec["steps"])
     tok = load_tokenizer(spec["model_dir"])
@@ -162,8 +162,9 @@ def dpo(spec):
 
 def sample(spec):
     from alignkit.data.formats import encode_prompt
-    from alignkit.engine.generation import SamplingConfig, generate
     from alignkit.engine.models import load_causal_lm, load_tokenizer
+    from alignkit.engine.sampling import SamplingConfig
+    from alignkit.engine.sampling import sample as generate
 
     tok = load_tokenizer(spec["model_dir"])
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
@@ -184,16 +185,15 @@ def sample(spec):
     return sampling_result(spec, times, tokens)
 
 
-# Driven through `alignkit.stages.ppo.main` itself (rollout -> reward -> advantages -> update, as
+# Driven through the stage itself, `alignkit.stages.ppo.main` (rollout -> reward -> advantages -> update, as
 # `alignkit ppo` runs it); its tracker is replaced by a clock that `main` calls after every
 # iteration. Evaluation is off; the final checkpoint/save happen after the timed iterations.
 
 
 def _rl(spec, algo: str, roles: str = "separate"):
     from alignkit import tracking
-    from alignkit.engine.generation import SamplingConfig
+    from alignkit.config import build
     from alignkit.stages import ppo
-    from alignkit.engine.training import OptimConfig
 
     k = spec.get("k", 1)
     p = spec["prompts_per_iter"]
@@ -216,7 +216,7 @@ def _rl(spec, algo: str, roles: str = "separate"):
             return metrics
 
     tracking.Tracker = ClockRLTracker  # ppo.main imports it from alignkit.tracking at call time
-    optim = OptimConfig(lr=1e-5, schedule="constant", warmup_steps=0, max_grad_norm=1.0)
+    optim = {"lr": 1e-5, "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0}
     # PPO with separate roles scores with a reward model, as the peer does (the model folder with
     # a fresh score head: a fourth model in memory and a forward per rollout); the shared
     # placement would need that RM as an adapter on its base, and the critic-free cases use the
@@ -224,22 +224,22 @@ def _rl(spec, algo: str, roles: str = "separate"):
     reward = (f"model:{spec['model_dir']}" if algo == "ppo" and roles == "separate"
               else "python:common:reward_of_texts")
     with tempfile.TemporaryDirectory() as out:
-        cfg = ppo.Config(
-            model=spec["model_dir"], reward=reward, out_dir=out,
-            iterations=spec["warmup"] + spec["steps"], roles=roles,
-            rollout=ppo.RolloutConfig(prompts=f"{spec['data_dir']}/prompts.jsonl",
-                                      prompts_per_iteration=p, samples_per_prompt=k, batch_size=rows,
-                                      reuse_sampling_logps=spec.get("reuse_logps", False),
-                                      sampling=SamplingConfig(max_new_tokens=spec["new_tokens"],
-                                                              temperature=1.0, top_p=1.0, top_k=0,
-                                                              compile=spec.get("compile", False))),
-            kl=ppo.KLConfig(beta=beta),
-            ppo=ppo.PPOConfig(algo=algo, epochs=spec.get("ppo_epochs", 1), minibatch_size=rows,
-                              micro_batch_size=spec.get("micro_batch", rows),
-                              packing=spec.get("packing", True)),
-            optim=optim, value_optim=optim, eval=ppo.EvalConfig(num_prompts=0, initial=False),
-            seed=spec["seed"], resume="never", tensorboard=False,
-            mixed_precision="bf16" if spec["precision"] == "bf16" else "no")
+        cfg = build(ppo.Config, {   # the settings `alignkit ppo --config` would read
+            "model": spec["model_dir"], "reward": reward, "out_dir": out,
+            "iterations": spec["warmup"] + spec["steps"], "roles": roles,
+            "rollout": {"prompts": f"{spec['data_dir']}/prompts.jsonl",
+                        "prompts_per_iteration": p, "samples_per_prompt": k, "batch_size": rows,
+                        "reuse_sampling_logps": spec.get("reuse_logps", False),
+                        "sampling": {"max_new_tokens": spec["new_tokens"], "temperature": 1.0,
+                                     "top_p": 1.0, "top_k": 0,
+                                     "compile": spec.get("compile", False)}},
+            "kl": {"beta": beta},
+            "ppo": {"algo": algo, "epochs": spec.get("ppo_epochs", 1), "minibatch_size": rows,
+                    "micro_batch_size": spec.get("micro_batch", rows),
+                    "packing": spec.get("packing", True)},
+            "optim": optim, "value_optim": optim, "eval": {"num_prompts": 0, "initial": False},
+            "seed": spec["seed"], "resume": "never", "tensorboard": False,
+            "mixed_precision": "bf16" if spec["precision"] == "bf16" else "no"})
         final = ppo.main(cfg)
     return {**rl_result(spec, clock, gen_tokens, rows), "roles": roles,
             **{k: v for k, v in final.items() if "memory" in k or "params" in k}}

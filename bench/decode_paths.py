@@ -25,7 +25,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignkit.data.formats import encode_prompt
-from alignkit.engine.generation import SamplingConfig, generate
+from alignkit.engine.generation import generate
+from alignkit.engine.sampling import SamplingConfig
 from alignkit.engine.models import load_causal_lm, load_tokenizer
 
 

@@ -30,6 +30,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import alignkit_cases  # noqa: E402
+import common  # noqa: E402
 import run  # noqa: E402
 from common import seed_all, set_threads  # noqa: E402
 
@@ -57,23 +58,26 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2, help="iterations left out (compilation)")
     args = ap.parse_args()
 
-    from alignkit.engine.rl import rollout
-    from alignkit.stages import ppo
+    from alignkit.engine.rl import rollout, update
 
     set_threads()
     seed_all(0)
     times: dict[str, list[float]] = collections.defaultdict(list)
-    timed(rollout, "generate", times["sample"])
+    timed(rollout, "sample", times["sample"])
     timed(rollout, "collect", times["collect"])
-    timed(ppo, "rollout_logps", times["policy forward"])
-    timed(ppo, "accumulate", times["forward + backward"])
-    timed(ppo, "_step", times["optimiser"])
-    timed(ppo, "run_iteration", times["iteration"])
+    timed(update, "rollout_logps", times["policy forward"])
+    timed(update, "accumulate", times["forward + backward"])
+    timed(update, "_step", times["optimiser"])
+    # An iteration ends where the stage logs it: the cell's clock marks every log.
+    marks: list[float] = []
+    mark = common.StepClock.mark
+    common.StepClock.mark = lambda clock: marks.append(time.perf_counter()) or mark(clock)
     spec = dict(run.cell_spec(run.FULL[args.case], args.case, args.model, "fp32", args.work),
                 side="alignkit", warmup=args.warmup, steps=args.steps)
     alignkit_cases.CASES[args.case](spec)
+    times["iteration"] = [0.0] + [b - a for a, b in zip(marks, marks[1:])]
 
-    iterations = len(times["iteration"])
+    iterations = len(marks)
 
     def per_iteration(name: str) -> float:
         calls = times[name]

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from alignkit.engine.attention import flat_packing
-from alignkit.engine.generation import Rollout, SamplingConfig, generate, rollout_logps
+from alignkit.engine.generation import Rollout, generate, rollout_logps
+from alignkit.engine.sampling import SamplingConfig
 from alignkit.engine.models import load_causal_lm, load_tokenizer
 from decode_paths import bench_prompts  # bench/ is the script's folder
 

@@ -171,7 +171,8 @@ def run_child(cmd: list[str], log_path: Path, timeout: float, env: dict) -> dict
         result = {"error": f"exit code {proc.returncode}, no result (see {log_path})"}
     result["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB
     result["process_s"] = time.perf_counter() - t0
-    result["log"] = str(log_path.relative_to(ROOT))
+    # relative to the project where it lies inside it (the default --work), else as given
+    result["log"] = str(log_path.relative_to(ROOT) if log_path.is_relative_to(ROOT) else log_path)
     return result
 
 
@@ -361,6 +362,9 @@ def main() -> int:
     ap.add_argument("--tag", default="", help="suffix of the result files (<date>-<tag>.json)")
     ap.add_argument("--work", default=str(BENCH / "work"))
     ap.add_argument("--out", default=str(BENCH / "results"))
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="prepare the models, tokenizers and data under --work, then exit "
+                         "(no peer venvs, no measurements, no result files)")
     ap.add_argument("--render", default=None, metavar="RESULT.json",
                     help="measure nothing: summarise a result file's recorded runs again with the "
                          "current formulas (MFU, ratios, targets) and rewrite its .json and .md")
@@ -395,6 +399,10 @@ def main() -> int:
     log("preparing " + ", ".join(models))
     subprocess.run(prep, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     manifest = json.loads((work / "manifest.json").read_text())
+    log("prepared " + ", ".join(f"{m} ({manifest[m]['n_params'] / 1e6:.2f}M params)" for m in models)
+        + f" in {work}")
+    if args.prepare_only:
+        return 0
 
     # 2. peers
     peer_py = {}

@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from alignkit.config import ConfigError, apply_overrides, build, load_config, require
+from alignkit.config import ConfigError, apply_overrides, build, load_config, load_yaml, require
 from alignkit.engine.training import LoopConfig, OptimConfig
 
 
@@ -65,6 +65,16 @@ def test_override_syntax_errors():
 def test_missing_file_and_required_key(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Outer, tmp_path / "nope.yaml")
+    bad, listed = tmp_path / "bad.yaml", tmp_path / "list.yaml"
+    bad.write_text("a: [1\n")
+    listed.write_text("- 1\n")
+    with pytest.raises(ConfigError, match=f"config file {bad}: invalid YAML"):
+        load_yaml(bad)
+    with pytest.raises(ConfigError, match=f"judge config {listed}: the top level must be a mapping"):
+        load_yaml(listed, what="judge config")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_yaml(empty) == {}
 
     @dataclass(frozen=True)
     class Needs:

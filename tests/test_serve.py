@@ -271,7 +271,7 @@ def test_a_stalled_server_times_out_and_is_retried(base_url):
 
 
 def test_giving_up_after_max_retries(base_url, tmp_path):
-    from alignkit.feedback.store import PreferenceStore
+    from alignkit.data.store import PreferenceStore
 
     faulty = Faulty(base_url, ["500"] * 3)
     with serving(faulty.server) as url, PreferenceStore(tmp_path / "s.db") as store:

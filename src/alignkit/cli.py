@@ -2,7 +2,7 @@
 
 Thin on purpose. Two kinds of command:
 
-* stages (``STAGES``): a module with a frozen ``Config`` dataclass and ``main(cfg)``; the CLI
+* stages (:data:`alignkit.stages.STAGES`): a module with a frozen ``Config`` dataclass and ``main(cfg)``; the CLI
   loads ``--config`` YAML, applies dotted overrides, validates, and calls ``main``.
 * tools (``TOOLS``): a module with ``add_arguments(parser)`` and ``run(args)`` for commands
   that are not training runs (the preference store, the annotation app, the server).
@@ -15,20 +15,7 @@ import importlib
 import os
 import sys
 
-STAGES: dict[str, str] = {
-    "base": "alignkit.stages.base",
-    "sft": "alignkit.stages.sft",
-    "rm": "alignkit.stages.reward",
-    "dpo": "alignkit.stages.dpo",
-    "label": "alignkit.stages.label",
-    "label-ai": "alignkit.stages.judge",
-    "judge-model": "alignkit.stages.judge_model",
-    "evaluate": "alignkit.stages.evaluate",
-    "ppo": "alignkit.stages.ppo",
-    "rest": "alignkit.stages.rest",
-    "bon": "alignkit.stages.bon",
-    "pipeline": "alignkit.stages.pipeline",
-}
+from alignkit.stages import STAGES
 
 TOOLS: dict[str, str] = {
     "store": "alignkit.feedback.store_cli",

@@ -167,16 +167,23 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     """Load ``cls`` from YAML ``path`` (optionally one top-level ``section`` of it) + overrides."""
     data: dict = {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: invalid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: the top level must be a mapping")
+        loaded = load_yaml(path)
         data = loaded.get(section, {}) if section else loaded
     return build(cls, apply_overrides(data, overrides or []))
+
+
+def load_yaml(path: str | Path, what: str = "config file") -> dict:
+    """The mapping at the top of the YAML file ``path`` (empty file: ``{}``); a missing file,
+    invalid YAML or another top level is a :class:`ConfigError` that names the file."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path}: invalid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path}: the top level must be a mapping")
+    return loaded
 
 
 def to_dict(cfg: Any) -> dict:

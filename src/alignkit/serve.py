@@ -9,7 +9,7 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (``prompt``, ``max_token
 ``top_logprobs``, ``max_tokens`` / ``max_completion_tokens``). No streaming.
 
 Prompts are tokenised by :func:`alignkit.data.formats.encode_prompt`, exactly as training and the
-local judge backend encode them, and sampled by :func:`alignkit.engine.generation.generate`. Reported
+local judge backend encode them, and sampled through :func:`alignkit.engine.sampling.sample`. Reported
 log-probs are those of the model's own next-token distribution (temperature 1), from one forward
 pass over prompt + completion: what a judge reads its soft labels from. One request runs the
 model at a time (a lock); Flask's threads only overlap the network I/O.
@@ -60,7 +60,7 @@ class Engine:
         ``logps`` of those tokens and ``top`` alternatives per token when asked for."""
         import torch
 
-        from alignkit.engine.generation import SamplingConfig, generate
+        from alignkit.engine.sampling import SamplingConfig, sample
 
         longest = max(len(ids) for ids in prompt_ids)
         if longest >= self.context:
@@ -74,9 +74,9 @@ class Engine:
             raise ApiError(400, str(exc)) from None
         seed = p["seed"] if p["seed"] is not None else secrets.randbits(63)
         with self.lock, torch.no_grad():
-            rollout = generate(self.model, prompt_ids, cfg, eos_token_id=self.tokenizer.eos_token_id,
-                               pad_token_id=self.tokenizer.pad_token_id,
-                               generator=torch.Generator().manual_seed(seed))
+            rollout = sample(self.model, prompt_ids, cfg, eos_token_id=self.tokenizer.eos_token_id,
+                             pad_token_id=self.tokenizer.pad_token_id,
+                             generator=torch.Generator().manual_seed(seed))
             want = p["top_logprobs"] if p["logprobs"] else None
             scored = self._token_logps(rollout, want) if want is not None else None
         return [self._choice(rollout, i, scored, p["stop"]) for i in range(len(prompt_ids))]

@@ -149,3 +149,27 @@ def test_records_are_read_only_mappings():
     r = Record({"a": 1}, "f.jsonl", 3)
     assert dict(r) == {"a": 1} and r.get("b") is None and r.where == "f.jsonl:3"
     assert r.error("a", "bad").args == ("f.jsonl:3: field 'a': bad",)
+
+
+def test_write_jsonl_is_atomic_and_round_trips(tmp_path):
+    from alignkit.data.io import read_jsonl, write_jsonl
+
+    path = tmp_path / "new" / "rows.jsonl"
+    rows = [{"a": 1, "t": "café"}, {"a": 2, "t": "x"}]
+    assert write_jsonl(path, iter(rows)) == 2
+    assert read_jsonl(path) == rows and "\\u00e9" in path.read_text()
+    write_jsonl(path, rows[:1], ensure_ascii=False)
+    assert path.read_text() == '{"a": 1, "t": "café"}\n'
+    assert sorted(p.name for p in path.parent.iterdir()) == ["rows.jsonl"]   # no temporary left
+
+    class Boom(Exception):
+        pass
+
+    def failing():
+        yield {"a": 3}
+        raise Boom
+
+    with pytest.raises(Boom):
+        write_jsonl(path, failing())
+    assert read_jsonl(path) == rows[:1]   # the old file stands whole, and no temporary is left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["rows.jsonl"]

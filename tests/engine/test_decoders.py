@@ -8,7 +8,8 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from alignkit.engine.decoders import decoder_for
-from alignkit.engine.generation import SamplingConfig, _preallocated_cache, generate
+from alignkit.engine.generation import _preallocated_cache, generate
+from alignkit.engine.sampling import SamplingConfig
 
 V, PAD, BOS, EOS = 48, 0, 1, 2
 IDS = dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from alignkit.engine.generation import (Rollout, SamplingConfig, filter_logits, generate, invert_cdf,
-                                 rollout_logps)
+from alignkit.engine.generation import (Rollout, filter_logits, generate, invert_cdf,
+                                       rollout_logps)
+from alignkit.engine.sampling import SamplingConfig
 
 V, PAD, BOS, EOS = 64, 0, 1, 5
 PROMPT_LENGTHS = (3, 7, 1, 5, 9, 2, 6, 4)

@@ -35,7 +35,7 @@ from alignkit.engine.judges import (
     swap_average,
     template_version,
 )
-from alignkit.feedback.store import PreferenceStore
+from alignkit.data.store import PreferenceStore
 
 FIELDS = {"prompt": "Say hi", "response_a": "Hello!", "response_b": "Go away."}
 
@@ -406,7 +406,7 @@ def test_label_ai_stage_end_to_end(tiny_base, tmp_path):
     assert metrics["shared_pairs"] == len(records)
     # Kappa in the pairs' sampled orientation (a store oriented by the reference labels would
     # read every reference label as "a" and give kappa 0 whatever the judge did).
-    from alignkit.feedback.store import cohen_kappa
+    from alignkit.data.store import cohen_kappa
 
     by_prompt = {p["prompt"]: p for p in pairs}
     ai_ab = ["a" if by_prompt[r["prompt"]]["response_a"] == r["chosen"] else "b" for r in records]

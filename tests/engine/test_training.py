@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignkit.stages.base import lm_collate
-from alignkit.stages.sft import causal_lm_loss
+from alignkit.engine.lm_loss import causal_lm_loss
 from alignkit.engine.training import (LoopConfig, OptimConfig, epoch_batches, lr_lambda, make_accelerator,
                                resolve_precision, train)
 from alignkit.tracking import Tracker, read_metrics

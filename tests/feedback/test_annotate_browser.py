@@ -37,7 +37,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
 from alignkit.feedback.annotate.app import create_app  # noqa: E402
-from alignkit.feedback.store import PreferenceStore  # noqa: E402
+from alignkit.data.store import PreferenceStore  # noqa: E402
 
 PAIRS = [
     (

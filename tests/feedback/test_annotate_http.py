@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("flask")
 
 from alignkit.feedback.annotate.app import create_app  # noqa: E402
-from alignkit.feedback.store import PreferenceStore  # noqa: E402
+from alignkit.data.store import PreferenceStore  # noqa: E402
 
 XSS = "<script>alert(1)</script>"
 

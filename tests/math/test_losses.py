@@ -257,22 +257,24 @@ def test_simpo_hand_value_and_parity():
 def test_orpo_hand_value():
     # chosen p = 0.5 -> odds 1; rejected p = 0.2 -> odds 0.25; log odds ratio = log 4
     # L_OR = -log sigmoid(log 4) = -log(4/5) = log 1.25 = 0.22314355131420976
-    # L = nll + lambda L_OR = 2 + 0.1 * 0.22314355131420976 = 2.022314355131421
+    # summed log-probs over 2 and 3 tokens: chosen mean log-prob log 0.5, NLL -log 0.5
+    # L = nll + lambda L_OR = 0.6931471805599453 + 0.1 * 0.22314355131420976 = 0.7154615356913663
     close(L.orpo_log_odds_ratio(torch.log(t(0.5)), torch.log(t(0.2))), [math.log(4.0)])
-    close(L.orpo_loss(torch.log(t(0.5)), torch.log(t(0.2)), t(2.0), lam=0.1),
-          [2.022314355131421])
+    close(L.orpo_loss(2 * torch.log(t(0.5)), 3 * torch.log(t(0.2)), t(2.0), t(3.0),
+                      orpo_lambda=0.1), [0.7154615356913663])
 
 
 def test_orpo_parity_with_odds_formulation():
-    cw, cl, nll = rand(16, -4, -0.01, 30), rand(16, -4, -0.01, 31), rand(16, 0, 3, 32)
+    cw, cl = rand(16, -4, -0.01, 30), rand(16, -4, -0.01, 31)   # mean per-token log-probs
+    nw, nl = torch.randint(1, 20, (16,)).to(D), torch.randint(1, 20, (16,)).to(D)
     lam = 0.25
     expected = []
     for i in range(16):
         pw, pl = math.exp(cw[i].item()), math.exp(cl[i].item())
         odds_w, odds_l = pw / (1 - pw), pl / (1 - pl)
-        # -log sigmoid(log(odds_w / odds_l)) = log(1 + odds_l / odds_w)
-        expected.append(nll[i].item() + lam * math.log(1 + odds_l / odds_w))
-    close(L.orpo_loss(cw, cl, nll, lam), expected, 1e-9)
+        # -log sigmoid(log(odds_w / odds_l)) = log(1 + odds_l / odds_w); NLL = -mean log-prob
+        expected.append(-cw[i].item() + lam * math.log(1 + odds_l / odds_w))
+    close(L.orpo_loss(cw * nw, cl * nl, nw, nl, lam), expected, 1e-9)
 
 
 def _log1mexp_exact(x: float) -> float:
@@ -298,7 +300,8 @@ def test_log1mexp_gradient_and_orpo_stable_at_zero():
     for dtype in (torch.float32, torch.float64):
         chosen = torch.tensor([0.0, -1e-7, -1e-30], dtype=dtype, requires_grad=True)
         rejected = torch.tensor([-1.0, -2.0, -0.0], dtype=dtype, requires_grad=True)
-        loss = L.orpo_loss(chosen, rejected, torch.ones(3, dtype=dtype), lam=0.1)
+        ones = torch.ones(3, dtype=dtype)
+        loss = L.orpo_loss(chosen, rejected, ones, ones, orpo_lambda=0.1)
         loss.sum().backward()
         assert torch.isfinite(loss).all()
         assert torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()

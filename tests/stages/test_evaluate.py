@@ -6,6 +6,7 @@ import math
 import pytest
 
 from alignkit.config import load_config
+from alignkit.engine.evaluation import success_metrics
 from alignkit.stages import evaluate
 
 
@@ -37,7 +38,7 @@ def test_metrics_are_the_statistics_of_the_written_samples(tiny_base, tmp_path):
 
 def test_success_metrics_hand_computed():
     # gold [1, 0.1, 1, 0] at 1.0 -> successes [1, 0, 1, 0]: mean 0.5, sample std sqrt(1/3).
-    m = evaluate.success_metrics([1.0, 0.1, 1.0, 0.0], 1.0)
+    m = success_metrics([1.0, 0.1, 1.0, 0.0], 1.0)
     assert m == pytest.approx({"gold_success_mean": 0.5, "gold_success_std": math.sqrt(1 / 3),
                                "gold_success_sem": math.sqrt(1 / 12)})
-    assert evaluate.success_metrics([1.0], None) == {}
+    assert success_metrics([1.0], None) == {}

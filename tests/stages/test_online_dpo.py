@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from alignkit.config import ConfigError, build
-from alignkit.feedback.store import PreferenceStore
+from alignkit.data.store import PreferenceStore
 from alignkit.stages import dpo
-from alignkit.stages.online_dpo import label_with, round_prompts, store_source
+from alignkit.feedback.labelers import label_with, store_source
+from alignkit.stages.dpo import round_prompts
 from alignkit.tasks import get_task
 
 PER_ROUND = 6
@@ -50,9 +51,9 @@ def _records(path):
 
 def _spy_sampling(mp, calls):
     """Record every round's sampled pairs and the policy weights they were sampled from."""
-    import alignkit.stages.label as label
+    import alignkit.engine.sampling as sampling
 
-    real = label.sample_pairs
+    real = sampling.sample_pairs
 
     def spy(policy, *args, **kwargs):
         pairs = real(policy, *args, **kwargs)
@@ -60,7 +61,7 @@ def _spy_sampling(mp, calls):
                       "pairs": pairs})
         return pairs
 
-    mp.setattr(label, "sample_pairs", spy)
+    mp.setattr(sampling, "sample_pairs", spy)
 
 
 def _valid(pairs):
@@ -132,7 +133,7 @@ def test_training_examples_start_with_the_prompt_tokens_the_policy_sampled_from(
     log-probs are those of the responses the policy actually wrote."""
     from alignkit.data.formats import build_dataset
     from alignkit.engine.models import load_tokenizer
-    from alignkit.stages.evaluate import encode_prompts
+    from alignkit.engine.sampling import encode_prompts
 
     tok = load_tokenizer(tiny_base)
     records = [{"prompt": "I watched it", "chosen": " a great film.", "rejected": " dull."}]

@@ -152,3 +152,10 @@ def test_chat_labels_train_rm_and_dpo_as_chat_turns(tmp_path):
     assert pipeline.stage_config("dpo", cfg)[1].data.chat is True
     f.write_text("stages: [label, rm, dpo]\n")
     assert pipeline.stage_config("dpo", pipeline.load(str(f), []))[1].data.chat is False
+
+
+def test_the_pipeline_composes_the_stage_registry():
+    from alignkit.stages import STAGES
+
+    assert pipeline.MODULES["label_ai"] == STAGES["label-ai"] == "alignkit.stages.judge"
+    assert set(pipeline.MODULES) == {n.replace("-", "_") for n in STAGES} - {"pipeline"}

@@ -7,12 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignkit.engine.rl.algorithms import ALGORITHMS
+from alignkit.engine.rl.algorithms import ALGORITHMS, PPOConfig
 from alignkit.config import ConfigError, load_config
-from alignkit.engine.generation import SamplingConfig
+from alignkit.engine.sampling import SamplingConfig
 from alignkit.engine.models import load_causal_lm, load_tokenizer
 from alignkit.engine.rl.roles import RoleSpec, build_roles
-from alignkit.engine.rl.rollout import collect, iteration_prompts
+from alignkit.engine.rl.rollout import collect, iteration_prompts, rollout_packing
+from alignkit.engine.rl.update import accumulate
 from alignkit.stages import ppo
 from alignkit.tracking import read_metrics
 from alignkit.engine.training import make_accelerator
@@ -69,7 +70,8 @@ def _experience(tiny_base, algo):
     s = collect(roles, [tok(t)["input_ids"] for t in texts], texts, tok,
                 SamplingConfig(max_new_tokens=8), torch.Generator().manual_seed(0), batch_size=8)
     exp = s.experience
-    exp.advantages, exp.returns = a.advantages(exp, s.proxy, 0.1, cfg)
+    exp.advantages, exp.returns = a.advantages(exp, s.proxy, 0.1, cfg.ppo, cfg.kl.estimator,
+                                                cfg.rollout.samples_per_prompt)
     with torch.no_grad():  # a policy that moved since the rollout: ratios != 1, some clipped
         for p in roles.policy_parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -86,8 +88,8 @@ def test_batch_of_8_equals_2_accumulated_micro_batches_of_4(tiny_base, algo):
     for micro in (8, 4):
         for p in params:
             p.grad = None
-        ppo_cfg = ppo.PPOConfig(algo=algo, minibatch_size=8, micro_batch_size=micro)
-        stats = ppo.accumulate(roles, exp, a, ppo_cfg, 0.1, 1.0, accelerator)
+        ppo_cfg = PPOConfig(algo=algo, minibatch_size=8, micro_batch_size=micro)
+        stats = accumulate(roles, exp, a, ppo_cfg, 0.1, 1.0, accelerator, ppo_cfg.packing)
         results.append((stats, [p.grad.clone() for p in params]))
     (one, g1), (two, g2) = results
     assert one["clipfrac"] > 0                                 # the clip is exercised
@@ -105,7 +107,8 @@ def test_a_packed_minibatch_equals_the_padded_one(tiny_base, algo):
     values of collect."""
     torch.manual_seed(0)
     roles, exp, a, _ = _experience(tiny_base, algo)
-    assert ppo._packs(roles, ppo.PPOConfig()) == "shared" and not ppo._packs(roles, ppo.PPOConfig(packing=False))
+    models = roles.rollout_models()
+    assert rollout_packing(models, True) == "shared" and not rollout_packing(models, False)
     exp = exp.take([0, 2, 1, 4, 3, 6, 5, 7])   # each micro-batch of 4 holds a prompt's 2 rows apart
     assert exp.take([0, 1, 2, 3]).rollout.packed_shared.shared_prefix_lens.count(0) == 3
     mask = exp.rollout.sequences()[1]
@@ -116,8 +119,8 @@ def test_a_packed_minibatch_equals_the_padded_one(tiny_base, algo):
     for packing in (False, True, "shared"):
         for p in params:
             p.grad = None
-        ppo_cfg = ppo.PPOConfig(algo=algo, minibatch_size=8, micro_batch_size=4, packing=packing)
-        stats = ppo.accumulate(roles, exp, a, ppo_cfg, 0.1, 1.0, accelerator)
+        ppo_cfg = PPOConfig(algo=algo, minibatch_size=8, micro_batch_size=4, packing=packing)
+        stats = accumulate(roles, exp, a, ppo_cfg, 0.1, 1.0, accelerator, ppo_cfg.packing)
         results.append((stats, [p.grad.clone() for p in params]))
     (padded, g1), *packed_runs = results
     for packed, g2 in packed_runs:
@@ -196,13 +199,13 @@ def test_reusing_the_sampled_logps_skips_a_forward_and_changes_nothing(tiny_base
 
 
 def _mean_reward(model_path, tok, prompt_file, n=48):
-    from alignkit.stages.evaluate import sample_policy
+    from alignkit.engine.sampling import sample_texts
 
     texts = [json.loads(line)["prompt"] for line in prompt_file.read_text().splitlines()]
     model = load_causal_lm(model_path, tokenizer=tok).eval()
     prompts = [texts[i % len(texts)] for i in range(n)]
-    _, responses = sample_policy(model, tok, prompts, SamplingConfig(max_new_tokens=8), chat=False,
-                                 seed=123)
+    _, responses = sample_texts(model, tok, prompts, SamplingConfig(max_new_tokens=8), chat=False,
+                                seed=123)
     return sum(count_e(prompts, responses)) / n
 
 
@@ -226,6 +229,9 @@ def test_a_few_iterations_raise_a_python_reward(tiny_base, prompt_file, tmp_path
     assert expected <= set(rows[-1])
     assert ("explained_variance" in rows[-1]) == ("value_loss" in rows[-1]) == (algo == "ppo")
     assert final["algo"] == algo
+    # the packing the models allow is recorded beside the user's setting, which stays as given
+    assert final["packing"] == "shared"
+    assert "packing: true" in (tmp_path / "config.yaml").read_text()
     # separate placement: policy + reference (+ value for PPO); a Python reward holds no model
     assert final["params_ratio_vs_one_model"] == pytest.approx(2.0 + (algo == "ppo"), abs=0.01)
 

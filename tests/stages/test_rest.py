@@ -28,17 +28,18 @@ def _tiny_lm(vocab=64):
 def test_reward_weighted_bc_matches_direct_formula_and_bc_is_weight_one(pack):
     from alignkit.engine.attention import flat_packing
     from alignkit.math.losses import reduce_loss
-    from alignkit.stages.sft import causal_lm_loss, n_targets
+    from alignkit.engine.lm_loss import (causal_lm_loss, collate_weighted, n_targets,
+                                         weighted_causal_lm_loss)
 
     model = _tiny_lm().eval()
     flat_packing(model)
     ex = [{"input_ids": [1, 5, 6, 7, 2], "labels": [-100, -100, 6, 7, 2], "weight": 1.0},
           {"input_ids": [1, 9, 3, 2], "labels": [-100, 3, 3, 2], "weight": 0.25},
           {"input_ids": [1, 8], "labels": [-100, 8], "weight": 0.5}]
-    batch = rest.collate_weighted(ex, pad_id=0, pack=pack)
+    batch = collate_weighted(ex, pad_id=0, pack=pack)
     # rows: [5], [4 + filler], [2 + filler]; flat: one row of 11
     assert batch["input_ids"].shape == {None: (3, 5), "rows": (3, 5), "flat": (1, 11)}[pack]
-    out = rest.weighted_causal_lm_loss(model, batch)
+    out = weighted_causal_lm_loss(model, batch)
     tokens = sum(n_targets(e) for e in ex)
     loss = reduce_loss(out.values, out.weights, tokens)
     # Direct: per-sequence summed NLL from a plain log_softmax, weighted, over all target tokens.
@@ -49,8 +50,8 @@ def test_reward_weighted_bc_matches_direct_formula_and_bc_is_weight_one(pack):
         nll = sum(-logp[t, y] for t, y in enumerate(e["labels"][1:]) if y != -100)
         expected += e["weight"] * float(nll.detach())
     assert float(loss.detach()) == pytest.approx(expected / tokens, rel=1e-5)
-    ones = rest.collate_weighted([{**e, "weight": 1.0} for e in ex], pad_id=0, pack=pack)
-    bc, plain = rest.weighted_causal_lm_loss(model, ones), causal_lm_loss(model, ones)
+    ones = collate_weighted([{**e, "weight": 1.0} for e in ex], pad_id=0, pack=pack)
+    bc, plain = weighted_causal_lm_loss(model, ones), causal_lm_loss(model, ones)
     assert torch.equal(bc.weights, plain.weights) and torch.equal(bc.values, plain.values)
 
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from alignkit.config import build
+from alignkit.engine import lm_loss
+from alignkit.engine.lm_loss import causal_lm_loss, supports_last_rows_only
 from alignkit.stages import sft
 
 
@@ -28,7 +30,7 @@ def weights(path):
 
 def test_sft_resume_equals_uninterrupted(tiny_base, tmp_path, monkeypatch):
     sft.main(cfg(tiny_base, tmp_path / "straight"))
-    real = sft.causal_lm_loss
+    real = lm_loss.causal_lm_loss
     calls = {"n": 0}
 
     def crash_in_step_4(model, batch, **kw):
@@ -37,10 +39,10 @@ def test_sft_resume_equals_uninterrupted(tiny_base, tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(model, batch, **kw)
 
-    monkeypatch.setattr(sft, "causal_lm_loss", crash_in_step_4)
+    monkeypatch.setattr(lm_loss, "causal_lm_loss", crash_in_step_4)
     with pytest.raises(RuntimeError, match="killed"):
         sft.main(cfg(tiny_base, tmp_path / "resumed"))
-    monkeypatch.setattr(sft, "causal_lm_loss", real)
+    monkeypatch.setattr(lm_loss, "causal_lm_loss", real)
     final = sft.main(cfg(tiny_base, tmp_path / "resumed"))
     assert final["steps"] == 6
     assert torch.equal(weights(tmp_path / "straight" / "model"), weights(tmp_path / "resumed" / "model"))
@@ -89,14 +91,14 @@ def test_last_mlp_at_the_targets_only_gives_the_same_loss_and_gradients(tiny_lm,
     rows = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, -100, 8, 9, 10]},
             {"input_ids": [11, 12, 13, 14], "labels": [-100, -100, 13, 14]}]
     batch = collate_rows(rows, 0, pack)
-    assert sft.supports_last_rows_only(model, pack)
+    assert supports_last_rows_only(model, pack)
     seen = []   # the rows the MLP's first linear layer computes
     first = next(last_mlp(model).children())
     hook = first.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:-1].numel()))
     grads = []
     for only in (False, True):
         model.zero_grad()
-        out = sft.causal_lm_loss(model, batch, last_rows_only=only)
+        out = causal_lm_loss(model, batch, last_rows_only=only)
         loss = reduce_loss(out.values, out.weights, out.weights.sum(), 1)
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
@@ -113,4 +115,4 @@ def test_last_mlp_at_the_targets_only_gives_the_same_loss_and_gradients(tiny_lm,
 def test_last_rows_only_is_refused_under_gradient_checkpointing(tiny_lm):
     model = tiny_lm("llama")
     model.gradient_checkpointing_enable()
-    assert not sft.supports_last_rows_only(model, None)
+    assert not supports_last_rows_only(model, None)

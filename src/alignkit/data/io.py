@@ -11,7 +11,7 @@ Nothing here touches the network: a path that does not exist locally is an error
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,3 +181,28 @@ def _read_dataset_folder(p: Path, source: str, split: str) -> list[Record]:
         return [r for f in sorted(files) for r in _read_file(f, str(f))]
     ds = datasets.load_dataset(str(p), split=split)
     return [Record(row, f"{source}[{split}]", i, "row") for i, row in enumerate(ds.to_list())]
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a file alignkit wrote (one a line, blank lines skipped), as plain
+    dicts; user data goes through :func:`load_records`, which names file and line on errors."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping], ensure_ascii: bool = True) -> int:
+    """Write ``rows`` one JSON object a line, atomically (a temporary file, then renamed: a crash
+    never leaves a half file), creating the folder; returns the number of rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=ensure_ascii) + "\n")
+                n += 1
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n

@@ -24,7 +24,7 @@ Backends: a local causal LM (:class:`LocalBackend`: one forward pass for the ver
 :func:`alignkit.engine.generation.generate` for rationales) and any OpenAI-compatible endpoint
 (:class:`HttpBackend`: stdlib ``urllib``, a concurrency limit, timeouts, retries with exponential
 backoff on 429 / 5xx / connection errors). Every request is cached in the preference store
-(:meth:`~alignkit.feedback.store.PreferenceStore.request_key`), so a re-run or a resumed run never
+(:meth:`~alignkit.data.store.PreferenceStore.request_key`), so a re-run or a resumed run never
 pays twice, and every pairwise judgement is recorded there with source ``ai``.
 """
 
@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from alignkit.config import require
 
 if TYPE_CHECKING:
-    from alignkit.feedback.store import PreferenceStore
+    from alignkit.data.store import PreferenceStore
 
 PAIRWISE_LABELS = ("1", "2")
 POINTWISE_LABELS = tuple(str(k) for k in range(1, 11))
@@ -380,12 +380,12 @@ class LocalBackend:
         return rows
 
     def _generate(self, prompt_ids: list[list[int]], max_tokens: int):
-        from alignkit.engine.generation import SamplingConfig, generate
+        from alignkit.engine.sampling import SamplingConfig, sample
 
         room = self.context - max(len(p) for p in prompt_ids)
         cfg = SamplingConfig(max_new_tokens=max(1, min(max_tokens, room)), temperature=0.0)
-        rollout = generate(self.model, prompt_ids, cfg, eos_token_id=self.tokenizer.eos_token_id,
-                           pad_token_id=self.tokenizer.pad_token_id, batch_size=self.batch_size)
+        rollout = sample(self.model, prompt_ids, cfg, eos_token_id=self.tokenizer.eos_token_id,
+                         pad_token_id=self.tokenizer.pad_token_id, batch_size=self.batch_size)
         texts = rollout.decode(self.tokenizer)
         return [(t.strip(), None, int(n)) for t, n in zip(texts, rollout.response_lengths())]
 
@@ -778,7 +778,7 @@ def agreement(store: PreferenceStore, annotator: str, template_version: str,
     Cohen's ``kappa``."""
     from collections import defaultdict
 
-    from alignkit.feedback.store import cohen_kappa, majority
+    from alignkit.data.store import cohen_kappa, majority
 
     mine: dict[int, str] = {}
     theirs: dict[int, list[str]] = defaultdict(list)
@@ -796,31 +796,19 @@ def agreement(store: PreferenceStore, annotator: str, template_version: str,
 
 def load_judge_config(spec: str) -> JudgeConfig:
     """``PATH`` of a YAML file holding a judge config, at the top level or under ``judge:``."""
-    import yaml
+    from alignkit.config import build, load_yaml
 
-    from alignkit.config import build
-
-    try:
-        data = yaml.safe_load(Path(spec).read_text()) or {}
-    except FileNotFoundError:
-        raise ValueError(f"judge config {spec} does not exist") from None
-    return build(JudgeConfig, data.get("judge", data) if isinstance(data, dict) else {})
+    data = load_yaml(spec, what="judge config")
+    return build(JudgeConfig, data.get("judge", data))
 
 
 def load_stage_config(cls: type, path: str, section: str, overrides: list[str]):
     """A judge stage's config from a YAML file that may hold several stages around one judge:
     ``judge:`` (shared) plus one section per stage (``label_ai:``, ``judge_model:``), whose own
     ``judge`` keys override the shared ones. A file without ``section`` is the stage's config."""
-    import yaml
+    from alignkit.config import apply_overrides, build, load_yaml
 
-    from alignkit.config import ConfigError, apply_overrides, build
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping")
+    raw = load_yaml(path)
     data = raw
     if section in raw:
         data = dict(raw[section] or {})
@@ -839,7 +827,7 @@ def make_judge_labeler(spec: str):
     """``fn(prompts, a, b) -> preference records`` with the pairwise judge of the judge config at
     ``spec`` (both orders, soft labels; recorded in the config's ``store`` when one is set): the
     AI labeler of iterative RLAIF (``online.labeler`` of ``alignkit dpo``)."""
-    from alignkit.feedback.store import PreferenceStore
+    from alignkit.data.store import PreferenceStore
 
     cfg = load_judge_config(spec)
     judge = PairwiseJudge(cfg, store=PreferenceStore(cfg.store) if cfg.store else None)
@@ -858,7 +846,7 @@ def make_judge_reward(spec: str, **kwargs) -> PointwiseJudge:
     """The reward source ``judge:CONFIG``: the pointwise judge of a judge config (d-RLAIF).
     Reward-source keywords of other kinds (``chat``, ``batch_size``) are accepted and unused:
     the judge renders its own prompt. The config's ``store`` caches every request."""
-    from alignkit.feedback.store import PreferenceStore
+    from alignkit.data.store import PreferenceStore
 
     cfg = load_judge_config(spec)
     store = PreferenceStore(cfg.store) if cfg.store else None

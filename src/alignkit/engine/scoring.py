@@ -5,7 +5,7 @@ A reward source maps ``(prompts, responses)`` (text) to one float per response. 
 * ``model:PATH``        a trained reward model (``alignkit rm`` output or any scalar-head model)
 * ``gold:TASK``         a built-in task's hidden gold reward / verifier (explicit opt-in only)
 * ``python:MOD:FUNC``   a user function ``FUNC(prompts, responses) -> list[float]``
-* ``judge:CONFIG``      an AI judge (see :mod:`alignkit.engine.judges`), when available
+* ``judge:CONFIG``      an AI judge's pointwise score (see :mod:`alignkit.engine.judges`)
 
 Text in, scores out: the reward model may use a different tokenizer from the policy.
 """
@@ -87,18 +87,33 @@ class RewardModel:
         return scores
 
 
-def make_reward_source(spec: str, **kwargs) -> RewardSource:
-    kind, _, rest = spec.partition(":")
-    if kind == "model":
-        return RewardModel(rest, **kwargs)
-    if kind == "gold":
-        name, _, variant = rest.partition(":")
-        return GoldReward(name, chat=variant == "chat")
-    if kind == "python":
-        return PythonReward(rest)
-    if kind == "judge":
-        from alignkit.engine.judges import make_judge_reward  # lands with the RLAIF work
+def _gold(spec: str, **kwargs) -> GoldReward:
+    name, _, variant = spec.partition(":")
+    return GoldReward(name, chat=variant == "chat")
 
-        return make_judge_reward(rest, **kwargs)
-    raise ValueError(f"unknown reward source {spec!r}: use model:PATH, gold:TASK, "
-                     f"python:MODULE:FUNC or judge:CONFIG")
+
+def _python(spec: str, **kwargs) -> PythonReward:
+    return PythonReward(spec)
+
+
+def _judge(spec: str, **kwargs):
+    from alignkit.engine.judges import make_judge_reward
+
+    return make_judge_reward(spec, **kwargs)
+
+
+# The one registry of reward-source kinds: ``KIND:REST`` -> ``REWARD_SOURCES[KIND](REST, **kwargs)``.
+REWARD_SOURCES: dict[str, Callable[..., RewardSource]] = {
+    "model": RewardModel, "gold": _gold, "python": _python, "judge": _judge,
+}
+
+
+def make_reward_source(spec: str, **kwargs) -> RewardSource:
+    """The reward source of ``spec`` (``model:PATH``, ``gold:TASK[:chat]``, ``python:MOD:FUNC``,
+    ``judge:CONFIG``); ``kwargs`` go to sources that take them (a reward model's ``chat``,
+    ``batch_size``)."""
+    kind, _, rest = spec.partition(":")
+    if kind not in REWARD_SOURCES:
+        raise ValueError(f"unknown reward source {spec!r}: use "
+                         + ", ".join(f"{k}:..." for k in REWARD_SOURCES))
+    return REWARD_SOURCES[kind](rest, **kwargs)

@@ -220,12 +220,12 @@ class TrainResult:
     eval_metrics: dict[str, float]
 
 
-def _latest_checkpoint(out_dir: Path) -> Path | None:
+def latest_checkpoint(out_dir: Path) -> Path | None:
     ckpts = sorted((out_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
     return ckpts[-1] if ckpts else None
 
 
-def _save_checkpoint(accelerator, out_dir: Path, step: int, keep: int) -> None:
+def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int) -> None:
     """Write to a temporary folder, then rename: a crash never leaves a half checkpoint."""
     root = out_dir / "checkpoints"
     tmp = root / f".tmp_step_{step}"
@@ -244,6 +244,34 @@ def _save_checkpoint(accelerator, out_dir: Path, step: int, keep: int) -> None:
         for old in ckpts[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def resume(accelerator, out_dir: Path, setting: str, tracker, where: str = "step {}") -> int:
+    """Load the checkpoint that ``setting`` names (``"auto"``: the latest in ``out_dir``;
+    ``"never"``: none; else a checkpoint path) into the objects ``accelerator`` prepared and
+    registered; drop logged rows after it. Returns its step (0 when nothing was loaded)."""
+    ckpt = None
+    if setting == "auto":
+        ckpt = latest_checkpoint(out_dir)
+    elif setting != "never":
+        ckpt = Path(setting)
+    if ckpt is None:
+        return 0
+    accelerator.load_state(str(ckpt))
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    tracker.truncate_after(step)
+    accelerator.print(f"alignkit: resumed from {ckpt} at {where.format(step)}")
+    return step
+
+
+def optimizer_step(accelerator, optimizer, scheduler, params, max_grad_norm: float):
+    """Clip the gradients of ``params`` to ``max_grad_norm`` (0: no clipping), step the optimiser
+    and the schedule, clear the gradients; returns the norm before clipping (None unclipped)."""
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def train(model: torch.nn.Module, items: Sequence[Any], *, lengths: Sequence[int],
@@ -266,17 +294,7 @@ def train(model: torch.nn.Module, items: Sequence[Any], *, lengths: Sequence[int
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    step = 0
-    ckpt = None
-    if loop.resume == "auto":
-        ckpt = _latest_checkpoint(out_dir)
-    elif loop.resume != "never":
-        ckpt = Path(loop.resume)
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
-        tracker.truncate_after(step)
-        accelerator.print(f"alignkit: resumed from {ckpt} at step {step}/{total_steps}")
+    step = resume(accelerator, out_dir, loop.resume, tracker, f"step {{}}/{total_steps}")
 
     batches_cache: dict[int, list[list[int]]] = {}
     last: dict[str, float] = {}
@@ -300,16 +318,16 @@ def train(model: torch.nn.Module, items: Sequence[Any], *, lengths: Sequence[int
                     and step < total_steps:
                 evals = _run_eval(model, accelerator, eval_fn, tracker, step)
             if loop.save_every > 0 and step % loop.save_every == 0 and step < total_steps:
-                _save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints)
+                save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints)
     except KeyboardInterrupt:
         # Parameters and optimiser state are those after ``step`` completed steps: save them so
         # the run resumes from here.
         accelerator.print(f"alignkit: interrupted; saving a checkpoint at step {step}")
-        _save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints)
+        save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints)
         raise
     if eval_fn is not None:
         evals = _run_eval(model, accelerator, eval_fn, tracker, step)
-    _save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints)
+    save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints)
     return TrainResult(step=step, last_metrics=last, eval_metrics=evals)
 
 
@@ -345,12 +363,8 @@ def _optimizer_step(model, optimizer, scheduler, accelerator, items, global_batc
             sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + \
                 torch.as_tensor(s, dtype=torch.float64).detach().cpu()
             counts[name] = counts.get(name, 0.0) + float(c)
-    grad_norm = None
-    if optim.max_grad_norm > 0:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(accelerator, optimizer, scheduler, model.parameters(),
+                               optim.max_grad_norm)
 
     names = sorted(sums)
     packed = torch.stack([loss_sum] + [sums[n] for n in names]

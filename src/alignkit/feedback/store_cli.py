@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from alignkit.feedback.store import SOURCES, PreferenceStore, StoreError
+from alignkit.data.store import SOURCES, PreferenceStore, StoreError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     "KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "gae", "grpo_advantages",
-    "kl_penalty", "rloo_advantages", "shaped_rewards", "whiten",
+    "kl_penalty", "rloo_advantages", "sequence_kl", "shaped_rewards", "whiten",
 ]
 
 
@@ -112,6 +112,13 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> 
                        f"known: {sorted(KL_ESTIMATORS)}") from None
     return fn(logps, ref_logps)
 
+
+def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                estimator: str) -> torch.Tensor:
+    """``sum_t KL_t`` per response ``[B]``: each token's :func:`kl_penalty` with ``estimator``,
+    summed over the response's real tokens (``mask`` ``[B, T]``). With ``k1`` this is the
+    sequence-level ``log pi(y|x) - log ref(y|x)``, an unbiased estimate of the sequence KL."""
+    return (kl_penalty(logps, ref_logps, estimator) * mask).sum(-1)
 
 def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
     if not bool(mask.bool().any(dim=-1).all()):

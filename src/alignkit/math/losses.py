@@ -10,6 +10,7 @@ Shapes: ``B`` batch, ``T`` tokens. ``*_logps`` always hold log-probabilities.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,16 +19,39 @@ import torch.nn.functional as F
 from alignkit.math.advantages import kl_penalty
 
 LossFn = Callable[..., torch.Tensor]
-LOSSES: dict[str, LossFn] = {}
 
 
-def register(name: str) -> Callable[[LossFn], LossFn]:
-    """Register a loss under ``name``; a variant is one function and one registry entry."""
+@dataclass(frozen=True)
+class DAPNeeds:
+    """What a direct-alignment (DAP) loss needs from its data, declared where it is registered.
+
+    ``paired``: chosen/rejected pairs (else unpaired completions labelled desirable or not, as KTO
+    reads them). ``reference``: log-probs of a frozen reference model (computed once, before
+    training); reference-free losses never load one. The engine calls the loss with keyword
+    arguments by name from what a batch provides (``alignkit.engine.dap_loss``): paired,
+    ``policy_chosen_logps``/``policy_rejected_logps`` (summed), ``chosen_lengths``/
+    ``rejected_lengths`` and ``ref_chosen_logps``/``ref_rejected_logps``; unpaired,
+    ``policy_logps``, ``ref_logps``, ``is_desirable`` and ``kl_ref_point``; and the
+    hyperparameters of the loss config under their own names (``beta``, ``gamma``, ...)."""
+
+    paired: bool = True
+    reference: bool = True
+
+
+LOSSES: dict[str, LossFn] = {}         # every loss, by name
+DAP_LOSSES: dict[str, DAPNeeds] = {}   # the direct-alignment losses among them, and their needs
+
+
+def register(name: str, dap: DAPNeeds | None = None) -> Callable[[LossFn], LossFn]:
+    """Register a loss under ``name``; a variant is one function and one registry entry. ``dap``:
+    a direct-alignment loss that the ``dpo`` stage trains with, and what it needs."""
 
     def wrap(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
         LOSSES[name] = fn
+        if dap is not None:
+            DAP_LOSSES[name] = dap
         return fn
 
     return wrap
@@ -107,7 +131,7 @@ def dpo_implicit_rewards(policy_chosen_logps: torch.Tensor, policy_rejected_logp
     return chosen.detach(), rejected.detach()
 
 
-@register("dpo")
+@register("dpo", dap=DAPNeeds())
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
              beta: float) -> torch.Tensor:
@@ -123,7 +147,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return -F.logsigmoid(beta * h)
 
 
-@register("cdpo")
+@register("cdpo", dap=DAPNeeds())
 def cdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
               ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
               label_smoothing: float) -> torch.Tensor:
@@ -141,7 +165,7 @@ def cdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
     return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
 
 
-@register("ipo")
+@register("ipo", dap=DAPNeeds())
 def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
              beta: float) -> torch.Tensor:
@@ -160,7 +184,7 @@ def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return (h - 1 / (2 * beta)) ** 2
 
 
-@register("hinge")
+@register("hinge", dap=DAPNeeds())
 def hinge_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
                beta: float) -> torch.Tensor:
@@ -192,7 +216,7 @@ def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tenso
     return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
 
 
-@register("kto")
+@register("kto", dap=DAPNeeds(paired=False))
 def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, is_desirable: torch.Tensor,
              kl_ref_point: torch.Tensor | float, beta: float, desirable_weight: float = 1.0,
              undesirable_weight: float = 1.0) -> torch.Tensor:
@@ -217,7 +241,7 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, is_desirable: 
     return torch.where(is_desirable.bool(), desirable, undesirable)
 
 
-@register("simpo")
+@register("simpo", dap=DAPNeeds(reference=False))
 def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, beta: float,
                gamma: float) -> torch.Tensor:
@@ -263,21 +287,24 @@ def orpo_log_odds_ratio(policy_chosen_logps: torch.Tensor,
     return chosen - rejected
 
 
-@register("orpo")
+@register("orpo", dap=DAPNeeds(reference=False))
 def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-              chosen_nll: torch.Tensor, lam: float) -> torch.Tensor:
+              chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+              orpo_lambda: float) -> torch.Tensor:
     """Odds-ratio preference optimisation, reference-free (Hong et al. 2024, eq. 6-7).
 
     ``L = L_SFT + lambda * L_OR``, ``L_OR = -log sigmoid(log(odds(y_w) / odds(y_l)))``,
     ``odds(y) = p / (1 - p)`` with ``p = exp(mean_t log pi(y_t | x, y_<t))`` (length-normalised,
-    as in the paper). ``log(1 - p)`` uses :func:`log1mexp`, which stays accurate as ``log p -> 0``.
+    as in the paper); ``L_SFT`` is the chosen response's mean per-token NLL. ``log(1 - p)`` uses
+    :func:`log1mexp`, which stays accurate as ``log p -> 0``.
 
-    policy_chosen_logps, policy_rejected_logps: ``[B]`` *mean* per-token log-probs.
-    chosen_nll: ``[B]`` the SFT loss of the chosen response (the paper uses the per-token mean).
-    Returns ``[B]``.
+    policy_chosen_logps, policy_rejected_logps: ``[B]`` *summed* log-probs.
+    chosen_lengths, rejected_lengths: ``[B]`` response token counts. Returns ``[B]``.
     """
-    log_odds = orpo_log_odds_ratio(policy_chosen_logps, policy_rejected_logps)
-    return chosen_nll - lam * F.logsigmoid(log_odds)
+    chosen = policy_chosen_logps / chosen_lengths
+    rejected = policy_rejected_logps / rejected_lengths
+    log_odds = orpo_log_odds_ratio(chosen, rejected)
+    return -chosen - orpo_lambda * F.logsigmoid(log_odds)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def lm_collate(seqs: list[list[int]], pad_id: int, pack: str | None = None) -> d
 
 def main(cfg: Config) -> dict:
     from alignkit.engine.models import save_model
-    from alignkit.stages.sft import causal_lm_loss
+    from alignkit.engine.lm_loss import causal_lm_loss
     from alignkit.tasks import get_task
     from alignkit.engine.tokenizer import train_tokenizer
     from alignkit.tracking import Tracker

@@ -18,7 +18,6 @@ the inference output), ``metrics.jsonl`` (one row per ``n``, ``step = n``) and `
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from alignkit.config import require
-from alignkit.engine.generation import SamplingConfig
+from alignkit.engine.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def score_samples(prompts: list[str], responses: list[str], cfg: Config) -> dict
 
 def per_n_metrics(scores: dict[str, np.ndarray], n: int, base: dict | None) -> dict:
     """``scores[name]`` is ``[P, M]``; selection is always by ``proxy_reward``."""
-    from alignkit.stages.evaluate import summarize
+    from alignkit.engine.evaluation import summarize
 
     proxy = scores["proxy_reward"]
     out = {"n": n, "kl_bound": kl_bound(n),
@@ -133,9 +132,10 @@ def per_n_metrics(scores: dict[str, np.ndarray], n: int, base: dict | None) -> d
 
 
 def main(cfg: Config) -> dict:
+    from alignkit.data.io import write_jsonl
+    from alignkit.data.sources import load_prompts
     from alignkit.engine.models import load_causal_lm, load_tokenizer
-    from alignkit.stages.evaluate import sample_policy
-    from alignkit.stages.rest import load_prompts
+    from alignkit.engine.sampling import sample_texts
     from alignkit.tracking import Tracker
 
     out = Path(cfg.out_dir)
@@ -145,17 +145,16 @@ def main(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.policy)
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval()
     repeated = [p for p in prompts for _ in range(m)]
-    _, responses = sample_policy(policy, tokenizer, repeated, cfg.sampling, chat=cfg.chat,
-                                 seed=cfg.seed, batch_size=cfg.batch_size)
+    _, responses = sample_texts(policy, tokenizer, repeated, cfg.sampling, chat=cfg.chat,
+                                seed=cfg.seed, batch_size=cfg.batch_size)
     flat = score_samples(repeated, responses, cfg)
     scores = {k: np.asarray(v, dtype=np.float64).reshape(len(prompts), m) for k, v in flat.items()}
 
     rows = [{"prompt": p, "sample": j % m, "response": r, **{k: v[j] for k, v in flat.items()}}
             for j, (p, r) in enumerate(zip(repeated, responses))]
-    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(out / "samples.jsonl", rows)
     best = scores["proxy_reward"].argmax(-1)
-    (out / "chosen.jsonl").write_text("".join(json.dumps(rows[i * m + b]) + "\n"
-                                              for i, b in enumerate(best.tolist())))
+    write_jsonl(out / "chosen.jsonl", (rows[i * m + b] for i, b in enumerate(best.tolist())))
 
     base = per_n_metrics(scores, 1, None)
     results = {}

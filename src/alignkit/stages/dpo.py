@@ -15,41 +15,16 @@ finished round is saved, so a stopped run resumes at the next round.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import torch
 
 from alignkit.config import require
 from alignkit.data.sources import DataConfig
-from alignkit.engine.generation import SamplingConfig
-from alignkit.math.logprobs import IGNORE_INDEX, next_token_logps, sum_per_sequence
-from alignkit.engine.forward import causal_logits, target_logps
-from alignkit.math.losses import dpo_implicit_rewards, get_loss, kto_reference_point
+from alignkit.engine.dap_loss import (LossConfig, add_kto_mismatch, cache_reference, collate_dap,
+                                      make_loss)
 from alignkit.engine.models import LoraSpec
-from alignkit.engine.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
-                               use_packing, train)
-
-REFERENCE_FREE = {"simpo", "orpo"}
-PAIRED = {"dpo", "cdpo", "ipo", "hinge", "simpo", "orpo"}
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    name: str = "dpo"               # dpo | cdpo | ipo | hinge | kto | simpo | orpo
-    beta: float = 0.1               # DPO/cDPO/hinge/KTO/SimPO beta; IPO tau
-    label_smoothing: float = 0.1    # cDPO epsilon
-    gamma: float = 0.5              # SimPO target margin (in units of beta-scaled reward)
-    orpo_lambda: float = 0.1        # ORPO weight of the odds-ratio term
-    desirable_weight: float = 1.0   # KTO lambda_D
-    undesirable_weight: float = 1.0 # KTO lambda_U
-
-    def __post_init__(self):
-        require(self.name in PAIRED | {"kto"}, f"loss.name {self.name!r} is not one of "
-                f"{sorted(PAIRED | {'kto'})}")
-        require(self.beta > 0, "loss.beta must be > 0")
-        require(0 <= self.label_smoothing < 0.5, "loss.label_smoothing must be in [0, 0.5)")
+from alignkit.engine.sampling import SamplingConfig
+from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
 
 
 @dataclass(frozen=True)
@@ -97,8 +72,8 @@ class Config:
         require(bool(self.model), "model is required (a path of a causal LM)")
         require(self.online.rounds > 0 or self.data.train != "online",
                 "data.train is required for offline DPO (or set online.rounds > 0)")
-        require(self.online.rounds == 0 or self.loss.name != "kto",
-                "online rounds produce pairs; use a paired loss, not kto")
+        require(self.online.rounds == 0 or self.loss.paired,
+                f"online rounds produce pairs; use a paired loss, not {self.loss.name}")
         if self.online.rounds > 0:
             require(self.eval.task is not None or (self.data.train != "online"
                                                    and self.online.labeler != "simulated"),
@@ -110,168 +85,19 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sequence log-probs: one forward pass over a padded or packed batch, summed over completion tokens.
-
-
-def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of each sequence's labelled tokens and their count: ``([N], [N])``, for a
-    padded or a packed batch (one that lists its targets: ``collate_shared``)."""
-    if "target_positions" in batch:
-        return target_logps(model, batch)
-    per_token, targets = next_token_logps(causal_logits(model, batch), batch["labels"])
-    return (sum_per_sequence(per_token, batch),
-            sum_per_sequence((targets != IGNORE_INDEX).float(), batch))
-
-
-@torch.no_grad()
-def cache_reference(reference, examples: list[dict], pad_id: int, batch_size: int = 32,
-                    pack: str | None = None) -> None:
-    """Store ``ref_chosen_logps``/``ref_rejected_logps`` (or ``ref_logps``, ``ref_kl_logps``
-    for unpaired data) in each example, computed once with the reference in eval mode (fp32),
-    on padded or (given a layout: ``collate_rows``) packed batches."""
-    from alignkit.data.collate import collate_rows, to_device
-
-    reference.eval()
-    device = next(reference.parameters()).device
-    fields = _sequence_fields(examples[0])
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s:s + batch_size]
-        # All of a chunk's sequences in one batch, in collate_dap's order (the shared layout
-        # pairs sequence i with i + len(chunk)).
-        rows = [{"input_ids": e[f"{key}input_ids"], "labels": e[f"{key}labels"]}
-                for key in fields for e in chunk]
-        batch = to_device(collate_rows(rows, pad_id, pack), device)
-        logps = completion_logps(reference, batch)[0].tolist()
-        for j, key in enumerate(fields):
-            for e, v in zip(chunk, logps[j * len(chunk):(j + 1) * len(chunk)]):
-                e[f"ref_{key}logps"] = v
-
-
-def _sequence_fields(example: dict) -> list[str]:
-    """Key prefixes of the sequences an example holds: chosen_/rejected_, or ''/kl_."""
-    if "chosen_input_ids" in example:
-        return ["chosen_", "rejected_"]
-    return ["", "kl_"]
-
-
-def add_kto_mismatch(examples: list[dict]) -> None:
-    """KTO's reference point uses mismatched (prompt, completion) pairs (Ethayarajh et al. 2024,
-    §4.1): example ``i`` is paired with the completion of example ``i + 1``, fixed up front so the
-    cached reference log-probs match what the policy sees."""
-    n = len(examples)
-    for i, e in enumerate(examples):
-        other = examples[(i + 1) % n]
-        prompt_len = next(j for j, t in enumerate(e["labels"]) if t != IGNORE_INDEX)
-        other_start = next(j for j, t in enumerate(other["labels"]) if t != IGNORE_INDEX)
-        completion = other["input_ids"][other_start:]
-        e["kl_input_ids"] = e["input_ids"][:prompt_len] + completion
-        e["kl_labels"] = [IGNORE_INDEX] * prompt_len + completion
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss adapters: each maps (policy sequence stats, cached reference values) to the registered
-# pure loss of :mod:`alignkit.math.losses`. One entry per variant, no branching.
-
-
-def _ref(batch, key):
-    return batch[key].float()
-
-
-def _paired_ref_loss(name: str) -> Callable:
-    def call(pol: dict, batch: dict, cfg: LossConfig) -> torch.Tensor:
-        kwargs = {"label_smoothing": cfg.label_smoothing} if name == "cdpo" else {}
-        return get_loss(name)(pol["chosen_logps"], pol["rejected_logps"],
-                              _ref(batch, "ref_chosen_logps"), _ref(batch, "ref_rejected_logps"),
-                              cfg.beta, **kwargs)
-    return call
-
-
-def _simpo(pol, batch, cfg):
-    return get_loss("simpo")(pol["chosen_logps"], pol["rejected_logps"], pol["chosen_len"],
-                             pol["rejected_len"], cfg.beta, cfg.gamma)
-
-
-def _orpo(pol, batch, cfg):
-    chosen_mean = pol["chosen_logps"] / pol["chosen_len"]
-    rejected_mean = pol["rejected_logps"] / pol["rejected_len"]
-    return get_loss("orpo")(chosen_mean, rejected_mean, -chosen_mean, cfg.orpo_lambda)
-
-
-def _kto(pol, batch, cfg):
-    z0 = kto_reference_point(pol["kl_logps"], _ref(batch, "ref_kl_logps"))
-    return get_loss("kto")(pol["logps"], _ref(batch, "ref_logps"), batch["label"].bool(), z0,
-                           cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
-
-
-ADAPTERS: dict[str, Callable] = {
-    **{n: _paired_ref_loss(n) for n in ("dpo", "cdpo", "ipo", "hinge")},
-    "simpo": _simpo, "orpo": _orpo, "kto": _kto,
-}
-
-
-def collate_dap(examples: list[dict], pad_id: int, pack: str | None = None) -> dict:
-    """All sequences of the batch in one right-padded block (chosen rows, then rejected rows;
-    or completions then KTO mismatched pairs), or packed in that order given a layout
-    (``pack``: ``collate_packed``), plus the cached reference values."""
-    from alignkit.data.collate import collate_rows
-
-    fields = _sequence_fields(examples[0])
-    rows = [{"input_ids": e[f"{k}input_ids"], "labels": e[f"{k}labels"]}
-            for k in fields for e in examples]
-    batch = collate_rows(rows, pad_id, pack)
-    for key in ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps"):
-        if key in examples[0]:
-            batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float64)
-    if "label" in examples[0]:
-        batch["label"] = torch.tensor([bool(e["label"]) for e in examples])
-    return batch
-
-
-def make_loss(cfg: LossConfig):
-    adapter = ADAPTERS[cfg.name]
-    paired = cfg.name in PAIRED
-
-    def loss_fn(model, batch) -> LossOutput:
-        logps, lengths = completion_logps(model, batch)
-        b = logps.shape[0] // 2
-        names = ("chosen_", "rejected_") if paired else ("", "kl_")
-        pol = {f"{names[0]}logps": logps[:b], f"{names[1]}logps": logps[b:],
-               f"{names[0]}len": lengths[:b], f"{names[1]}len": lengths[b:]}
-        if not paired:
-            pol["kl_logps"] = pol["kl_logps"].detach()  # the reference point is not trained
-        values = adapter(pol, batch, cfg)
-        metrics = {}
-        if paired:
-            if cfg.name in REFERENCE_FREE:
-                chosen_r = cfg.beta * pol["chosen_logps"] / pol["chosen_len"]
-                rejected_r = cfg.beta * pol["rejected_logps"] / pol["rejected_len"]
-            else:
-                chosen_r, rejected_r = dpo_implicit_rewards(
-                    pol["chosen_logps"], pol["rejected_logps"], _ref(batch, "ref_chosen_logps"),
-                    _ref(batch, "ref_rejected_logps"), cfg.beta)
-            metrics = {"rewards/chosen": (chosen_r.detach().sum(), b),
-                       "rewards/rejected": (rejected_r.detach().sum(), b),
-                       "rewards/margin": ((chosen_r - rejected_r).detach().sum(), b),
-                       "rewards/accuracy": ((chosen_r > rejected_r).float().sum(), b)}
-        return LossOutput(values=values, weights=torch.ones_like(values), metrics=metrics)
-
-    return loss_fn
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation on built-in tasks: sample the policy, score with the gold reward, KL to reference.
+# Setup and training, shared by offline DPO and every online round.
 
 
 def make_eval(cfg: Config, tokenizer, reference):
+    """Gold reward and KL to the reference on the built-in task's test prompts (``eval.task``)."""
     if cfg.eval.task is None:
         return None
-    from alignkit.stages.evaluate import Config as EvalStageConfig, evaluate_policy
-
-    ecfg = EvalStageConfig(policy=cfg.model, task=cfg.eval.task, chat=cfg.eval.chat,
-                           num_prompts=cfg.eval.num_prompts, sampling=cfg.eval.sampling)
+    from alignkit.engine.evaluation import evaluate_on_task
 
     def eval_fn(model) -> dict:
-        metrics, _ = evaluate_policy(model, tokenizer, ecfg, reference=reference)
+        metrics, _ = evaluate_on_task(model, tokenizer, cfg.eval.task, cfg.eval.sampling,
+                                      chat=cfg.eval.chat, num_prompts=cfg.eval.num_prompts,
+                                      reference=reference)
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     return eval_fn
@@ -289,11 +115,11 @@ def prepare_examples(source, tokenizer, cfg: Config, reference,
     with the reference's log-probs cached when there is a reference."""
     from alignkit.data.formats import build_dataset
 
-    fmt = "unpaired" if cfg.loss.name == "kto" else "preference"
+    fmt = "preference" if cfg.loss.paired else "unpaired"
     examples, stats = build_dataset(source, tokenizer, format=fmt, max_length=cfg.data.max_length,
                                     overlong=cfg.data.overlong,
                                     chat=cfg.data.chat if chat is None else chat)
-    if cfg.loss.name == "kto":
+    if not cfg.loss.paired:
         add_kto_mismatch(examples)
     if reference is not None:
         cache_reference(reference, examples, tokenizer.pad_token_id,
@@ -301,14 +127,13 @@ def prepare_examples(source, tokenizer, cfg: Config, reference,
     return examples, stats
 
 
-def fit(model, examples, cfg: Config, tokenizer, out: Path, tracker, accelerator, eval_fn,
-        loop: LoopConfig | None = None):
+def fit(model, examples, cfg: Config, tokenizer, out: Path, tracker, accelerator, eval_fn):
     pad = tokenizer.pad_token_id
-    pack = use_packing(model, loop or cfg.train, accelerator, pairs=True)
+    pack = use_packing(model, cfg.train, accelerator, pairs=True)
     return train(model, examples,
                  lengths=[sum(len(e[k]) for k in e if k.endswith("input_ids")) for e in examples],
                  collate=lambda b: collate_dap(b, pad, pack), weight_of=lambda e: 1.0,
-                 loss_fn=make_loss(cfg.loss), loop=loop or cfg.train, optim=cfg.optim,
+                 loss_fn=make_loss(cfg.loss), loop=cfg.train, optim=cfg.optim,
                  out_dir=out, tracker=tracker, accelerator=accelerator, eval_fn=eval_fn)
 
 
@@ -317,14 +142,12 @@ def main(cfg: Config) -> dict:
     from alignkit.tracking import Tracker
 
     if cfg.online.rounds > 0:
-        from alignkit.stages.online_dpo import run_online
-
         return run_online(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage=f"dpo/{cfg.loss.name}")
     tokenizer = load_tokenizer(cfg.model)
-    needs_ref = cfg.loss.name not in REFERENCE_FREE
+    needs_ref = cfg.loss.needs_reference
     reference = load_reference(cfg, tokenizer) if needs_ref else None
     examples, stats = prepare_examples(Path(cfg.data.train), tokenizer, cfg, reference)
     accelerator.print(f"alignkit dpo ({cfg.loss.name}): {stats}; reference log-probs "
@@ -341,3 +164,116 @@ def main(cfg: Config) -> dict:
     final.update({k: v for k, v in result.last_metrics.items() if k.startswith("rewards/")})
     final.update(result.eval_metrics)
     return tracker.finish(final)
+
+
+# ----------------------------------------------------------------------------------------------
+# Online / iterative DPO.
+
+
+def round_prompts(prompts: list[str], r: int, n: int) -> list[str]:
+    """The ``n`` prompts of round ``r``: consecutive slices, wrapping around a short list."""
+    if not prompts:
+        return []
+    start = (r * n) % len(prompts)
+    return [prompts[(start + i) % len(prompts)] for i in range(min(n, len(prompts)))]
+
+
+def sample_and_label(policy, tokenizer, prompts: list[str], labeler, sampling, chat: bool,
+                     seed: int, model_name: str) -> tuple[list[dict], int]:
+    """Two samples per prompt, labelled; returns the preference records and the number of pairs
+    sampled. A pair with an empty or duplicated response carries no preference and is skipped."""
+    from alignkit.engine.sampling import informative_pairs, sample_pairs
+
+    pairs = sample_pairs(policy, tokenizer, prompts, sampling, chat=chat, seed=seed)
+    kept = informative_pairs(pairs)
+    records = labeler([p["prompt"] for p in kept], [p["response_a"] for p in kept],
+                      [p["response_b"] for p in kept])
+    # The store records which policy wrote each response.
+    return [{**r, "model": model_name} for r in records], len(pairs)
+
+
+def run_online(cfg: Config) -> dict:
+    """Online / iterative DPO, ``online.rounds`` rounds. Each round ``r`` (Xu et al. 2023, "Some things are more CRINGE than others"; Guo et al. 2024,
+    "Direct language model alignment from online AI feedback"):
+
+    1. sample two responses per prompt from the policy of round ``r - 1``;
+    2. label each pair: simulated annotators on a built-in task's gold reward (Bradley-Terry draw),
+       the pairwise AI judge (``pairwise-judge:CONFIG``, both orders averaged; Lee et al. 2023,
+       "RLAIF", Sec. 2.1), or any reward source (the higher-scored response is chosen, ties dropped);
+       the labelled pairs are written to ``round_<r>/pairs.jsonl`` and, with ``online.store``,
+       recorded in the preference store;
+    3. cache the reference log-probs of the new pairs (the reference stays the initial policy);
+    4. train with the configured DAP loss; save ``round_<r>/model`` and ``round_<r>/metrics.json``.
+
+    A finished round (its ``metrics.json`` exists) is never redone: a restarted run loads the last
+    finished round's model and goes on. A round interrupted after labelling reuses its
+    ``pairs.jsonl`` (no second sampling, no second bill from a paid judge) and resumes training from
+    its own checkpoint.
+    """
+    from alignkit.data.io import read_jsonl, write_jsonl
+    from alignkit.data.sources import load_prompts
+    from alignkit.engine.models import apply_lora, load_causal_lm, load_tokenizer, save_model
+    from alignkit.feedback.labelers import label_with, record_in_store
+    from alignkit.tracking import Tracker
+
+    out = Path(cfg.out_dir)
+    on = cfg.online
+    tracker = Tracker(out, cfg, stage=f"online-{cfg.loss.name}")
+    tokenizer = load_tokenizer(cfg.model)
+    reference = load_reference(cfg, tokenizer)  # also the KL yardstick of the evals
+    chat_suffix = ":chat" if cfg.eval.chat else ""
+    prompt_spec = (cfg.data.train if cfg.data.train != "online"
+                   else f"task:{cfg.eval.task}{chat_suffix}")
+    prompts = load_prompts(prompt_spec, "train", on.rounds * on.prompts_per_round)
+    labeler = label_with(on.labeler, cfg.eval.task, on.annotator_temperature, cfg.train.seed,
+                         chat=cfg.eval.chat)
+    eval_fn = make_eval(cfg, tokenizer, reference)
+    policy_path, final = cfg.model, {}
+    for r in range(on.rounds):
+        round_dir = out / f"round_{r}"
+        done = round_dir / "metrics.json"
+        if done.exists():
+            policy_path, final = str(round_dir / "model"), json.loads(done.read_text())
+            print(f"[online] round {r}: done, skipping", flush=True)
+            continue
+        policy = load_causal_lm(policy_path, tokenizer=tokenizer).eval()
+        pairs_path = round_dir / "pairs.jsonl"
+        if pairs_path.exists():     # labelled before an interruption
+            records = read_jsonl(pairs_path)
+        else:
+            records, n_sampled = sample_and_label(
+                policy, tokenizer, round_prompts(prompts, r, on.prompts_per_round), labeler,
+                on.sampling, cfg.eval.chat, cfg.train.seed + 1000 * r, policy_path)
+            if not records:
+                raise ValueError(f"online round {r}: none of {n_sampled} sampled pairs was labelled "
+                                 "(empty, identical or tied responses); sample longer responses "
+                                 "or more prompts")
+            round_dir.mkdir(parents=True, exist_ok=True)
+            write_jsonl(pairs_path, records)
+        if on.store:
+            counts = record_in_store(on.store, pairs_path, on.labeler)
+            print(f"[online] round {r}: store {on.store}: {counts}", flush=True)
+        # In chat mode the responses train as assistant turns, tokenised as sampling rendered them.
+        examples, stats = prepare_examples(
+            records, tokenizer, cfg, reference if cfg.loss.needs_reference else None,
+            chat=cfg.eval.chat)
+        accelerator = make_accelerator(cfg.train.mixed_precision)
+        model = apply_lora(policy.train(), cfg.lora)
+        round_tracker = Tracker(round_dir, enabled=accelerator.is_main_process, stage=f"online r{r}")
+        result = fit(model, examples, cfg, tokenizer, round_dir, round_tracker, accelerator, None)
+        trained = accelerator.unwrap_model(model)
+        metrics = {"round": r, "pairs": stats.kept, "train_loss": result.last_metrics.get("loss"),
+                   **{k: v for k, v in result.last_metrics.items() if k.startswith("rewards/")}}
+        if eval_fn is not None:
+            trained.eval()
+            metrics.update(eval_fn(trained))
+        save_model(trained, tokenizer, round_dir / "model")
+        # Log before the round's metrics.json marks it done; a crash in between redoes the round
+        # and the truncation keeps one row per round.
+        tracker.truncate_after(r)
+        tracker.log(r + 1, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        round_tracker.finish(metrics)
+        policy_path, final = str(round_dir / "model"), metrics
+    save_model(load_causal_lm(policy_path, tokenizer=tokenizer), tokenizer, out / "model")
+    return tracker.finish({**final, "rounds": on.rounds, "model": str(out / "model"),
+                           "loss": cfg.loss.name, "beta": cfg.loss.beta})

@@ -20,8 +20,6 @@ Needs ``--config``: a file with a shared ``judge:`` section and a ``label_ai:`` 
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -52,89 +50,16 @@ def load(path: str, overrides: list[str]) -> Config:
     return load_stage_config(Config, path, "label_ai", overrides)
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def label_split(judge, pairs: list[dict], chunk: int) -> tuple[list, list[dict], list[dict]]:
-    """Judge ``pairs`` chunk by chunk; returns the judgements, preference records of the
-    decided pairs, and the unlabelled pairs with the reason."""
-    from alignkit.engine.judges import preference_record
-
-    judgements, records, unlabelled = [], [], []
-    for s in range(0, len(pairs), chunk):
-        part = pairs[s:s + chunk]
-        got = judge.label([p["prompt"] for p in part], [p["response_a"] for p in part],
-                          [p["response_b"] for p in part])
-        judgements += got
-        for p, j in zip(part, got):
-            record = preference_record(p["prompt"], p["response_a"], p["response_b"], j)
-            if record is not None:
-                records.append(record)
-            elif j.label is None:
-                errors = [o.error for o in j.outcomes if o.error]
-                answers = [o.raw["answer"] for o in j.outcomes if o.raw is not None]
-                unlabelled.append({**p, "reason": "failed" if errors else "unparseable",
-                                   "errors": errors, "answers": answers})
-        print(f"[label-ai] {min(s + chunk, len(pairs))}/{len(pairs)} pairs judged", flush=True)
-    return judgements, records, unlabelled
-
-
 def main(cfg: Config) -> dict:
-    from alignkit.engine.judges import PairwiseJudge, agreement, position_bias_rate
-    from alignkit.feedback.store import PreferenceStore
-    from alignkit.stages.label import write_jsonl
+    from alignkit.engine.ai_labels import label_pair_files
     from alignkit.tracking import Tracker
 
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, stage="label-ai")
-    store = PreferenceStore(cfg.store or out / "store.db")
-    judge = PairwiseJudge(cfg.judge, store=store)
-    summary: dict = {"judge": judge.id, "template_version": judge.template_version}
-    everything, unlabelled = [], []
-    start = time.perf_counter()
-    for split in cfg.splits:
-        pairs = _read(Path(cfg.pairs_dir) / f"pairs_{split}.jsonl")
-        pairs = pairs[:cfg.limit] if cfg.limit else pairs
-        # Pairs enter the store as sampled (a, b) before any label: stored in (chosen, rejected)
-        # order, every reference label would read "a", and kappa would be 0 by construction.
-        with store.transaction():
-            for p in pairs:
-                if p["response_a"] != p["response_b"]:
-                    store.add_pair_from_texts(p["prompt"], p["response_a"], p["response_b"])
-        reference = Path(cfg.pairs_dir) / f"{split}.jsonl"
-        if reference.exists():
-            store.import_preferences(reference, source=cfg.reference_source,
-                                     annotator=f"{cfg.reference_source}:{reference}")
-        judgements, records, missing = label_split(judge, pairs, cfg.chunk)
-        write_jsonl(out / f"{split}.jsonl", records)
-        everything += judgements
-        unlabelled += missing
-        summary[f"{split}_pairs"] = len(records)
-        summary[split] = str(out / f"{split}.jsonl")
-    elapsed = time.perf_counter() - start
-    write_jsonl(out / "unlabelled.jsonl", unlabelled)
-    labelled = [j for j in everything if j.label is not None]
-    shared = agreement(store, judge.id, judge.template_version, cfg.reference_source)
-    c = judge.counts
-    summary.update({
-        f"ai_agreement_with_{cfg.reference_source}": shared["agreement"],
-        f"ai_kappa_with_{cfg.reference_source}": shared["kappa"],
-        "shared_pairs": shared["n"],
-        "position_bias_rate": position_bias_rate([tuple(j.slot_probs) for j in everything])
-        if cfg.judge.swap else None,
-        "labels": len(labelled), "ties": sum(j.label == "tie" for j in everything),
-        "unlabelled": len(unlabelled), "unparseable_answers": c["unparseable"],
-        "failed_requests": c["failed"], "requests": c["requests"], "cache_hits": c["cache_hits"],
-        # What a label costs, cached or not; cost_spent is what this run paid.
-        "cost_per_label": sum(j.cost for j in labelled) / max(len(labelled), 1),
-        "cost_spent": c["cost_spent"], "prompt_tokens": c["prompt_tokens"],
-        "completion_tokens": c["completion_tokens"],
-        "labels_per_second": len(labelled) / max(elapsed, 1e-9), "seconds": elapsed,
-    })
-    if getattr(judge.backend, "retries", None) is not None:
-        summary["http_retries"] = judge.backend.retries
-    store.close()
+    summary = label_pair_files(cfg.judge, cfg.pairs_dir, out, splits=cfg.splits,
+                               store=cfg.store or out / "store.db",
+                               reference_source=cfg.reference_source, chunk=cfg.chunk,
+                               limit=cfg.limit)
     tracker.log(0, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return tracker.finish(summary)
 
@@ -149,13 +74,15 @@ def summary_figures(summary: dict) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from alignkit.data.io import read_jsonl
+
     out: list = []
     ai, sim = summary.get("label_ai") or {}, summary.get("label") or {}
     ai_path, sim_path = Path(str(ai.get("train", ""))), Path(str(sim.get("train", "")))
     if ai_path.is_file() and sim_path.is_file():
         sim = {(r["prompt"], frozenset((r["chosen"], r["rejected"]))): r["chosen"]
-               for r in _read(sim_path)}
-        hits = [(r["label_prob"], sim[k] == r["chosen"]) for r in _read(ai_path)
+               for r in read_jsonl(sim_path)}
+        hits = [(r["label_prob"], sim[k] == r["chosen"]) for r in read_jsonl(ai_path)
                 if (k := (r["prompt"], frozenset((r["chosen"], r["rejected"])))) in sim]
         edges = [0.5 + 0.05 * i for i in range(11)]
         centres, rates, counts = [], [], []

@@ -17,7 +17,6 @@ that labels with any other LLM.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -151,8 +150,9 @@ def heldout_check(cfg: Config, model_path: str, pairs: list, points: list, backe
 def main(cfg: Config) -> dict:
     from alignkit.data.collate import collate_rows
     from alignkit.data.formats import build_dataset
+    from alignkit.data.io import write_jsonl
+    from alignkit.engine.lm_loss import loss_for, n_targets
     from alignkit.engine.models import load_causal_lm, load_tokenizer, save_model
-    from alignkit.stages.sft import loss_for, n_targets
     from alignkit.tracking import Tracker
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
@@ -163,8 +163,7 @@ def main(cfg: Config) -> dict:
                                      min_gap=cfg.min_latent_gap)
     records = sft_records(cfg, pairs, points)
     if accelerator.is_main_process:
-        with (out / "judge_data.jsonl").open("w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in records)
+        write_jsonl(out / "judge_data.jsonl", records)
     # A judging prompt cut short would hide a response from the judge: drop, never truncate.
     examples, kept, dropped = [], 0, 0
     for fmt in ("prompt_completion", "messages"):   # direct answers; chain-of-thought talks

@@ -14,12 +14,11 @@ the yardstick of the judge's agreement.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import require
-from alignkit.engine.generation import SamplingConfig
+from alignkit.engine.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -52,27 +51,11 @@ class Config:
         require(self.pairs_per_prompt >= 1, "pairs_per_prompt must be >= 1")
 
 
-def sample_pairs(policy, tokenizer, prompts: list[str], cfg: Config, seed: int) -> list[dict]:
-    from alignkit.stages.evaluate import sample_policy
-
-    doubled = [p for p in prompts for _ in range(2)]
-    _, texts = sample_policy(policy, tokenizer, doubled, cfg.sampling, chat=cfg.chat, seed=seed,
-                             batch_size=cfg.batch_size)
-    return [{"prompt": p, "response_a": texts[2 * i], "response_b": texts[2 * i + 1]}
-            for i, p in enumerate(prompts)]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-
-
 def main(cfg: Config) -> dict:
-    from alignkit.feedback.simulate import SimulatedAnnotator, label_pairs
+    from alignkit.data.io import write_jsonl
     from alignkit.engine.models import load_causal_lm, load_tokenizer
+    from alignkit.engine.sampling import informative_pairs, sample_pairs
+    from alignkit.feedback.simulate import SimulatedAnnotator, label_pairs
     from alignkit.tasks import get_task
     from alignkit.tracking import Tracker
 
@@ -87,10 +70,10 @@ def main(cfg: Config) -> dict:
     for split, n, seed in (("train", cfg.train_prompts, cfg.seed), ("eval", cfg.eval_prompts, cfg.seed + 1)):
         prompts = [p for p in task.prompts("train" if split == "train" else "test", n)
                    for _ in range(cfg.pairs_per_prompt)]
-        sampled = sample_pairs(policy, tokenizer, prompts, cfg, seed)
+        sampled = sample_pairs(policy, tokenizer, prompts, cfg.sampling, chat=cfg.chat, seed=seed,
+                               batch_size=cfg.batch_size)
         # A pair with an empty or duplicated response carries no preference; data files refuse it.
-        pairs = [p for p in sampled if p["response_a"].strip() and p["response_b"].strip()
-                 and p["response_a"] != p["response_b"]]
+        pairs = informative_pairs(sampled)
         summary[f"{split}_skipped_pairs"] = len(sampled) - len(pairs)
         write_jsonl(out / f"pairs_{split}.jsonl", pairs)
         records = label_pairs(task, [p["prompt"] for p in pairs], [p["response_a"] for p in pairs],
@@ -108,9 +91,13 @@ def main(cfg: Config) -> dict:
 
 def _judge_labels(cfg: Config, out: Path) -> dict:
     """The AI judge's labels of the pairs just written (``out/ai``), with its agreement metrics."""
+    from alignkit.engine.ai_labels import label_pair_files
     from alignkit.engine.judges import load_judge_config
-    from alignkit.stages import judge
+    from alignkit.tracking import Tracker
 
-    ai = judge.main(judge.Config(judge=load_judge_config(cfg.judge), pairs_dir=str(out),
-                                 out_dir=str(out / "ai"), reference_source="simulated"))
-    return {**ai, "simulated_train": str(out / "train.jsonl")}   # train/eval: the AI labels
+    judge_cfg = load_judge_config(cfg.judge)
+    tracker = Tracker(out / "ai", judge_cfg, stage="label-ai")
+    ai = label_pair_files(judge_cfg, out, out / "ai", splits=["train", "eval"],
+                          store=out / "ai" / "store.db", reference_source="simulated")
+    tracker.log(0, {k: v for k, v in ai.items() if isinstance(v, (int, float))})
+    return {**tracker.finish(ai), "simulated_train": str(out / "train.jsonl")}   # train/eval: AI

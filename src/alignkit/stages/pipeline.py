@@ -15,21 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from alignkit.config import ConfigError, apply_overrides, build, require
+from alignkit.config import ConfigError, apply_overrides, build, load_yaml, require
+from alignkit.stages import STAGES
 
-MODULES = {
-    "base": "alignkit.stages.base",
-    "sft": "alignkit.stages.sft",
-    "label": "alignkit.stages.label",
-    "rm": "alignkit.stages.reward",
-    "dpo": "alignkit.stages.dpo",
-    "ppo": "alignkit.stages.ppo",
-    "rest": "alignkit.stages.rest",
-    "evaluate": "alignkit.stages.evaluate",
-    "judge_model": "alignkit.stages.judge_model",
-    "label_ai": "alignkit.stages.judge",
-    "bon": "alignkit.stages.bon",
-}
+# The stages the pipeline composes, by their section names (the registry's, "-" -> "_").
+MODULES = {name.replace("-", "_"): module for name, module in STAGES.items() if name != "pipeline"}
 
 # Stages that hold a judge: the pipeline's top-level ``judge:`` section (one judge, its templates
 # and prices) is shared by them, under their own ``judge`` keys.
@@ -178,9 +168,6 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
 
 def load(path: str, overrides: list[str]) -> Config:
     """The pipeline YAML is flat: top-level stage sections sit beside out_dir/task/stages."""
-    import yaml
-
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    raw = apply_overrides(raw, overrides)
+    raw = apply_overrides(load_yaml(path), overrides)
     top = {k: raw.pop(k) for k in ("out_dir", "task", "stages", "from_run") if k in raw}
     return build(Config, {**top, "sections": raw})

@@ -29,19 +29,20 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 
 from alignkit.config import require
-from alignkit.engine.rl.filtering import FilterConfig, select
-from alignkit.engine.generation import SamplingConfig
-from alignkit.engine.rl.guard import GuardConfig, GuardDecision, HackingGuard
+from alignkit.data.io import write_jsonl
+from alignkit.data.sources import load_prompts
+from alignkit.engine.evaluation import evaluate_policy
 from alignkit.engine.models import LoraSpec
-from alignkit.engine.training import LoopConfig, LossOutput, OptimConfig
+from alignkit.engine.rl.filtering import FilterConfig, select
+from alignkit.engine.rl.guard import GuardConfig, GuardDecision, HackingGuard
+from alignkit.engine.sampling import SamplingConfig, sample_texts
+from alignkit.engine.training import LoopConfig, OptimConfig
 
 
 @dataclass(frozen=True)
@@ -125,29 +126,14 @@ class Config:
 # Grow: sample N responses per prompt and score them.
 
 
-def load_prompts(spec: str, split: str, n: int, chat: bool) -> list[str]:
-    from alignkit.data.sources import parse_task
-
-    task = parse_task(spec)
-    if task is not None:
-        from alignkit.tasks import get_task
-
-        return get_task(task[0], chat=chat or task[1]).prompts(split, n)
-    from alignkit.data.io import load_records
-
-    return [r["prompt"] for r in load_records(spec)][:n]
-
-
 def grow(policy, tokenizer, prompts: list[str], cfg: GrowConfig, *, chat: bool, seed: int,
          reward, inspect: dict | None = None) -> list[dict]:
     """The grown set: one record per sample, ``N`` consecutive samples per prompt, with the
     ``reward`` that filtering reads and, for inspection only, the scores of ``inspect`` sources."""
-    from alignkit.stages.evaluate import sample_policy
-
     repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     policy.eval()
-    rollout, responses = sample_policy(policy, tokenizer, repeated, cfg.sampling, chat=chat,
-                                       seed=seed, batch_size=cfg.batch_size)
+    rollout, responses = sample_texts(policy, tokenizer, repeated, cfg.sampling, chat=chat,
+                                      seed=seed, batch_size=cfg.batch_size)
     rows = [{"prompt": p, "response": r, "reward": s, "finished": bool(f),
              "sample": j % cfg.samples_per_prompt}
             for j, (p, r, s, f) in enumerate(zip(repeated, responses, reward(repeated, responses),
@@ -164,15 +150,15 @@ def grown_path(out: Path, g: int, fmt: str) -> Path:
 
 def save_grown(rows: list[dict], path: Path) -> None:
     """Write to a temporary file, then rename: the file exists only once the Grow step is done."""
+    if path.suffix != ".parquet":
+        write_jsonl(path, rows)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-    else:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
     tmp.replace(path)
 
 
@@ -184,33 +170,6 @@ def load_grown(path: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------
 # Improve: (reward-weighted) behaviour cloning through the SFT loss and the shared loop.
-
-
-def weighted_causal_lm_loss(model, batch, last_rows_only: bool = False) -> LossOutput:
-    """The SFT per-token NLL with each sequence's tokens weighted by ``batch["weight"]`` [B].
-
-    Weight 1 is plain BC; the normalised reward gives reward-weighted BC (Peters & Schaal 2007's
-    reward-weighted regression with the reward as the weight). The normaliser stays the token
-    count (``weight_of``), so the loss is ``sum_i w_i NLL_i / tokens`` and zero weights are safe.
-    """
-    from alignkit.stages.sft import causal_lm_loss
-
-    weight = batch["weight"].float()
-    if "sequence_index" in batch:  # packed: each token takes its sequence's weight (filler: 0)
-        owner = batch["sequence_index"][:, 1:]
-        per_token = torch.where(owner >= 0, weight[owner.clamp_min(0)], 0.0)
-    else:
-        per_token = weight[:, None].expand(-1, batch["labels"].size(1) - 1)
-    return causal_lm_loss(model, batch, per_token, last_rows_only)
-
-
-def collate_weighted(examples: list[dict], pad_id: int, pack: str | None = None) -> dict:
-    """SFT rows (padded, or packed given a layout) and each example's ``weight`` ``[B]``."""
-    from alignkit.data.collate import collate_rows
-
-    batch = collate_rows(examples, pad_id, pack)
-    batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
-    return batch
 
 
 def training_records(grown: list[dict], kept: list[int], weights: np.ndarray, chat: bool,
@@ -249,10 +208,10 @@ def sft_mix(cfg: Config, tokenizer) -> list[dict]:
 def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir: Path,
             tokenizer) -> dict:
     """Fine-tune ``policy`` on ``examples``; save ``step_dir/model``; return the loop's metrics."""
+    from alignkit.engine.lm_loss import collate_weighted, loss_for, n_targets, weighted_causal_lm_loss
     from alignkit.engine.models import apply_lora, save_model
-    from alignkit.stages.sft import n_targets, supports_last_rows_only
-    from alignkit.tracking import Tracker
     from alignkit.engine.training import make_accelerator, train, use_packing
+    from alignkit.tracking import Tracker
 
     imp = cfg.improve
     optim = replace(imp.optim, lr=imp.optim.lr * imp.lr_decay ** i)
@@ -263,8 +222,7 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
     pad, pack = tokenizer.pad_token_id, use_packing(model, loop, accelerator)
     result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],
                    collate=lambda b: collate_weighted(b, pad, pack), weight_of=n_targets,
-                   loss_fn=partial(weighted_causal_lm_loss,
-                                   last_rows_only=supports_last_rows_only(model, pack)),
+                   loss_fn=loss_for(model, pack, weighted_causal_lm_loss),
                    loop=loop, optim=optim, out_dir=step_dir,
                    tracker=tracker, accelerator=accelerator)
     if accelerator.is_main_process:
@@ -305,32 +263,15 @@ def make_judges(cfg: Config) -> Judges:
 
 def evaluate(policy, reference, tokenizer, prompts: list[str], cfg: Config,
              judges: Judges) -> tuple[dict, list[dict]]:
-    from alignkit.stages.evaluate import sample_policy, sequence_kl, success_metrics, summarize
-
+    """The policy on the held-out prompts: every signal of ``judges``, KL to ``reference``."""
     e = cfg.eval
-    policy.eval()
-    rollout, responses = sample_policy(policy, tokenizer, prompts, e.sampling, chat=cfg.chat,
-                                       seed=e.seed, batch_size=e.batch_size)
-    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
-    metrics = {"response_length": float(rollout.response_mask.sum(-1).float().mean())}
     sources = {"proxy_reward": judges.proxy, "gold_reward": judges.gold,
                "heldout_reward": judges.heldout}
-    scores = {name: src(prompts, responses) for name, src in sources.items() if src is not None}
-    for name, values in scores.items():
-        metrics.update(summarize(values, name))
-        for row, v in zip(rows, values):
-            row[name] = v
-    if "gold_reward" in scores:
-        metrics.update(success_metrics(scores["gold_reward"], e.success_at))
-    temperature = e.sampling.temperature if e.sampling.temperature > 0 else 1.0
-    kl = sequence_kl(policy, reference, rollout, temperature) if policy is not reference else None
-    metrics["kl_to_ref"] = float(kl.mean()) if kl is not None else 0.0
-    return metrics, rows
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return evaluate_policy(policy, tokenizer, prompts, e.sampling, chat=cfg.chat, seed=e.seed,
+                           batch_size=e.batch_size,
+                           sources={k: v for k, v in sources.items() if v is not None},
+                           success_at=e.success_at,
+                           reference=reference if policy is not reference else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,7 +363,7 @@ def _evaluate_into(policy, reference, tokenizer, prompts, cfg: Config, judges: J
                    folder: Path, extra: dict | None = None) -> None:
     """Evaluate ``policy``; write ``folder/samples.jsonl`` and, last, the marker ``metrics.json``."""
     metrics, rows = evaluate(policy, reference, tokenizer, prompts, cfg, judges)
-    _write_rows(folder / "samples.jsonl", rows)
+    write_jsonl(folder / "samples.jsonl", rows)
     (folder / "metrics.json").write_text(json.dumps({**(extra or {}), **metrics}, indent=2) + "\n")
 
 

@@ -8,19 +8,13 @@ Face folder ``<out_dir>/model`` (LoRA merged) that every later stage loads by pa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-
-import torch
 
 from alignkit.config import require
 from alignkit.data.sources import DataConfig, sft_source
-from alignkit.math.logprobs import IGNORE_INDEX
-from alignkit.engine.forward import labelled_logps
-from alignkit.math.losses import sft_loss
+from alignkit.engine.lm_loss import eval_loss, loss_for, n_targets
 from alignkit.engine.models import LoraSpec
-from alignkit.engine.training import (LoopConfig, LossOutput, OptimConfig, make_accelerator,
-                               use_packing, train)
+from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
 
 
 @dataclass(frozen=True)
@@ -34,58 +28,6 @@ class Config:
 
     def __post_init__(self):
         require(bool(self.model), "model is required (a path or hub name of a causal LM)")
-
-
-def causal_lm_loss(model, batch, token_weights: torch.Tensor | None = None,
-                   last_rows_only: bool = False) -> LossOutput:
-    """Per-token NLL of the labelled (completion) tokens; prompt and padding weigh 0.
-
-    The values cover the positions that have a target (``labelled_logps``), not every position;
-    ``token_weights`` ``[R, T-1]`` (aligned with ``labels[:, 1:]``) scale each token's weight;
-    ``last_rows_only``: see ``labelled_logps`` and :func:`loss_for`."""
-    logps, targets, positions = labelled_logps(model, batch, last_rows_only)
-    weights = (targets != IGNORE_INDEX).float()
-    if token_weights is not None:
-        weights = weights * token_weights[:, positions]
-    return LossOutput(values=sft_loss(logps), weights=weights)
-
-
-def supports_last_rows_only(model, pack: str | None) -> bool:
-    """Whether ``labelled_logps`` gives the same log-probs with ``last_rows_only`` on ``model``
-    (``forward.rows_only_agrees``), checked on two random sequences with targets on their second
-    half, in layout ``pack`` (right-padded for None)."""
-    from alignkit.data.collate import collate_rows, to_device
-    from alignkit.engine.forward import probe_sequences, rows_only_agrees
-
-    rows = [{"input_ids": s, "labels": [IGNORE_INDEX] * (len(s) // 2) + s[len(s) // 2:]}
-            for s in probe_sequences(model, (7, 10))]
-    batch = to_device(collate_rows(rows, 0, pack), next(model.parameters()).device)
-    return rows_only_agrees(model, lambda only: labelled_logps(model, batch, only)[0])
-
-
-def loss_for(model, pack: str | None):
-    """:func:`causal_lm_loss` for ``model``, with its last MLP at the targets only where that
-    is checked to give the same values (``supports_last_rows_only``)."""
-    return partial(causal_lm_loss, last_rows_only=supports_last_rows_only(model, pack))
-
-
-def n_targets(example: dict) -> int:
-    return sum(1 for t in example["labels"][1:] if t != IGNORE_INDEX)
-
-
-@torch.no_grad()
-def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 32) -> dict:
-    from alignkit.data.collate import collate_sft, to_device
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for s in range(0, len(examples), batch_size):
-        batch = to_device(collate_sft(examples[s:s + batch_size], pad_id), device)
-        out = causal_lm_loss(model, batch)
-        total += float((out.values * out.weights).sum())
-        count += int(out.weights.sum())
-    nll = total / max(count, 1)
-    return {"loss": nll, "perplexity": float(torch.exp(torch.tensor(nll)))}
 
 
 def main(cfg: Config) -> dict:

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 
 import torch
 
-from alignkit.engine.rl.algorithms import ALGORITHMS, loss_weights, sequence_kl
+from alignkit.engine.rl.algorithms import ALGORITHMS, loss_weights
+from alignkit.math.advantages import sequence_kl
 
 
 def test_registry_entries():
@@ -34,20 +35,20 @@ def _experience():
 
 
 def _cfg(k=2, estimator="k1", grpo_scale=False):
-    return SimpleNamespace(kl=SimpleNamespace(estimator=estimator),
-                           rollout=SimpleNamespace(samples_per_prompt=k),
-                           ppo=SimpleNamespace(grpo_scale=grpo_scale))
+    """An algorithm's settings after the scores and beta: its ppo section, the KL estimator and
+    the samples per prompt."""
+    return SimpleNamespace(grpo_scale=grpo_scale), estimator, k
 
 
 def test_rloo_reward_carries_the_sequence_kl():
     exp = _experience()
-    assert sequence_kl(exp, "k1").tolist() == [-0.5, 1.5]
+    assert sequence_kl(exp.old_logps, exp.ref_logps, exp.mask, "k1").tolist() == [-0.5, 1.5]
     # R = score - beta * KL = (1 + 0.25, 3 - 0.75); leave-one-out baseline of k = 2: the other.
-    advantages, returns = ALGORITHMS["rloo"].advantages(exp, torch.tensor([1.0, 3.0]), 0.5, _cfg())
+    advantages, returns = ALGORITHMS["rloo"].advantages(exp, torch.tensor([1.0, 3.0]), 0.5, *_cfg())
     assert advantages.tolist() == [-1.0, 1.0] and returns is None
 
 
 def test_grpo_advantages_leave_the_kl_to_the_loss():
     advantages, returns = ALGORITHMS["grpo"].advantages(_experience(), torch.tensor([1.0, 3.0]),
-                                                        0.5, _cfg(grpo_scale=False))
+                                                        0.5, *_cfg(grpo_scale=False))
     assert advantages.tolist() == [-1.0, 1.0] and returns is None

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from alignkit.config import ConfigError
-from alignkit.engine.generation import SamplingConfig, generate, rollout_logps
+from alignkit.engine.generation import generate, rollout_logps
+from alignkit.engine.sampling import SamplingConfig
 from alignkit.engine.models import LoraSpec, load_causal_lm, load_tokenizer
 from alignkit.engine.rl.roles import (POLICY, REWARD, VALUE, RoleSpec, backbone, build_roles, memory_report,
                             params_in_memory, token_values)

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from alignkit.engine.generation import SamplingConfig, rollout_logps
+from alignkit.engine.generation import rollout_logps
+
+from alignkit.engine.sampling import SamplingConfig
 from alignkit.engine.models import LoraSpec, load_tokenizer
 from alignkit.engine.rl.roles import RoleSpec, build_roles
 from alignkit.engine.rl.rollout import (GeneratorState, RunningMoments, ScoreConfig, collect,
@@ -119,16 +121,16 @@ def test_generator_state_round_trip_replays_the_same_draws():
 
 def test_prompt_records_give_the_text_rewards_read_and_the_ids_training_uses(tiny_base, tmp_path):
     from alignkit.data.formats import prompt_ids
-    from alignkit.engine.rl.rollout import load_prompts
+    from alignkit.engine.rl.rollout import encoded_prompts
 
     tok = load_tokenizer(tiny_base)
     path = tmp_path / "prompts.jsonl"
     records = [{"prompt": "The film was"}, {"prompt": "A slow start"}, {"prompt": "unused"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    texts, ids = load_prompts(str(path), 2, tok)
+    texts, ids = encoded_prompts(str(path), 2, tok)
     assert texts == ["The film was", "A slow start"]
     assert ids == [prompt_ids(r, tok) for r in records[:2]]
-    texts, ids = load_prompts("task:sentiment", 3, tok)
+    texts, ids = encoded_prompts("task:sentiment", 3, tok)
     from alignkit.tasks import get_task
     assert texts == get_task("sentiment").prompts("train", 3)
     assert ids[0][0] == tok.bos_token_id and len(ids) == 3

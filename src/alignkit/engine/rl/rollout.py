@@ -1,6 +1,6 @@
 """One iteration's experience for PPO, RLOO and GRPO: sample, score, and the no-grad forwards.
 
-prompts --:func:`~alignkit.engine.generation.generate`--> responses with their recorded log-probs
+prompts --:func:`~alignkit.engine.sampling.sample`--> responses with their recorded log-probs
 --decode--> reward source (text in, floats out) --> scores; then, without gradients, the
 training forward of the policy (the ``old_logps`` of the importance ratio), the reference's
 log-probs and the values.
@@ -16,13 +16,36 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import torch
 
 from alignkit.config import require
-from alignkit.engine.generation import Rollout, SamplingConfig, generate, rollout_logps
+from alignkit.engine.generation import Rollout, rollout_logps
+from alignkit.engine.sampling import SamplingConfig, sample
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    prompts: str | None = None        # "task:NAME[:chat]" (train split) or a file of prompt records
+    num_prompts: int = 0              # size of the prompt pool (0: all)
+    prompts_per_iteration: int = 32
+    samples_per_prompt: int = 1       # k; RLOO and GRPO need k >= 2
+    batch_size: int = 64              # rows per generation chunk
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Old log-probs = those recorded while sampling (equal to a forward pass's within float
+    # error): one policy forward fewer per iteration. logprob_gap_max is then measured on the
+    # first training forward, before the first update.
+    reuse_sampling_logps: bool = False
+
+    def __post_init__(self):
+        require(self.prompts_per_iteration > 0, "rollout.prompts_per_iteration must be > 0")
+        require(self.samples_per_prompt >= 1, "rollout.samples_per_prompt must be >= 1")
+
+    @property
+    def rows(self) -> int:
+        return self.prompts_per_iteration * self.samples_per_prompt
 
 
 @dataclass
@@ -88,9 +111,9 @@ def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
     (:func:`~alignkit.engine.generation.rollout_logps`)."""
     roles.train(False)
     start = time.perf_counter()
-    rollout = generate(roles.policy, prompt_ids, sampling, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, generator=generator,
-                       batch_size=batch_size)
+    rollout = sample(roles.policy, prompt_ids, sampling, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, generator=generator,
+                     batch_size=batch_size)
     seconds = time.perf_counter() - start
     responses = rollout.decode(tokenizer)
     proxy = torch.tensor(roles.reward(prompts, responses), dtype=torch.float32)
@@ -107,35 +130,31 @@ def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
                    proxy.to(old_logps.device), gold_scores, gap, seconds)
 
 
-def load_prompts(spec: str, n: int, tokenizer) -> tuple[list[str], list[list[int]]]:
-    """Prompt texts (what reward sources read) and their token ids (what the policy continues).
-
-    ``spec``: ``task:NAME[:chat]`` (the task's train prompts) or a file of prompt records
-    (``{"prompt": ...}`` or ``{"messages": [...]}``); ``n`` > 0 keeps the first ``n``.
-    """
-    from alignkit.data.sources import parse_task
-
-    n = n or None
-    task = parse_task(spec)
-    if task is not None:
-        from alignkit.stages.evaluate import encode_prompts
-        from alignkit.tasks import get_task
-
-        texts = get_task(task[0], chat=task[1]).prompts("train", n)
-        return texts, encode_prompts(texts, tokenizer, task[1])
+def encoded_prompts(spec: str, n: int, tokenizer) -> tuple[list[str], list[list[int]]]:
+    """Prompt texts (what reward sources read) and their token ids (what the policy continues)
+    of ``spec``: ``task:NAME[:chat]`` (the task's train prompts) or a file of prompt records
+    (``{"prompt": ...}`` or ``{"messages": [...]}``, encoded as they are); ``n`` > 0 keeps the
+    first ``n``."""
     from alignkit.data.formats import prompt_ids
-    from alignkit.data.io import load_records
+    from alignkit.data.sources import load_prompt_records, prompt_text
 
-    records = load_records(spec)[:n]
-    return [_prompt_text(r) for r in records], [prompt_ids(r, tokenizer) for r in records]
+    records = load_prompt_records(spec, "train", n)
+    return [prompt_text(r) for r in records], [prompt_ids(r, tokenizer) for r in records]
 
 
-def _prompt_text(record) -> str:
-    """What a reward source reads: the prompt string, or the last user message of a chat."""
-    prompt = record.get("prompt")
-    if isinstance(prompt, str):
-        return prompt
-    return [m["content"] for m in (prompt or record["messages"]) if m["role"] == "user"][-1]
+def rollout_packing(models, requested: bool | str) -> bool | str:
+    """How the forwards over rollouts pack (``rollout_logps``'s ``pack``) given the setting
+    ``requested`` (``ppo.packing``): ``"shared"`` (each prompt written once for its group's rows)
+    where every model that reads rollouts lets a segment attend to the prompt of the one before
+    it, else ``True`` (one flat row) where each keeps attention to each sequence of a flat row
+    (``alignkit.engine.attention.flat_packing`` switches transformers' SDPA to one that does
+    both), else ``False``; ``False`` if ``requested`` is off."""
+    from alignkit.engine.attention import flat_packing
+    from alignkit.engine.forward import supports_packing
+
+    if not (requested and all(flat_packing(m) and supports_packing(m, "flat") for m in models)):
+        return False
+    return "shared" if all(supports_packing(m, "shared") for m in models) else True
 
 
 def iteration_prompts(pool: int, per_iteration: int, seed: int, iteration: int) -> list[int]:

@@ -42,7 +42,7 @@ from flask import (
 )
 from werkzeug.exceptions import HTTPException
 
-from alignkit.feedback.store import PreferenceStore, StoreError
+from alignkit.data.store import PreferenceStore, StoreError
 
 MAX_COMMENT = 2000
 SIDES = ("left", "right", "tie", "skip")

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
     from werkzeug.serving import make_server
 
     from alignkit.feedback.annotate.app import create_app
-    from alignkit.feedback.store import PreferenceStore
+    from alignkit.data.store import PreferenceStore
     from alignkit.serve import serve_until_interrupted
 
     if args.labels_per_pair < 1:

@@ -6,7 +6,7 @@ import torch
 from alignkit.engine.attention import flat_packing
 from alignkit.data.collate import collate_preference
 from alignkit.engine.forward import last_mlp
-from alignkit.stages.reward import (make_loss, pair_rewards, score_head,
+from alignkit.engine.rm_loss import (make_loss, pair_rewards, score_head,
                                     supports_last_rows_only)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from alignkit.cli import main as cli_main
-from alignkit.feedback import store as store_mod
-from alignkit.feedback.store import (
+from alignkit.data import store as store_mod
+from alignkit.data.store import (
     MIGRATIONS,
     PreferenceStore,
     StoreError,

@@ -1,12 +1,13 @@
-"""DPO stage: reference caching, no reference calls in training steps, every loss adapter runs."""
+"""DAP losses on batches: reference caching, no reference calls in training steps, every registered loss runs."""
 
 import pytest
 import torch
 
 from alignkit.data.collate import to_device
 from alignkit.math.losses import dpo_loss
-from alignkit.stages.dpo import (ADAPTERS, LossConfig, add_kto_mismatch, cache_reference,
-                                 collate_dap, completion_logps, make_loss)
+from alignkit.engine.dap_loss import (LossConfig, add_kto_mismatch, cache_reference, collate_dap,
+                                      completion_logps, make_loss)
+from alignkit.math.losses import DAP_LOSSES
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train
 from alignkit.tracking import Tracker
 
@@ -89,7 +90,7 @@ class CountingModel(torch.nn.Module):
         return self.inner(*args, **kwargs)
 
 
-@pytest.mark.parametrize("name", sorted(ADAPTERS))
+@pytest.mark.parametrize("name", sorted(DAP_LOSSES))
 def test_every_loss_trains_without_calling_the_reference(tmp_path, name):
     ref = CountingModel(tiny_model(0))
     ex = unpaired_examples(8) if name == "kto" else pref_examples(8)

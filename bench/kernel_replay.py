@@ -1,5 +1,5 @@
 """How fast alignkit's step could be here: its matmul and attention kernels alone, side by side
-with the measured steps of both sides. ``python bench/kernels.py --case sft --model llama-demo``.
+with the measured steps of both sides. ``python bench/kernel_replay.py --case sft --model llama-demo``.
 
 A ratio target asks for work not done (alignkit and the peer compute the same loss on the same
 tokens), so it has a ceiling: the time of the kernels that no implementation of the step can
@@ -113,11 +113,11 @@ def record(spec: dict) -> tuple[collections.Counter, int]:
     recorder = Recorder()
     first, last = spec["warmup"], spec["warmup"] + spec["steps"]
     if spec["case"] == "sample":
-        import alignkit.engine.generation as generation
+        import alignkit.engine.sampling as sampling
 
-        plain, n = generation.generate, [0]
+        plain, n = sampling.sample, [0]
 
-        def generate(*args, **kwargs):
+        def sample(*args, **kwargs):
             recorder.on = first <= n[0] < last
             n[0] += 1
             try:
@@ -125,7 +125,7 @@ def record(spec: dict) -> tuple[collections.Counter, int]:
             finally:
                 recorder.on = False
 
-        generation.generate = generate
+        sampling.sample = sample
     else:
         mark = StepClock.mark
 
@@ -170,7 +170,7 @@ def main() -> int:
     spec = run.cell_spec(run.FULL[args.case], args.case, args.model, args.precision, args.work)
     if args.steps is not None:
         spec["steps"] = args.steps
-    logs = Path(args.work) / "logs" / f"kernels-{time.strftime('%Y%m%d-%H%M%S')}"
+    logs = Path(args.work) / "logs" / f"kernel_replay-{time.strftime('%Y%m%d-%H%M%S')}"
     logs.mkdir(parents=True, exist_ok=True)
     steps = measure(spec, args.reps, logs)
     calls, n_steps = record(dict(spec, side="alignkit", compile=False))

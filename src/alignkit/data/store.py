@@ -902,15 +902,9 @@ class PreferenceStore:
     def export_jsonl(self, path: str | Path, **options: Any) -> int:
         """Write :meth:`export` records to ``path`` (atomically: a temp file renamed); returns
         the number of records."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        n = 0
-        with tmp.open("w", encoding="utf-8") as f:
-            for record in self.export(**options):
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                n += 1
-        tmp.replace(path)
-        return n
+        from alignkit.data.io import write_jsonl
+
+        return write_jsonl(path, self.export(**options), ensure_ascii=False)
 
 
 def _agree(pairs: list[tuple[str, str]]) -> float | None:
