@@ -167,7 +167,22 @@ def main(cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Online / iterative DPO.
+# Online / iterative DPO. Each round ``r`` (Xu et al. 2023, "Some things are more CRINGE than
+# others"; Guo et al. 2024, "Direct language model alignment from online AI feedback"):
+#
+# 1. sample two responses per prompt from the policy of round ``r - 1``;
+# 2. label each pair: simulated annotators on a built-in task's gold reward (Bradley-Terry draw),
+#    the pairwise AI judge (``pairwise-judge:CONFIG``, both orders averaged; Lee et al. 2023,
+#    "RLAIF", Sec. 2.1), or any reward source (the higher-scored response is chosen, ties dropped);
+#    the labelled pairs are written to ``round_<r>/pairs.jsonl`` and, with ``online.store``,
+#    recorded in the preference store;
+# 3. cache the reference log-probs of the new pairs (the reference stays the initial policy);
+# 4. train with the configured DAP loss; save ``round_<r>/model`` and ``round_<r>/metrics.json``.
+#
+# A finished round (its ``metrics.json`` exists) is never redone: a restarted run loads the last
+# finished round's model and goes on. A round interrupted after labelling reuses its
+# ``pairs.jsonl`` (no second sampling, no second bill from a paid judge) and resumes training from
+# its own checkpoint.
 
 
 def round_prompts(prompts: list[str], r: int, n: int) -> list[str]:
@@ -193,23 +208,7 @@ def sample_and_label(policy, tokenizer, prompts: list[str], labeler, sampling, c
 
 
 def run_online(cfg: Config) -> dict:
-    """Online / iterative DPO, ``online.rounds`` rounds. Each round ``r`` (Xu et al. 2023, "Some things are more CRINGE than others"; Guo et al. 2024,
-    "Direct language model alignment from online AI feedback"):
-
-    1. sample two responses per prompt from the policy of round ``r - 1``;
-    2. label each pair: simulated annotators on a built-in task's gold reward (Bradley-Terry draw),
-       the pairwise AI judge (``pairwise-judge:CONFIG``, both orders averaged; Lee et al. 2023,
-       "RLAIF", Sec. 2.1), or any reward source (the higher-scored response is chosen, ties dropped);
-       the labelled pairs are written to ``round_<r>/pairs.jsonl`` and, with ``online.store``,
-       recorded in the preference store;
-    3. cache the reference log-probs of the new pairs (the reference stays the initial policy);
-    4. train with the configured DAP loss; save ``round_<r>/model`` and ``round_<r>/metrics.json``.
-
-    A finished round (its ``metrics.json`` exists) is never redone: a restarted run loads the last
-    finished round's model and goes on. A round interrupted after labelling reuses its
-    ``pairs.jsonl`` (no second sampling, no second bill from a paid judge) and resumes training from
-    its own checkpoint.
-    """
+    """Online / iterative DPO: ``online.rounds`` rounds of sample, label, train (above)."""
     from alignkit.data.io import read_jsonl, write_jsonl
     from alignkit.data.sources import load_prompts
     from alignkit.engine.models import apply_lora, load_causal_lm, load_tokenizer, save_model
