@@ -89,8 +89,9 @@ class Config:
         require(self.task is not None or self.rollout.prompts is not None,
                 "set task (a built-in task) or rollout.prompts (a file of prompt records)")
         k = self.rollout.samples_per_prompt
-        require(self.ppo.algo == "ppo" or k >= 2, f"ppo.algo={self.ppo.algo} needs "
-                f"rollout.samples_per_prompt >= 2 (a baseline from the other samples), got {k}")
+        need = ALGORITHMS[self.ppo.algo].min_samples_per_prompt
+        require(k >= need, f"ppo.algo={self.ppo.algo} needs rollout.samples_per_prompt >= {need} "
+                f"(a baseline from the other samples), got {k}")
         require(self.rollout.rows % self.ppo.minibatch_size == 0,
                 f"rows per iteration ({self.rollout.rows} = prompts_per_iteration x "
                 f"samples_per_prompt) must be a multiple of ppo.minibatch_size "

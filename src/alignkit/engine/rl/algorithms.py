@@ -76,6 +76,8 @@ class Algorithm:
     loss: Callable[[torch.Tensor, Experience, float, PPOConfig], torch.Tensor]
     # How per-token losses become one number (see ``loss_weights``).
     reduction: Literal["token_mean", "sequence_sum", "sequence_mean"]
+    # Samples per prompt it needs (a baseline from the prompt's other samples needs 2).
+    min_samples_per_prompt: int = 1
 
 
 def _ppo_advantages(exp, scores, beta, ppo, estimator, k):
@@ -107,8 +109,8 @@ def _grpo(new_logps, mb, beta, ppo):
 
 ALGORITHMS: dict[str, Algorithm] = {
     "ppo": Algorithm(True, _ppo_advantages, _clipped, "token_mean"),
-    "rloo": Algorithm(False, _rloo_advantages, _clipped, "sequence_sum"),
-    "grpo": Algorithm(False, _grpo_advantages, _grpo, "sequence_mean"),
+    "rloo": Algorithm(False, _rloo_advantages, _clipped, "sequence_sum", min_samples_per_prompt=2),
+    "grpo": Algorithm(False, _grpo_advantages, _grpo, "sequence_mean", min_samples_per_prompt=2),
 }
 
 
