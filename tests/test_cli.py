@@ -65,3 +65,75 @@ def test_a_stage_run_on_its_own_writes_a_report_with_its_figures(tiny_base, tmp_
     assert "sqrt(KL to the reference)" in report           # the stage's own figure
     assert report.count("data:image/png") == 2             # curves + that figure
     assert "Samples (ppo)" in report and "gold_reward_mean=" in report
+
+
+def test_unreadable_config_files_and_models_stop_with_one_line(tiny_base, tmp_path, capsys):
+    binary = tmp_path / "c.yaml"
+    binary.write_bytes(b"model: \xff\xfe\n")
+    for config, expect in ((tmp_path, "is a directory, not a YAML file"),
+                           (binary, "not UTF-8 text (byte 7)")):
+        code, err = run_cli(["sft", "--config", str(config)], capsys)
+        assert code == 2 and f"config file {config}" in err and expect in err, err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    data = write(tmp_path / "d.jsonl", [GOOD] * 4)
+    for model, expect in ((empty, "the folder is empty"),
+                          (tmp_path / "no" / "such" / "model", "no such file or directory")):
+        code, err = run_cli(["sft", f"model={model}", f"data.train={data}",
+                             f"out_dir={tmp_path / 'run'}"], capsys)
+        assert code == 2 and f"cannot load a model from {model}: {expect}" in err, err
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("rows,what", [
+    ([{"prompt": "only a prompt"}], "prompt records (a prompt only)"),
+    ([{"prompt": "p", "chosen": " a", "rejected": " b"}], "preference records (prompt, chosen, rejected)"),
+    ([{"prompt": "p", "completion": " a", "label": False}], "unpaired records (prompt, completion, label)"),
+])
+def test_sft_refuses_data_that_is_no_demonstration(tiny_base, tmp_path, capsys, rows, what):
+    data = write(tmp_path / "d.jsonl", rows)
+    code, err = run_cli(["sft", f"model={tiny_base}", f"data.train={data}",
+                         f"out_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2, err
+    assert f"{data}:1: {what}, but this stage trains on prompt_completion or messages" in err, err
+
+
+SFT_RUN = ["data.train=task:sentiment", "data.task_samples=32", "data.max_length=64",
+           "train.max_steps=2", "train.batch_size=8", "train.micro_batch_size=8",
+           "train.mixed_precision=no", "train.log_every=1"]
+
+
+def test_a_changed_rerun_is_refused_and_overwrite_starts_afresh(tiny_base, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["sft", f"model={tiny_base}", f"out_dir={out}", *SFT_RUN]
+    main(base)
+    code, err = run_cli(base + ["optim.lr=0.5"], capsys)
+    assert code == 2 and "(optim.lr)" in err and "--overwrite" in err, err
+    main(base + ["optim.lr=0.5", "--overwrite"])
+    assert "lr: 0.5" in (out / "config.yaml").read_text()
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    keep = tmp_path / "notarun"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("x")
+    code, err = run_cli(["sft", f"model={tiny_base}", f"out_dir={keep}", "--overwrite", *SFT_RUN],
+                        capsys)
+    assert code == 2 and "holds no alignkit run" in err and (keep / "precious.txt").exists()
+
+
+def test_a_stage_killed_while_saving_its_model_resumes_to_the_same_metrics(tiny_base, tmp_path):
+    """The last checkpoint is at the last step: the resumed run trains nothing and reports what
+    the uninterrupted one did (train loss, eval metrics), its log holding each step once."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = ["sft", f"model={tiny_base}", f"out_dir={out}", *SFT_RUN, "data.eval=task:sentiment",
+            "data.eval_samples=8"]
+    main(args)
+    straight = json.loads((out / "metrics.json").read_text())
+    lines = (out / "metrics.jsonl").read_text()
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "model")                      # killed while writing the model
+    main(args)
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed == straight and resumed["train_loss"] is not None
+    assert (out / "metrics.jsonl").read_text() == lines

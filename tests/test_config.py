@@ -98,3 +98,13 @@ def test_partial_section_keeps_the_stage_defaults():
     cfg = build(Stage, {"optim": {"lr": 0.1}})
     assert cfg.optim == Inner(lr=0.1, kind="b")   # kind from the stage default, not Inner's
     assert build(Stage, {}).optim == Inner(lr=0.5, kind="b")
+
+
+def test_yaml_boolean_words_name_a_literal_option(tmp_path):
+    """YAML 1.1 reads ``no`` as false: ``train.mixed_precision=no`` still means the option."""
+    assert load_config(LoopConfig, None, ["mixed_precision=no"]).mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\n")
+    assert load_config(LoopConfig, path).mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"True is not one of \['auto', 'no', 'bf16'\]"):
+        load_config(LoopConfig, None, ["mixed_precision=yes"])

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from alignkit.stages import STAGES
 
@@ -30,8 +31,11 @@ def _stage_command(name: str, argv: list[str]) -> None:
     module = importlib.import_module(STAGES[name])
     parser = argparse.ArgumentParser(prog=f"alignkit {name}", description=module.__doc__)
     parser.add_argument("--config", help="YAML file with this stage's settings")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in out_dir (its checkpoints, metrics and "
+                             "outputs) and start afresh")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)   # flags before, between or after the overrides
     try:
         if hasattr(module, "load"):  # a stage with its own file layout (the pipeline)
             if not args.config:
@@ -39,6 +43,8 @@ def _stage_command(name: str, argv: list[str]) -> None:
             cfg = module.load(args.config, args.overrides)
         else:
             cfg = load_config(module.Config, args.config, args.overrides)
+        if args.overwrite:
+            _delete_run(Path(cfg.out_dir))
     except ConfigError as exc:
         print(f"alignkit {name}: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -53,6 +59,25 @@ def _stage_command(name: str, argv: list[str]) -> None:
         from alignkit.report import write_stage_report
 
         print(f"alignkit {name}: report {write_stage_report(name, module, cfg.out_dir, metrics)}")
+
+
+RUN_MARKERS = ("config.yaml", "fingerprint.json", "metrics.jsonl", "metrics.json", "summary.json")
+
+
+def _delete_run(out_dir: Path) -> None:
+    """``--overwrite``: remove the run folder ``out_dir``, refusing a folder that holds no
+    alignkit run (nothing else is ever deleted)."""
+    import shutil
+
+    from alignkit.config import ConfigError
+
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir() or not any((out_dir / m).exists() for m in RUN_MARKERS):
+        raise ConfigError(f"--overwrite: {out_dir} holds no alignkit run (none of "
+                          f"{', '.join(RUN_MARKERS)}); not deleting it")
+    print(f"alignkit: --overwrite: deleting the run in {out_dir}", file=sys.stderr)
+    shutil.rmtree(out_dir)
 
 
 def _tool_command(name: str, argv: list[str]) -> None:

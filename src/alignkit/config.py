@@ -54,6 +54,9 @@ def _deepcopy(data: Any) -> Any:
     return data
 
 
+_BOOL_WORDS = {False: {"no", "off", "n", "false"}, True: {"yes", "on", "y", "true"}}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against annotation ``tp``; return it (ints widen to float)."""
     origin = get_origin(tp)
@@ -72,6 +75,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"config key {key!r}: {value!r} does not match {_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads no/off/yes/on as booleans: "mixed_precision: no" means the option.
+            spelled = [o for o in get_args(tp) if isinstance(o, str) and o.lower() in _BOOL_WORDS[value]]
+            value = spelled[0] if len(spelled) == 1 else value
         if value not in get_args(tp):
             raise ConfigError(f"config key {key!r}: {value!r} is not one of {list(get_args(tp))}")
         return value
@@ -176,9 +183,16 @@ def load_yaml(path: str | Path, what: str = "config file") -> dict:
     """The mapping at the top of the YAML file ``path`` (empty file: ``{}``); a missing file,
     invalid YAML or another top level is a :class:`ConfigError` that names the file."""
     try:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {exc.start}): is it a YAML "
+                          "file?") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot be read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path}: invalid YAML: {exc}") from None
     if not isinstance(loaded, dict):

@@ -99,7 +99,9 @@ def test_keyboard_interrupt_saves_checkpoint(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, LoopConfig(**BASE), loss_fn=interrupted)
     state = json.loads((tmp_path / "checkpoints" / "step_3" / "trainer_state.json").read_text())
-    assert state == {"step": 3}
+    # the step, and the metrics the run last logged (a run resumed at its end reports them)
+    logged = {k: v for k, v in read_metrics(tmp_path)[-1].items() if k != "step"}
+    assert state == {"step": 3, "last_metrics": logged}
 
 
 def test_lr_schedule_values():

@@ -106,6 +106,12 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     again = pipeline.main(pipeline.load(str(cfg_file), []))
     assert "already done" in capsys.readouterr().out
     assert again["dpo"]["train_loss"] == summary["dpo"]["train_loss"]
+    # A done stage whose settings changed since is refused, naming the stage and the setting.
+    from alignkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pipeline stage 'dpo' is done with other settings.*"
+                                          r"\(loss\.beta\)"):
+        pipeline.main(pipeline.load(str(cfg_file), ["dpo.loss.beta=0.5"]))
 
 
 def test_pipeline_refuses_unknown_stage_and_bad_section(tmp_path):

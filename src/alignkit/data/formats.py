@@ -52,6 +52,9 @@ from alignkit.math.logprobs import IGNORE_INDEX
 logger = logging.getLogger("alignkit.data")
 
 FORMATS = ("prompt_completion", "messages", "preference", "unpaired", "prompt")
+_FIELDS = {"prompt_completion": "prompt, completion", "messages": "messages",
+           "preference": "prompt, chosen, rejected", "unpaired": "prompt, completion, label",
+           "prompt": "a prompt only"}
 ROLES = ("system", "user", "assistant")
 Overlong = Literal["truncate", "drop"]
 
@@ -495,7 +498,8 @@ def as_chat(sample: Sample) -> Sample:
 
 def build_dataset(source: str | Path | Iterable[Mapping[str, Any]], tokenizer, format: str = "auto", *,
                   max_length: int, overlong: Overlong = "truncate", split: str = "train",
-                  chat: bool = False) -> tuple[list[dict], DataStats]:
+                  chat: bool = False, accepts: tuple[str, ...] | None = None,
+                  ) -> tuple[list[dict], DataStats]:
     """Load, validate and tokenise a dataset.
 
     ``source`` is a path (see :func:`alignkit.data.io.load_records`) or records (plain dicts are
@@ -507,7 +511,9 @@ def build_dataset(source: str | Path | Iterable[Mapping[str, Any]], tokenizer, f
     - preference: ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels``
     - prompt: ``input_ids`` (collate with :func:`alignkit.data.collate.collate_prompts`)
 
-    ``chat=True`` renders plain-string records as chat turns (:func:`as_chat`).
+    ``chat=True`` renders plain-string records as chat turns (:func:`as_chat`). ``accepts``: the
+    formats the caller trains on; another one (detected or given) is a :class:`DataError` naming
+    the first record and what the data is.
     """
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
@@ -521,6 +527,9 @@ def build_dataset(source: str | Path | Iterable[Mapping[str, Any]], tokenizer, f
         raise DataError("no records", where=name)
     if format == "auto":
         format = detect_format(records[0])
+    if accepts is not None and format not in accepts:
+        raise records[0].error(None, f"{format} records ({_FIELDS[format]}), but this stage "
+                               f"trains on {' or '.join(accepts)} records")
     rows, truncated, dropped = [], 0, 0
     for rec in records:
         sample = parse_record(rec, format)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import require
+from alignkit.config import ConfigError, require
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,28 @@ class LoraSpec:
         require(self.r > 0, "lora.r must be > 0")
 
 
+def _from_pretrained(load, path: str | Path, **kwargs):
+    """``load(path)`` (a ``from_pretrained``), with a clear :class:`ConfigError` naming the path
+    where there is nothing to load: a missing local path, an empty folder, a folder without the
+    files, or a hub name that is not in the local cache (alignkit never downloads)."""
+    local = Path(path)
+    if local.is_dir() and not any(local.iterdir()):
+        raise ConfigError(f"cannot load a model from {path}: the folder is empty")
+    if not local.exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") > 1):
+        raise ConfigError(f"cannot load a model from {path}: no such file or directory")
+    try:
+        return load(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "folder" if local.is_dir() else "local folder, nor a model in the Hugging Face cache"
+        raise ConfigError(f"cannot load a model from {path} (not a loadable {where}): "
+                          f"{first}") from None
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, path)
     if tok.pad_token_id is None:
         # A pad token equal to EOS would mask real EOS targets in training; add a distinct one.
         tok.add_special_tokens({"pad_token": "<|pad|>"})
@@ -39,7 +57,7 @@ def load_tokenizer(path: str | Path):
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype)
     _fit_vocab(model, tokenizer)
     return fuse_activations(model)
 
@@ -52,7 +70,8 @@ def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32, toke
     """
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
+    model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, path,
+                             num_labels=1, dtype=dtype)
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     _fit_vocab(model, tokenizer)

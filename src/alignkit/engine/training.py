@@ -225,8 +225,11 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int) -> None:
-    """Write to a temporary folder, then rename: a crash never leaves a half checkpoint."""
+def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int,
+                    state: dict | None = None) -> None:
+    """Write to a temporary folder, then rename: a crash never leaves a half checkpoint.
+    ``state``: what the run reports beside its weights (the last metrics), kept with them in
+    ``trainer_state.json`` so that a run resumed at its end reports what it would have."""
     root = out_dir / "checkpoints"
     tmp = root / f".tmp_step_{step}"
     final = root / f"step_{step}"
@@ -237,7 +240,7 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps({**(state or {}), "step": step}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         ckpts = sorted(root.glob("step_*"), key=lambda p: int(p.name[5:]))
@@ -246,22 +249,26 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator, out_dir: Path, setting: str, tracker, where: str = "step {}") -> int:
+def resume(accelerator, out_dir: Path, setting: str, tracker,
+           where: str = "step {}") -> tuple[int, dict]:
     """Load the checkpoint that ``setting`` names (``"auto"``: the latest in ``out_dir``;
     ``"never"``: none; else a checkpoint path) into the objects ``accelerator`` prepared and
-    registered; drop logged rows after it. Returns its step (0 when nothing was loaded)."""
+    registered, and drop logged rows after it (all of them when nothing was loaded: a run that
+    starts at 0 logs from scratch). Returns the step and the state saved with it (``{}``)."""
     ckpt = None
     if setting == "auto":
         ckpt = latest_checkpoint(out_dir)
     elif setting != "never":
         ckpt = Path(setting)
     if ckpt is None:
-        return 0
+        tracker.truncate_after(0)
+        return 0, {}
     accelerator.load_state(str(ckpt))
-    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    step = state.pop("step")
     tracker.truncate_after(step)
     accelerator.print(f"alignkit: resumed from {ckpt} at {where.format(step)}")
-    return step
+    return step, state
 
 
 def optimizer_step(accelerator, optimizer, scheduler, params, max_grad_norm: float):
@@ -294,11 +301,13 @@ def train(model: torch.nn.Module, items: Sequence[Any], *, lengths: Sequence[int
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    step = resume(accelerator, out_dir, loop.resume, tracker, f"step {{}}/{total_steps}")
+    step, saved = resume(accelerator, out_dir, loop.resume, tracker, f"step {{}}/{total_steps}")
 
     batches_cache: dict[int, list[list[int]]] = {}
-    last: dict[str, float] = {}
-    evals: dict[str, float] = {}
+    last: dict[str, float] = saved.get("last_metrics", {})
+    evals: dict[str, float] = saved.get("eval_metrics", {})
+    # A run resumed at its end evaluated already (the final checkpoint follows the final eval).
+    evaluated = step == total_steps and "eval_metrics" in saved
     model.train()
     try:
         while step < total_steps:
@@ -318,16 +327,18 @@ def train(model: torch.nn.Module, items: Sequence[Any], *, lengths: Sequence[int
                     and step < total_steps:
                 evals = _run_eval(model, accelerator, eval_fn, tracker, step)
             if loop.save_every > 0 and step % loop.save_every == 0 and step < total_steps:
-                save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints)
+                save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints,
+                                {"last_metrics": last})
     except KeyboardInterrupt:
         # Parameters and optimiser state are those after ``step`` completed steps: save them so
         # the run resumes from here.
         accelerator.print(f"alignkit: interrupted; saving a checkpoint at step {step}")
-        save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints)
+        save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints, {"last_metrics": last})
         raise
-    if eval_fn is not None:
+    if eval_fn is not None and not evaluated:
         evals = _run_eval(model, accelerator, eval_fn, tracker, step)
-    save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints)
+    final_state = {"last_metrics": last, **({"eval_metrics": evals} if eval_fn is not None else {})}
+    save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints, final_state)
     return TrainResult(step=step, last_metrics=last, eval_metrics=evals)
 
 

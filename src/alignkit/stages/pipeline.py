@@ -2,8 +2,10 @@
 
 Each stage's section in the YAML is that stage's own config; the pipeline only fills in the
 paths that connect them (the SFT model is the RM's backbone, the labels are its data, ...).
-A stage whose ``metrics.json`` already exists is skipped, so an interrupted pipeline resumes
-where it stopped (and a stage interrupted mid-run resumes from its own last checkpoint).
+A stage whose ``metrics.json`` already exists (a stage writes it last, atomically) is skipped, so
+an interrupted pipeline resumes where it stopped (and a stage interrupted mid-run resumes from
+its own last checkpoint); a done stage whose settings or inputs changed since is refused
+(``alignkit.tracking.check_fingerprint``), never silently reused.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def stage_config(name: str, cfg: Config) -> Any:
 
 def main(cfg: Config) -> dict:
     from alignkit.report import write_report
+    from alignkit.tracking import check_fingerprint
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,8 +126,12 @@ def main(cfg: Config) -> dict:
     summary: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for name, (module, stage_cfg) in configs.items():
-        done = Path(stage_cfg.out_dir) / "metrics.json"
+        done = Path(stage_cfg.out_dir) / "metrics.json"   # written last, atomically
         if done.exists():
+            try:
+                check_fingerprint(stage_cfg.out_dir, stage_cfg)
+            except ConfigError as exc:
+                raise ConfigError(f"pipeline stage {name!r} is done with other settings: {exc}") from None
             print(f"[pipeline] {name}: already done ({done}), skipping", flush=True)
             summary[name] = json.loads(done.read_text())
             continue

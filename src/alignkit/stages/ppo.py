@@ -220,17 +220,20 @@ def main(cfg: Config) -> dict:
     prepared = accelerator.prepare(*roles.modules().values(), *(opt[n] for n in names))
     opt = dict(zip(names, prepared[len(roles.modules()):]))
     accelerator.register_for_checkpointing(state.kl, state.moments, state.rng)
-    start = resume(accelerator, out, cfg.resume, tracker, f"iteration {{}}/{cfg.iterations}")
+    start, saved = resume(accelerator, out, cfg.resume, tracker,
+                          f"iteration {{}}/{cfg.iterations}")
 
-    metrics: dict = {}
+    metrics: dict = saved.get("last_metrics", {})
     for it in range(start, cfg.iterations):
         metrics = run_iteration(it, roles, prompts, tokenizer, algo, cfg, state, opt, accelerator,
                                 gold, pack)
         tracker.log(it + 1, metrics)
         if cfg.save_every > 0 and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
-            save_checkpoint(accelerator, out, it + 1, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, out, it + 1, cfg.keep_checkpoints,
+                            {"last_metrics": metrics})
     if start < cfg.iterations:
-        save_checkpoint(accelerator, out, cfg.iterations, cfg.keep_checkpoints)
+        save_checkpoint(accelerator, out, cfg.iterations, cfg.keep_checkpoints,
+                        {"last_metrics": metrics})
 
     final = {"algo": cfg.ppo.algo, "roles": cfg.roles, "iterations": cfg.iterations,
              "beta": state.kl.value, "packing": pack,

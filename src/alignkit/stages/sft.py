@@ -17,6 +17,11 @@ from alignkit.engine.models import LoraSpec
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
 
 
+# What SFT learns from: demonstrations. Preference, KTO-labelled (unpaired: it would imitate the
+# undesirable completions too) and prompt-only data are refused with the file and line named.
+DEMONSTRATIONS = ("prompt_completion", "messages")
+
+
 @dataclass(frozen=True)
 class Config:
     model: str = ""
@@ -42,12 +47,12 @@ def main(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     d = cfg.data
     train_src = sft_source(d.train, "train", d.task_samples, seed=cfg.train.seed)
-    examples, stats = build_dataset(train_src, tokenizer, format=d.format,
+    examples, stats = build_dataset(train_src, tokenizer, format=d.format, accepts=DEMONSTRATIONS,
                                     max_length=d.max_length, overlong=d.overlong, chat=d.chat)
     eval_examples = []
     if d.eval:
         eval_src = sft_source(d.eval, "test", d.eval_samples, seed=cfg.train.seed)
-        eval_examples, _ = build_dataset(eval_src, tokenizer, format=d.format,
+        eval_examples, _ = build_dataset(eval_src, tokenizer, format=d.format, accepts=DEMONSTRATIONS,
                                          max_length=d.max_length, overlong=d.overlong, chat=d.chat)
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)
     pad, pack = tokenizer.pad_token_id, use_packing(model, cfg.train, accelerator)

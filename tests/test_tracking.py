@@ -1,0 +1,83 @@
+"""Run folder bookkeeping: torn and repeated metric lines after a crash, and the fingerprint that
+refuses to resume a run under other settings or inputs."""
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from alignkit.config import ConfigError, build
+from alignkit.tracking import Tracker, check_fingerprint, fingerprint, read_metrics
+
+
+def test_a_torn_last_line_is_dropped_on_read_and_on_resume(tmp_path):
+    t = Tracker(tmp_path, stage="t")
+    for step in (1, 2, 3):
+        t.log(step, {"loss": 1.0 / step}, echo=False)
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 4, "loss": 0.2')            # a kill in the middle of a write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    t.truncate_after(2)
+    assert (tmp_path / "metrics.jsonl").read_text() == (
+        '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+
+
+def test_a_run_that_starts_at_zero_keeps_no_earlier_line(tmp_path):
+    """A kill before the first checkpoint: the restarted run logs steps 1.. once, not twice."""
+    t = Tracker(tmp_path, stage="t")
+    for step in (1, 2, 3):
+        t.log(step, {"loss": 1.0}, echo=False)
+    t.truncate_after(0)                                  # what resume() does with no checkpoint
+    for step in (1, 2):
+        t.log(step, {"loss": 2.0}, echo=False)
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 2.0), (2, 2.0)]
+
+
+@dataclass(frozen=True)
+class Train:
+    lr: float = 0.1
+    resume: str = "auto"
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class Run:
+    model: str = ""
+    out_dir: str = "runs/x"
+    train: Train = field(default_factory=Train)
+
+
+def test_the_fingerprint_names_what_changed_and_the_ways_on(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a"}\n')
+    out = tmp_path / "run"
+    first = build(Run, {"model": str(data), "out_dir": str(out)})
+    changed = build(Run, {"model": str(data), "out_dir": str(out), "train": {"lr": 0.2}})
+    Tracker(out, first)
+    Tracker(out, changed)      # a start that failed before doing anything blocks nothing
+    Tracker(out, first).log(1, {"loss": 1.0}, echo=False)
+    written = (out / "config.yaml").read_text()
+    # operational settings (logging, where to write) resume the same run
+    Tracker(out, build(Run, {"model": str(data), "out_dir": str(out), "train": {"log_every": 1}}))
+    with pytest.raises(ConfigError, match=r"\(train\.lr\).*resume=never .*another out_dir, or "
+                                          r"--overwrite"):
+        Tracker(out, changed)
+    assert "lr: 0.2" not in (out / "config.yaml").read_text()
+    data.write_text('{"prompt": "b"}\n')                # same path, other content
+    with pytest.raises(ConfigError, match=r"\(inputs:model\)"):
+        check_fingerprint(out, first)
+    # resume=never starts afresh and records the new run
+    fresh = build(Run, {"model": str(data), "out_dir": str(out), "train": {"lr": 0.2, "resume": "never"}})
+    Tracker(out, fresh)
+    assert json.loads((out / "fingerprint.json").read_text()) == fingerprint(fresh)
+    assert written != (out / "config.yaml").read_text()
+
+
+def test_a_folder_input_is_identified_by_each_file(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "weights.bin").write_bytes(b"\0" * 10)
+    ids = fingerprint(build(Run, {"model": f"model:{model}"}))["inputs"]["model"]
+    assert sorted(ids) == ["config.json", "weights.bin"]
+    assert ids["weights.bin"].startswith("sha256=")
