@@ -29,12 +29,24 @@ def _stage_command(name: str, argv: list[str]) -> None:
     from alignkit.config import ConfigError, load_config
 
     module = importlib.import_module(STAGES[name])
-    parser = argparse.ArgumentParser(prog=f"alignkit {name}", description=module.__doc__)
+    from alignkit.cli_help import keys_help, trl_hint
+
+    parser = argparse.ArgumentParser(prog=f"alignkit {name}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=keys_help(module.Config))
     parser.add_argument("--config", help="YAML file with this stage's settings")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the run already in out_dir (its checkpoints, metrics and "
                              "outputs) and start afresh")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    for i, arg in enumerate(argv):
+        ours = arg in ("--config", "--overwrite", "--help") or arg.startswith("--config=")
+        after = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
+        hint = trl_hint(arg, module.Config, after) if arg.startswith("--") and not ours else None
+        if hint is not None:
+            print(f"alignkit {name}: {hint} (alignkit {name} --help lists every key)",
+                  file=sys.stderr)
+            sys.exit(2)
     args = parser.parse_intermixed_args(argv)   # flags before, between or after the overrides
     try:
         if hasattr(module, "load"):  # a stage with its own file layout (the pipeline)
