@@ -92,3 +92,28 @@ def evaluate_on_task(policy, tokenizer, task: str, sampling: SamplingConfig, *, 
     return evaluate_policy(policy, tokenizer, prompts, sampling, chat=chat, seed=seed,
                            batch_size=batch_size, sources=sources, success_at=success_at,
                            reference=reference)
+
+
+def win_rate(judge_cfg, baseline, tokenizer, rows: list[dict], sampling: SamplingConfig, *,
+             chat: bool, seed: int, batch_size: int = 64) -> dict:
+    """The win rate of the responses in ``rows`` (``prompt``, ``response``) against a baseline
+    policy's on the same prompts (same seed), judged pairwise by the judge of ``judge_cfg``
+    (AlpacaEval-style, Li et al. 2023): ``win_rate_{mean,std,sem}`` of the judge's probability
+    that the policy's response is better (both orders averaged when ``judge.swap``: the position
+    bias cancels), ``win_fraction`` (ties half), the pairs judged; each row gets the baseline's
+    response and its ``win_prob`` (None where the judge gave no usable answer)."""
+    from alignkit.engine.judges import PairwiseJudge
+
+    prompts = [r["prompt"] for r in rows]
+    baseline.eval()
+    _, theirs = sample_texts(baseline, tokenizer, prompts, sampling, chat=chat, seed=seed,
+                             batch_size=batch_size)
+    judgements = PairwiseJudge(judge_cfg).judge(prompts, [r["response"] for r in rows], theirs)
+    for row, other, j in zip(rows, theirs, judgements):
+        row["baseline_response"], row["win_prob"] = other, j.prob_a
+    probs = [j.prob_a for j in judgements if j.prob_a is not None]
+    labels = [j.label for j in judgements if j.label is not None]
+    out = summarize(probs, "win_rate")
+    out["win_fraction"] = sum({"a": 1.0, "tie": 0.5}.get(x, 0.0) for x in labels) / max(len(labels), 1)
+    out["win_pairs_judged"] = len(probs)
+    return out
