@@ -5,14 +5,15 @@ this process with timers around alignkit's own functions, and prints the millise
 iteration of each phase, over the timed iterations (the warm-up ones, which compile the decode
 step, are left out):
 
-- ``sample``: ``generation.generate`` inside ``rollout.collect`` (prefill and decode loop);
+- ``sample``: ``sampling.sample`` inside ``rollout.collect`` (prefill and decode loop);
 - ``no-grad forwards``: the reference's (and, for PPO, the value model's) log-probs and values of
   the rollout, ``rollout.collect`` less its sampling;
 - ``policy forward``: the training forward's log-probs (``rollout_logps`` under autograd);
-- ``forward + backward``: ``stages.ppo.accumulate`` (the forward above, the loss, its backward,
-  the diagnostics);
-- ``optimiser``: clipping, AdamW, zeroing (``stages.ppo._step``);
-- ``iteration``: ``stages.ppo.run_iteration``, the figure ``run.py`` times.
+- ``forward + backward``: ``engine.rl.update.accumulate`` (the forward above, the loss, its
+  backward, the diagnostics);
+- ``optimiser``: clipping, AdamW, zeroing (``engine.rl.update._step``);
+- ``iteration``: the time between two iterations' logged metrics (the cell's clock), the figure
+  ``run.py`` times.
 
 Needs ``bench/work/full`` (``python bench/prepare.py``). Sums of phases can differ from
 ``iteration`` by the scoring, advantages and metrics in between.

@@ -64,7 +64,29 @@ def test_a_stage_run_on_its_own_writes_a_report_with_its_figures(tiny_base, tmp_
     assert str(tmp_path / "report.html") in capsys.readouterr().out
     assert "sqrt(KL to the reference)" in report           # the stage's own figure
     assert report.count("data:image/png") == 2             # curves + that figure
-    assert "Samples (ppo)" in report and "gold_reward_mean=" in report
+    assert "Samples (ppo)" in report and "<td>gold_reward_mean</td><td>" in report
+
+
+def test_every_stage_run_alone_writes_a_report_titled_by_what_ran(tiny_base, tmp_path, capsys):
+    """A GRPO run on a prompt file (no task): titled grpo, final metrics as a table, its curves
+    and the last iteration's samples; an SFT run (no figures of its own) gets one too."""
+    prompts = write(tmp_path / "prompts.jsonl", [{"prompt": f"Review {i}: the film"} for i in range(8)])
+    out = tmp_path / "grpo"
+    main(["ppo", f"model={tiny_base}", f"reward=python:{__name__}:count_e", f"out_dir={out}",
+          f"rollout.prompts={prompts}", "ppo.algo=grpo", "rollout.samples_per_prompt=2",
+          "iterations=2", "rollout.prompts_per_iteration=2", "rollout.batch_size=4",
+          "rollout.sampling.max_new_tokens=4", "ppo.epochs=1", "ppo.minibatch_size=4",
+          "ppo.micro_batch_size=4", "tensorboard=false"])
+    report = (out / "report.html").read_text()
+    assert "<title>alignkit grpo</title>" in report and "<h2>Final metrics</h2>" in report
+    assert "<th>metric</th><th>value</th>" in report and "<td>last_proxy_reward_mean</td>" in report
+    assert "Samples (grpo)" in report and "proxy_reward=" in report
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4   # the last iteration's
+    sft = tmp_path / "sft"
+    main(["sft", f"model={tiny_base}", f"out_dir={sft}", *SFT_RUN])
+    report = (sft / "report.html").read_text()
+    assert "<title>alignkit sft</title>" in report and "<td>train_loss</td>" in report
+    assert report.count("data:image/png") == 1             # the loss curve
 
 
 def test_unreadable_config_files_and_models_stop_with_one_line(tiny_base, tmp_path, capsys):

@@ -67,7 +67,7 @@ def _stage_command(name: str, argv: list[str]) -> None:
     except (DataError, ConfigError) as exc:
         print(f"alignkit {name}: {exc}", file=sys.stderr)
         sys.exit(2)
-    if hasattr(module, "figures") and isinstance(metrics, dict) and os.environ.get("RANK", "0") == "0":
+    if isinstance(metrics, dict) and os.environ.get("RANK", "0") == "0" and name != "pipeline":
         from alignkit.report import write_stage_report
 
         print(f"alignkit {name}: report {write_stage_report(name, module, cfg.out_dir, metrics)}")

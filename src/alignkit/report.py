@@ -1,4 +1,5 @@
-"""The HTML report of a pipeline run: headline table, training curves, samples.
+"""The HTML report of a pipeline run or of a stage run on its own: headline table, training
+curves, the stages' own figures, samples.
 
 Self-contained (plots inlined as PNG), so the file can be mailed or attached to an issue.
 A stage module contributes its own plots with ``figures(run_dir) -> [(title, Figure)]`` (drawn
@@ -20,7 +21,14 @@ from alignkit.tracking import read_metrics
 
 # Curves worth plotting per stage when present in metrics.jsonl.
 CURVES = ["loss", "eval/loss", "accuracy", "eval/pair_accuracy", "eval/gold_pair_accuracy",
+          "rewards/margin", "rewards/accuracy", "eval/gold_reward_mean", "eval/kl_to_ref",
           "proxy_reward_mean", "gold_reward_mean", "kl_to_ref", "kl", "margin", "beta"]
+
+# The columns of a headline table, in this order, where some stage reports them.
+HEADLINE = ["gold_reward_mean", "gold_reward_sem", "kl_to_ref", "proxy_reward_mean",
+            "win_rate_mean", "gold_success_mean", "train_loss", "eval_loss", "pair_accuracy",
+            "gold_pair_accuracy", "rewards/accuracy", "rewards/margin",
+            "ai_agreement_with_simulated", "position_bias_rate", "cost_per_label", "steps"]
 
 
 def _png(fig) -> str:
@@ -51,13 +59,28 @@ def stage_curves(stage: str, rows: list[dict]):
     return fig
 
 
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _table(summary: dict[str, Any]) -> str:
-    rows = []
-    for stage, metrics in summary.items():
-        cells = ", ".join(f"{html.escape(str(k))}={_fmt(v)}" for k, v in metrics.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool))
-        rows.append(f"<tr><td><b>{html.escape(stage)}</b></td><td>{cells}</td></tr>")
-    return "<table>" + "".join(rows) + "</table>"
+    """Stages as rows, the headline metrics any of them reports as columns."""
+    stages = {k: m for k, m in summary.items() if isinstance(m, dict)}
+    columns = [c for c in HEADLINE if any(_numeric(m.get(c)) for m in stages.values())]
+    head = "<tr><th>stage</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
+    rows = [f"<tr><td><b>{html.escape(name)}</b></td>"
+            + "".join(f"<td>{_fmt(m[c]) if _numeric(m.get(c)) else ''}</td>" for c in columns)
+            + "</tr>" for name, m in stages.items()]
+    return "<table>" + head + "".join(rows) + "</table>"
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    """One run's final metrics, one per row: the headline ones first."""
+    keys = [k for k in HEADLINE if k in metrics] + [k for k in metrics if k not in HEADLINE]
+    rows = [f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(metrics[k]))}</td></tr>"
+            for k in keys if _numeric(metrics[k]) or (isinstance(metrics[k], str)
+                                                      and len(metrics[k]) < 80)]
+    return "<table><tr><th>metric</th><th>value</th></tr>" + "".join(rows) + "</table>"
 
 
 def _fmt(v: Any) -> str:
@@ -70,7 +93,7 @@ def _samples(path: Path, n: int = 6) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
     items = []
     for r in rows:
-        scores = ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k.endswith("reward"))
+        scores = ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if _numeric(v))
         items.append(f"<li><code>{html.escape(r['prompt'])}</code> → "
                      f"{html.escape(r['response'])} <small>({scores})</small></li>")
     return "<ul>" + "".join(items) + "</ul>"
@@ -123,8 +146,8 @@ def stage_section(name: str, module: ModuleType | None, run_dir: Path) -> list[s
 
 def _page(path: Path, title: str, parts: list[str]) -> Path:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse}td{border:1px solid #ccc;padding:4px 8px;"
-             "font-size:13px;vertical-align:top}img{max-width:100%}li{margin:4px 0}")
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "font-size:13px;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}li{margin:4px 0}")
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
                     f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
     return path
@@ -147,8 +170,20 @@ def write_report(out_dir: Path, summary: dict, stages: dict[str, tuple[ModuleTyp
     return _page(Path(out_dir) / "report.html", "alignkit report", parts)
 
 
+def run_title(name: str, metrics: dict) -> str:
+    """What ran: the stage, or its algorithm (``grpo``, not ``ppo``) and loss (``dpo (ipo)``)."""
+    if isinstance(metrics.get("algo"), str):
+        return metrics["algo"]
+    if isinstance(metrics.get("loss"), str):
+        return f"{name} ({metrics['loss']})"
+    return name
+
+
 def write_stage_report(name: str, module: ModuleType, run_dir: Path, metrics: dict) -> Path:
-    """report.html of a stage run on its own: its final metrics, curves and figures."""
-    parts = [f"<h1>alignkit {html.escape(name)}: {html.escape(str(run_dir))}</h1>",
-             _table({name: metrics}), *stage_section(name, module, Path(run_dir))]
-    return _page(Path(run_dir) / "report.html", f"alignkit {name}", parts)
+    """report.html of a stage run on its own: its final metrics as a table, curves, its own
+    figures and a few samples, titled by what ran."""
+    title = f"alignkit {run_title(name, metrics)}"
+    parts = [f"<h1>{html.escape(title)}: {html.escape(str(run_dir))}</h1>",
+             "<h2>Final metrics</h2>", _metrics_table(metrics),
+             *stage_section(run_title(name, metrics), module, Path(run_dir))]
+    return _page(Path(run_dir) / "report.html", title, parts)

@@ -141,8 +141,10 @@ class LoopState:
 
 
 def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cfg: Config,
-                  state: LoopState, opt: dict, accelerator, gold, pack: bool | str) -> dict:
-    """Sample, score and update once; the iteration's metrics."""
+                  state: LoopState, opt: dict, accelerator, gold,
+                  pack: bool | str) -> tuple[dict, list[dict]]:
+    """Sample, score and update once; the iteration's metrics and its samples with their
+    scores."""
     start = time.perf_counter()
     texts, ids = prompts
     k = cfg.rollout.samples_per_prompt
@@ -180,7 +182,12 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
                             reused_sampling_logps=cfg.rollout.reuse_sampling_logps))
     state.kl.update(metrics["kl_to_ref"], len(exp))
     metrics["iteration_s"] = time.perf_counter() - start
-    return metrics
+    rows = [{"prompt": p, "response": r, "proxy_reward": float(x)}
+            for p, r, x in zip(sampled.prompts, sampled.responses, sampled.proxy.tolist())]
+    if sampled.gold is not None:
+        for row, g in zip(rows, sampled.gold.tolist()):
+            row["gold_reward"] = g
+    return metrics, rows
 
 
 def main(cfg: Config) -> dict:
@@ -224,9 +231,10 @@ def main(cfg: Config) -> dict:
                           f"iteration {{}}/{cfg.iterations}")
 
     metrics: dict = saved.get("last_metrics", {})
+    rows: list[dict] = []
     for it in range(start, cfg.iterations):
-        metrics = run_iteration(it, roles, prompts, tokenizer, algo, cfg, state, opt, accelerator,
-                                gold, pack)
+        metrics, rows = run_iteration(it, roles, prompts, tokenizer, algo, cfg, state, opt,
+                                      accelerator, gold, pack)
         tracker.log(it + 1, metrics)
         if cfg.save_every > 0 and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
             save_checkpoint(accelerator, out, it + 1, cfg.keep_checkpoints,
@@ -238,9 +246,10 @@ def main(cfg: Config) -> dict:
     final = {"algo": cfg.ppo.algo, "roles": cfg.roles, "iterations": cfg.iterations,
              "beta": state.kl.value, "packing": pack,
              **{f"last_{k}": v for k, v in metrics.items()}, **memory_report(roles), **initial}
-    if evaluating:
+    if evaluating:   # samples of the held-out evaluation, else of the last iteration
         evaluated, rows = _evaluate(roles, tokenizer, cfg)
         final.update(evaluated)
+    if rows:
         write_jsonl(out / "samples.jsonl", rows)
     final["model"] = str(roles.save_policy(out / "model", tokenizer))
     return tracker.finish(final)
