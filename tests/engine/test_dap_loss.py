@@ -93,10 +93,11 @@ class CountingModel(torch.nn.Module):
 @pytest.mark.parametrize("name", sorted(DAP_LOSSES))
 def test_every_loss_trains_without_calling_the_reference(tmp_path, name):
     ref = CountingModel(tiny_model(0))
-    ex = unpaired_examples(8) if name == "kto" else pref_examples(8)
-    if name == "kto":
+    needs = DAP_LOSSES[name]
+    ex = pref_examples(8) if needs.paired else unpaired_examples(8)
+    if not needs.paired:
         add_kto_mismatch(ex)
-    if name not in ("simpo", "orpo"):
+    if needs.reference:
         cache_reference(ref, ex, PAD)
     calls_after_cache = ref.calls
     policy = tiny_model(0)
@@ -115,6 +116,32 @@ def test_every_loss_trains_without_calling_the_reference(tmp_path, name):
     after = make_loss(LossConfig(name=name))(trained, batch).values.mean().item()
     assert after < before - 1e-3, (name, before, after)
     assert result.step == 8
+
+
+def test_a_registered_dap_loss_trains_with_nothing_else_to_edit(monkeypatch):
+    """A new DAP loss is one registered function: its config name validates, it is called by the
+    names it declares (here the policy's and reference's summed log-probs and beta), and paired
+    losses report the implicit rewards."""
+    from alignkit.math import losses
+
+    monkeypatch.setattr(losses, "LOSSES", dict(losses.LOSSES))
+    monkeypatch.setattr(losses, "DAP_LOSSES", dict(losses.DAP_LOSSES))
+    monkeypatch.setattr("alignkit.engine.dap_loss.DAP_LOSSES", losses.DAP_LOSSES)
+
+    @losses.register("squared_margin", dap=losses.DAPNeeds())
+    def squared_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                       ref_rejected_logps, beta):
+        margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+        return (beta * margin - 1.0) ** 2
+
+    ex = pref_examples(4)
+    cache_reference(tiny_model(1), ex, PAD)
+    batch = collate_dap(ex, PAD)
+    out = make_loss(LossConfig(name="squared_margin", beta=0.5))(tiny_model(0), batch)
+    chosen, rejected = completion_logps(tiny_model(0), batch)[0].chunk(2)
+    margin = (chosen - batch["ref_chosen_logps"].float()) - (rejected - batch["ref_rejected_logps"].float())
+    torch.testing.assert_close(out.values, (0.5 * margin - 1.0) ** 2)
+    assert set(out.metrics) == {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"}
 
 
 def test_kto_mismatch_pairs_prompt_with_next_completion():
