@@ -159,3 +159,18 @@ def test_a_stage_killed_while_saving_its_model_resumes_to_the_same_metrics(tiny_
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed == straight and resumed["train_loss"] is not None
     assert (out / "metrics.jsonl").read_text() == lines
+
+
+def test_only_the_main_process_logs_dataset_lines(tiny_base, tmp_path, monkeypatch):
+    import logging
+
+    from alignkit.cli import _quiet_libraries
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)       # restored after the test
+    for rank, level in (("1", logging.WARNING), ("0", logging.INFO)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(root, "handlers", [])        # basicConfig acts on a bare root only
+        root.setLevel(logging.NOTSET)
+        _quiet_libraries()
+        assert logging.getLogger("alignkit.data").getEffectiveLevel() == level

@@ -108,7 +108,10 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # One process speaks for a multi-process run (accelerate / torchrun set RANK): the others
+    # would repeat every dataset line; their warnings and errors still show.
+    main_process = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s")
 
 
 def main(argv: list[str] | None = None) -> None:
