@@ -110,6 +110,23 @@ def test_refuses_a_store_from_a_newer_alignkit(path):
         PreferenceStore(path)
 
 
+def test_a_path_that_is_no_store_is_one_clear_error(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("not a database, just words\n")
+    cases = [
+        (tmp_path / "folder", {}, "is a folder, not a store file"),
+        (tmp_path / "missing" / "s.db", {}, "folder " + str(tmp_path / "missing") + " does not"),
+        (tmp_path / "notes.txt", {}, "not a usable preference store: file is not a database"),
+        (tmp_path / "typo.db", {"create": False}, "no such store"),
+    ]
+    for bad, options, cause in cases:
+        with pytest.raises(StoreError) as e:
+            PreferenceStore(bad, **options)
+        assert str(e.value).startswith(f"{bad}: ") and cause in str(e.value)
+    assert not (tmp_path / "typo.db").exists()  # create=False created nothing
+    assert (tmp_path / "notes.txt").read_text() == "not a database, just words\n"
+
+
 # -- content -------------------------------------------------------------------------------------
 
 
@@ -396,6 +413,32 @@ def test_bad_jsonl_names_file_and_line_and_imports_nothing(store, tmp_path):
     assert store.count("prompts") == 0
 
 
+def test_a_lone_surrogate_in_an_import_names_file_line_and_field(store, tmp_path):
+    # Valid JSON, valid UTF-8 bytes, but "\ud800" decodes to text SQLite cannot hold.
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(
+        '{"prompt": "q", "response_a": "x", "response_b": "y"}\n'
+        '{"prompt": "q", "response_a": "x\\ud800", "response_b": "y"}\n'
+    )
+    with pytest.raises(StoreInputError) as e:
+        store.import_pairs(f)
+    assert str(e.value) == f"{f}:2: field 'response_a' is not valid Unicode text (a lone surrogate)"
+    g = tmp_path / "prefs.jsonl"
+    g.write_text('{"prompt": "q", "chosen": "x", "rejected": "y", "model": "\\udfff"}\n')
+    with pytest.raises(StoreInputError, match=f"^{g}:1: field 'model' is not valid Unicode"):
+        store.import_preferences(g, source="ai")
+    assert store.count("prompts") == 0
+
+
+def test_export_refuses_a_min_agreement_outside_0_1(store):
+    [pair] = _pairs(store, 1)
+    store.add_comparison(pair, "a", source="human", annotator="ann")
+    assert len(list(store.export(min_agreement=1.0))) == 1
+    for bad in (5.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"min_agreement must be in \[0, 1\]"):
+            list(store.export(min_agreement=bad))
+
+
 def test_cli_import_export_annotator(tmp_path, capsys):
     db = str(tmp_path / "s.db")
     pairs = _write_jsonl(
@@ -437,6 +480,85 @@ def test_cli_import_export_annotator(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["store", "import", "--store", db, "--preferences", str(pairs)])  # no --source
     assert "needs --source" in capsys.readouterr().err
+
+
+def _cli_error(argv, capsys) -> str:
+    """The one stderr line of a store command that must fail with exit code 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["store", *argv])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and captured.out == ""
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1
+    return captured.err.strip()
+
+
+def test_cli_commands_that_read_refuse_a_store_that_does_not_exist(tmp_path, capsys):
+    typo = tmp_path / "typo.db"
+    for argv in (
+        ["stats"],
+        ["export", "--out", str(tmp_path / "o.jsonl")],
+        ["annotator", "list"],
+        ["annotator", "reset-token", "ann"],
+    ):
+        err = _cli_error([*argv, "--store", str(typo)], capsys)
+        assert err.startswith(f"alignkit store: error: {typo}: no such store")
+        assert not typo.exists()
+    # import of a missing file does not create the store either; annotator add does.
+    no_file = tmp_path / "no.jsonl"
+    err = _cli_error(["import", "--store", str(typo), "--pairs", str(no_file)], capsys)
+    assert err == f"alignkit store: error: {no_file}: no such file"
+    assert not typo.exists()
+    cli_main(["store", "annotator", "add", "ann", "--store", str(typo)])
+    assert typo.exists() and len(capsys.readouterr().out.strip()) >= 40
+
+
+def test_cli_a_store_path_that_is_no_store_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("words\n")
+    missing = tmp_path / "missing" / "s.db"
+    for store, argv, cause in [
+        (tmp_path / "folder", ["stats"], "is a folder, not a store file"),
+        (tmp_path / "folder", ["annotator", "add", "ann"], "is a folder, not a store file"),
+        (tmp_path / "notes.txt", ["stats"], "not a usable preference store: file is not a"),
+        (tmp_path / "notes.txt", ["annotator", "list"], "file is not a database"),
+        (missing, ["stats"], "no such store"),
+        (missing, ["annotator", "add", "ann"], f"folder {missing.parent} does not exist"),
+    ]:
+        err = _cli_error([*argv, "--store", str(store)], capsys)
+        assert err.startswith(f"alignkit store: error: {store}: ") and cause in err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_cli_export_checks_min_agreement_and_creates_the_out_folder(tmp_path, capsys):
+    db = tmp_path / "s.db"
+    with PreferenceStore(db) as s:
+        [pair] = _pairs(s, 1)
+        s.add_comparison(pair, "a", source="human", annotator="ann")
+    for bad in ("5", "-0.1", "nan", "half"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            cli_main(["store", "export", "--store", str(db), "--out", "x", "--min-agreement", bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--min-agreement" in err and repr(bad) in err
+    out = tmp_path / "new" / "folder" / "out.jsonl"
+    cli_main(["store", "export", "--store", str(db), "--out", str(out), "--min-agreement", "1"])
+    assert out.read_text() == '{"prompt": "p0", "chosen": "good 0", "rejected": "bad 0"}\n'
+    err = _cli_error(["export", "--store", str(db), "--out", str(tmp_path)], capsys)
+    assert err.startswith("alignkit store: error: ") and str(tmp_path) in err
+
+
+def test_cli_import_of_a_lone_surrogate_names_file_and_line(tmp_path, capsys):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text('{"prompt": "\\ud800", "response_a": "x", "response_b": "y"}\n')
+    db = tmp_path / "s.db"
+    err = _cli_error(["import", "--store", str(db), "--pairs", str(f)], capsys)
+    assert err == (
+        f"alignkit store: error: {f}:1: field 'prompt' is not valid Unicode text (a lone surrogate)"
+    )
+    # A name from a command line that is not UTF-8 (Python escapes its bytes as surrogates).
+    err = _cli_error(["annotator", "add", "ann\udcff", "--store", str(db)], capsys)
+    assert err == "alignkit store: error: NAME 'ann\\udcff' is not valid Unicode text"
 
 
 # -- concurrency and crashes -----------------------------------------------------------------------

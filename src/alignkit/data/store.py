@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import secrets
 import sqlite3
@@ -175,6 +176,16 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def is_text(value: str) -> bool:
+    """Whether ``value`` can be stored: SQLite holds UTF-8, and a lone surrogate (which JSON's
+    ``"\\ud800"`` escapes and undecodable file names produce) has no UTF-8 form."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def migrate(conn: sqlite3.Connection, migrations: list[tuple[str, ...]] | None = None) -> int:
     """Bring the database on ``conn`` (autocommit mode) to the newest schema; return its version."""
     migrations = MIGRATIONS if migrations is None else migrations
@@ -232,7 +243,11 @@ class PreferenceStore:
     """A preference store in the SQLite file ``path`` (created and migrated on open).
 
     ``labels_per_pair``: how many people may label one pair in the annotation app;
-    ``assignment_ttl_s``: after this long an unanswered assignment stops reserving its pair.
+    ``assignment_ttl_s``: after this long an unanswered assignment stops reserving its pair;
+    ``create=False``: refuse a file that does not exist instead of creating an empty store (for
+    readers: a typo in a path must not look like an empty store).
+
+    A path that cannot be opened as a store raises :class:`StoreError` naming the path and why.
     """
 
     def __init__(
@@ -242,6 +257,7 @@ class PreferenceStore:
         labels_per_pair: int = 1,
         assignment_ttl_s: float = 3600.0,
         timeout_s: float = 30.0,
+        create: bool = True,
     ):
         if labels_per_pair < 1:
             raise ValueError(f"labels_per_pair must be >= 1, got {labels_per_pair}")
@@ -249,15 +265,48 @@ class PreferenceStore:
         self.labels_per_pair = labels_per_pair
         self.assignment_ttl_s = assignment_ttl_s
         self._depth = 0
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
-        self._conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+        self._check_path(create)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit. fsencode:
+            # a file name that is not UTF-8 (surrogate-escaped by Python) still opens.
+            self._conn = sqlite3.connect(
+                os.fsencode(self.path), timeout=timeout_s, isolation_level=None
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: cannot open the store: {e}") from None
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        # In WAL mode NORMAL survives a killed process; only a power cut may lose the last commits.
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        migrate(self._conn)
+        try:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            # The first statement that reads the file: "file is not a database" shows up here.
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            # In WAL mode NORMAL survives a killed process; only a power cut may lose the last
+            # commits.
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as e:
+            self._conn.close()
+            raise StoreError(f"{self.path}: not a usable preference store: {e}") from None
+        try:
+            migrate(self._conn)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _check_path(self, create: bool) -> None:
+        """Refuse what SQLite would only report as "unable to open database file"."""
+        if self.path == ":memory:" or self.path.startswith("file:"):
+            return
+        path = Path(self.path)
+        if path.is_dir():
+            raise StoreError(f"{self.path}: is a folder, not a store file")
+        if path.exists():
+            return
+        if not create:
+            raise StoreError(f"{self.path}: no such store")
+        if not path.parent.is_dir():
+            raise StoreError(
+                f"{self.path}: cannot create the store: folder {path.parent} does not exist"
+            )
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -533,6 +582,8 @@ class PreferenceStore:
         name = name.strip()
         if not name:
             raise StoreError("annotator name must not be empty")
+        if not is_text(name):
+            raise StoreError(f"annotator name {name!r} is not valid Unicode text")
         token = secrets.token_urlsafe(32)
         with self.transaction():
             if self._one("SELECT 1 FROM annotators WHERE name = ?", (name,)):
@@ -567,7 +618,10 @@ class PreferenceStore:
         return self._annotator("id", annotator_id)
 
     def annotator_by_token(self, token: str) -> Annotator | None:
-        return self._annotator("token_hash", hash_token(token)) if token else None
+        # A token that is not text (a lone surrogate from a form) matches nobody.
+        if not token or not is_text(token):
+            return None
+        return self._annotator("token_hash", hash_token(token))
 
     def annotators(self) -> list[Annotator]:
         rows = self._conn.execute("SELECT id, name, is_admin FROM annotators ORDER BY name")
@@ -878,6 +932,8 @@ class PreferenceStore:
         """
         if format not in ("preference", "unpaired"):
             raise ValueError(f"format must be 'preference' or 'unpaired', got {format!r}")
+        if not 0.0 <= min_agreement <= 1.0:  # also refuses NaN
+            raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
         if ties not in ("drop", "split"):
             raise ValueError(f"ties must be 'drop' or 'split', got {ties!r}")
         votes: dict[int, list[str]] = defaultdict(list)
@@ -933,6 +989,13 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[tuple[int, d
             raise StoreInputError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(record, dict):
             raise StoreInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for key, value in record.items():
+            # JSON may spell a lone surrogate ("\ud800"); it has no UTF-8 form, SQLite cannot
+            # hold it, and the error would otherwise surface later without the line.
+            if not is_text(json.dumps([key, value], ensure_ascii=False)):
+                raise StoreInputError(
+                    f"{where}: field {key!r} is not valid Unicode text (a lone surrogate)"
+                )
         for key in required:
             if key not in record:
                 raise StoreInputError(f"{where}: missing field {key!r}")
