@@ -17,6 +17,7 @@ from alignkit.cli import main as cli_main
 from alignkit.data import store as store_mod
 from alignkit.data.store import (
     MIGRATIONS,
+    LabelConflict,
     PreferenceStore,
     StoreError,
     StoreInputError,
@@ -214,7 +215,7 @@ def test_a_person_never_gets_the_same_pair_twice(store):
     seen = []
     for choice in ["left", "skip", "right", "tie"]:
         a = store.next_pair_for("ann")
-        assert store.next_pair_for("ann") == a  # unanswered: the same pair, same order
+        assert store.assignment("ann", a.pair_id) == a  # its page shows it again, same order
         seen.append(a.pair_id)
         store.submit("ann", a.pair_id, choice)
     assert sorted(seen) == pairs
@@ -234,8 +235,15 @@ def test_left_right_are_mapped_through_the_order_shown(store):
     assert rows[0]["label"] == first.shown_left and rows[0]["shown_left"] == first.shown_left
     assert rows[1]["label"] != second.shown_left and rows[1]["shown_left"] == second.shown_left
     assert first.left == (first.response_a if first.shown_left == "a" else first.response_b)
-    assert store.submit("ann", first.pair_id, "right") is None  # a double submit changes nothing
-    assert store.comparisons(annotator="ann")[0]["label"] == first.shown_left
+    # The same answer again is the same label; a different one is refused, naming the first.
+    assert store.submit("ann", first.pair_id, "left") == cid
+    with pytest.raises(LabelConflict, match="already labelled it 'left'") as e:
+        store.submit("ann", first.pair_id, "right")
+    assert (e.value.comparison_id, e.value.choice) == (cid, "left")
+    assert [r["label"] for r in store.comparisons(annotator="ann")] == [
+        first.shown_left,
+        "b" if second.shown_left == "a" else "a",
+    ]
 
 
 def test_left_is_random(store):
@@ -258,6 +266,59 @@ def test_submitting_an_unassigned_pair_is_refused(store):
         store.submit("ann", pairs[0], "a")
     with pytest.raises(StoreError, match="no annotator"):
         store.next_pair_for("ghost")
+
+
+def test_each_call_is_another_tab_with_another_pair_up_to_max_open(store):
+    pairs = _pairs(store, 5)
+    store.add_annotator("ann")
+    tabs = [store.next_pair_for("ann", max_open=3) for _ in range(3)]
+    assert [t.pair_id for t in tabs] == pairs[:3]  # three tabs, three different pairs
+    # Holding max_open: the pair handed out longest ago comes back, in its order, renewed...
+    assert store.next_pair_for("ann", max_open=3) == tabs[0]
+    assert store.next_pair_for("ann", max_open=3) == tabs[1]
+    assert store.progress("ann")["remaining"] == 5  # 3 held + 2 never handed out
+    # ... and answering one frees a slot for a new pair.
+    store.submit("ann", tabs[2].pair_id, "left")
+    assert store.next_pair_for("ann", max_open=3).pair_id == pairs[3]
+    # With no new pair left, the held ones come back until answered (none is lost).
+    store.submit("ann", tabs[0].pair_id, "tie")
+    assert store.next_pair_for("ann", max_open=3).pair_id == pairs[4]
+    held = {store.next_pair_for("ann", max_open=3).pair_id for _ in range(3)}
+    assert held == {tabs[1].pair_id, pairs[3], pairs[4]}
+    for pid in held:
+        store.submit("ann", pid, "right")
+    assert store.next_pair_for("ann", max_open=3) is None
+    assert store.progress("ann") == {"labelled": 5, "skipped": 0, "remaining": 0, "total": 5}
+
+
+def test_answering_a_pair_twice_is_idempotent_or_a_conflict_never_silent(store):
+    pairs = _pairs(store, 3)
+    store.add_annotator("ann")
+    a, b, c = (store.next_pair_for("ann") for _ in pairs)
+    cid = store.submit("ann", a.pair_id, "left")
+    assert isinstance(cid, int)
+    assert store.submit("ann", a.pair_id, "left") == cid  # a double click or a retried request
+    a_label = a.shown_left
+    # Naming the stored side ("a" or "b") instead of "left" is the same answer too.
+    assert store.submit("ann", a.pair_id, a_label) == cid
+    for second in ("right", "tie", "skip"):
+        with pytest.raises(LabelConflict) as e:
+            store.submit("ann", a.pair_id, second)
+        assert (e.value.comparison_id, e.value.choice) == (cid, "left")
+        assert f"pair {a.pair_id}: 'ann' already labelled it 'left' (comparison {cid})" in str(
+            e.value
+        )
+    # A skip, then a label from another tab: the label is kept (it says more than the skip).
+    assert store.submit("ann", b.pair_id, "skip") is None
+    assert store.submit("ann", b.pair_id, "skip") is None
+    cid_b = store.submit("ann", b.pair_id, "tie")
+    assert isinstance(cid_b, int) and cid_b != cid
+    with pytest.raises(LabelConflict, match="already labelled it 'tie'"):
+        store.submit("ann", b.pair_id, "skip")
+    rows = store.comparisons(annotator="ann")
+    assert [(r["pair_id"], r["label"]) for r in rows] == [(a.pair_id, a_label), (b.pair_id, "tie")]
+    assert store.progress("ann") == {"labelled": 2, "skipped": 0, "remaining": 1, "total": 3}
+    assert store.assignment("ann", c.pair_id).status == "open"
 
 
 def test_labels_per_pair_caps_how_many_people_see_a_pair(path):

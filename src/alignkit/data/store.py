@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 SOURCES = ("human", "ai", "simulated")
+# Unanswered pairs one annotator may hold at once (one per open tab or API worker).
+MAX_OPEN = 16
 LABELS = ("a", "b", "tie")
 CHOICES = ("a", "b", "tie", "skip", "left", "right")
 _NOW = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
@@ -130,6 +132,19 @@ class StoreInputError(StoreError, ValueError):
     """Bad input data; the message names the file and line."""
 
 
+class LabelConflict(StoreError):
+    """A second, different answer to a pair this annotator already answered.
+
+    ``comparison_id`` is the stored label's id (``None`` if the earlier answer was a skip) and
+    ``choice`` the earlier answer as the person saw it: ``left``, ``right``, ``tie`` or ``skip``.
+    """
+
+    def __init__(self, message: str, *, comparison_id: int | None, choice: str):
+        super().__init__(message)
+        self.comparison_id = comparison_id
+        self.choice = choice
+
+
 @dataclass(frozen=True)
 class Annotator:
     id: int
@@ -149,13 +164,15 @@ class Pair:
 
 @dataclass(frozen=True)
 class Assignment:
-    """A pair handed to one annotator, with the side (``a`` or ``b``) shown on the left."""
+    """A pair handed to one annotator, with the side (``a`` or ``b``) shown on the left;
+    ``status`` is ``open`` until they answer it (then ``done`` or ``skipped``)."""
 
     pair_id: int
     prompt: str
     response_a: str
     response_b: str
     shown_left: str
+    status: str = "open"
 
     @property
     def left(self) -> str:
@@ -623,6 +640,18 @@ class PreferenceStore:
             return None
         return self._annotator("token_hash", hash_token(token))
 
+    def session_key(self, annotator_id: int) -> str | None:
+        """A fingerprint of the annotator's current token (``None`` if there is no such annotator).
+
+        A login session records it and is valid only while it still matches, so that resetting
+        the token ends every session logged in with the old one. It derives from the token's hash
+        one-way: a session cookie (signed, but readable by its holder) reveals nothing stored.
+        """
+        token_hash = self._one("SELECT token_hash FROM annotators WHERE id = ?", (annotator_id,))
+        if token_hash is None:
+            return None
+        return hashlib.sha256(f"alignkit-session:{token_hash}".encode()).hexdigest()
+
     def annotators(self) -> list[Annotator]:
         rows = self._conn.execute("SELECT id, name, is_admin FROM annotators ORDER BY name")
         return [Annotator(r[0], r[1], bool(r[2])) for r in rows]
@@ -661,27 +690,29 @@ class PreferenceStore:
         *,
         labels_per_pair: int | None = None,
         rng: random.Random | None = None,
+        max_open: int = MAX_OPEN,
     ) -> Assignment | None:
-        """The pair ``annotator`` should label now, or ``None`` when nothing is left for them.
+        """A pair for ``annotator`` to label now, or ``None`` when nothing is left for them.
 
-        An unanswered assignment comes back unchanged (same left/right order). Otherwise the least
-        labelled eligible pair is reserved for them, with a random side shown on the left.
-        A person never gets the same pair twice.
+        Every call reserves a new pair -- the least labelled eligible one, with a random side
+        shown on the left -- so that several tabs (or API workers) of one person label different
+        pairs. Once they hold ``max_open`` unanswered pairs, or no new pair is left, the one they
+        were handed longest ago comes back (same left/right order): a person cannot hoard more than
+        ``max_open`` pairs, and pairs left open in a closed tab are not lost to them.
+        A person never gets a pair they answered.
         """
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
         rng = rng or random
         with self.transaction():
             who = self._require(annotator)
-            row = self._conn.execute(
+            held = self._conn.execute(
                 "SELECT id, pair_id FROM assignments WHERE annotator_id = ? AND status = 'open' "
-                "ORDER BY id LIMIT 1",
+                "ORDER BY assigned_at, id",
                 (who.id,),
-            ).fetchone()
-            if row is not None:
-                self._conn.execute(
-                    "UPDATE assignments SET assigned_at = ? WHERE id = ?", (time.time(), row["id"])
-                )
-                pair_id = row["pair_id"]
-            else:
+            ).fetchall()
+            pair_id = None
+            if len(held) < max_open:
                 pair_id = self._one(
                     "SELECT p.id "
                     + self._ELIGIBLE
@@ -690,25 +721,36 @@ class PreferenceStore:
                               WHERE c.pair_id = p.id AND c.source = 'human'), p.id LIMIT 1""",
                     self._eligible_params(who, labels_per_pair),
                 )
-                if pair_id is None:
-                    return None
+            if pair_id is not None:
                 self._conn.execute(
                     "INSERT INTO assignments (pair_id, annotator_id, shown_left, assigned_at) "
                     "VALUES (?, ?, ?, ?)",
                     (pair_id, who.id, rng.choice("ab"), time.time()),
                 )
+            elif held:
+                # Handing it out again renews its reservation, and moves it to the back of the
+                # queue: the next call (another tab) gets another of the held pairs.
+                oldest = held[0]
+                self._conn.execute(
+                    "UPDATE assignments SET assigned_at = ? WHERE id = ?",
+                    (time.time(), oldest["id"]),
+                )
+                pair_id = oldest["pair_id"]
+            else:
+                return None
             return self.assignment(annotator, pair_id)
 
     def assignment(self, annotator: str, pair_id: int) -> Assignment | None:
+        """The pair ``pair_id`` as handed to ``annotator`` (any status), or ``None`` if never."""
         row = self._conn.execute(
-            "SELECT s.shown_left FROM assignments s JOIN annotators n ON n.id = s.annotator_id "
-            "WHERE n.name = ? AND s.pair_id = ?",
+            "SELECT s.shown_left, s.status FROM assignments s"
+            " JOIN annotators n ON n.id = s.annotator_id WHERE n.name = ? AND s.pair_id = ?",
             (annotator, pair_id),
         ).fetchone()
         if row is None:
             return None
         pair = self.pair(pair_id)
-        return Assignment(pair.id, pair.prompt, pair.response_a, pair.response_b, row[0])
+        return Assignment(pair.id, pair.prompt, pair.response_a, pair.response_b, *row)
 
     def submit(
         self, annotator: str, pair_id: int, choice: str, comment: str | None = None
@@ -716,8 +758,12 @@ class PreferenceStore:
         """Answer the assignment of ``pair_id`` to ``annotator``.
 
         ``choice``: ``a``/``b``/``tie``, ``left``/``right`` (the side as shown), or ``skip``.
-        Returns the comparison id; ``None`` for a skip or an assignment already answered (a double
-        submit). Raises :class:`StoreError` if the pair was never given to this annotator.
+        Returns the comparison id (``None`` for a skip).
+
+        Answering twice (two tabs, a double click, a retried request): the same answer again
+        returns the first one's comparison id and changes nothing; a label after a skip is
+        recorded; any other second answer raises :class:`LabelConflict` naming the first.
+        Raises :class:`StoreError` if the pair was never given to this annotator.
         """
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
@@ -730,18 +776,37 @@ class PreferenceStore:
             ).fetchone()
             if row is None:
                 raise StoreError(f"pair {pair_id} is not assigned to {annotator!r}")
-            if row["status"] != "open":
-                return None
             shown_left = row["shown_left"]
             other = "b" if shown_left == "a" else "a"
             label = {"left": shown_left, "right": other}.get(choice, choice)
-            self._conn.execute(
-                "UPDATE assignments SET status = ?, finished_at = ? WHERE id = ?",
-                ("skipped" if label == "skip" else "done", time.time(), row["id"]),
-            )
+            earlier = self._conn.execute(
+                "SELECT id, label FROM comparisons"
+                " WHERE pair_id = ? AND source = 'human' AND annotator = ?",
+                (pair_id, who.name),
+            ).fetchone()
+            if earlier is not None:
+                if earlier["label"] == label:
+                    return earlier["id"]
+                shown = {shown_left: "left", other: "right", "tie": "tie"}[earlier["label"]]
+                raise LabelConflict(
+                    f"pair {pair_id}: {who.name!r} already labelled it {shown!r} (comparison "
+                    f"{earlier['id']}); the second answer {choice!r} was not recorded",
+                    comparison_id=earlier["id"],
+                    choice=shown,
+                )
             if label == "skip":
+                if row["status"] == "open":
+                    self._conn.execute(
+                        "UPDATE assignments SET status = 'skipped', finished_at = ? WHERE id = ?",
+                        (time.time(), row["id"]),
+                    )
                 return None
-            return self.add_comparison(
+            # Open, or skipped earlier (perhaps in another tab): a label says more than a skip.
+            self._conn.execute(
+                "UPDATE assignments SET status = 'done', finished_at = ? WHERE id = ?",
+                (time.time(), row["id"]),
+            )
+            comparison_id = self.add_comparison(
                 pair_id,
                 label,
                 source="human",
@@ -749,9 +814,14 @@ class PreferenceStore:
                 shown_left=shown_left,
                 comment=comment or None,
             )
+            # Cannot happen (we looked for an earlier label inside this write transaction), but a
+            # label must never vanish silently.
+            if comparison_id is None:
+                raise StoreError(f"pair {pair_id}: the label of {who.name!r} was not recorded")
+            return comparison_id
 
     def progress(self, annotator: str, *, labels_per_pair: int | None = None) -> dict:
-        """``labelled``, ``skipped``, ``remaining`` (incl. the open one) and ``total`` =
+        """``labelled``, ``skipped``, ``remaining`` (incl. the open ones) and ``total`` =
         labelled + remaining, for one annotator."""
         who = self._require(annotator)
         labelled = self._one(
