@@ -17,6 +17,7 @@ from alignkit.cli import main as cli_main
 from alignkit.data import store as store_mod
 from alignkit.data.store import (
     MIGRATIONS,
+    LabelConflict,
     PreferenceStore,
     StoreError,
     StoreInputError,
@@ -110,6 +111,23 @@ def test_refuses_a_store_from_a_newer_alignkit(path):
         PreferenceStore(path)
 
 
+def test_a_path_that_is_no_store_is_one_clear_error(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("not a database, just words\n")
+    cases = [
+        (tmp_path / "folder", {}, "is a folder, not a store file"),
+        (tmp_path / "missing" / "s.db", {}, "folder " + str(tmp_path / "missing") + " does not"),
+        (tmp_path / "notes.txt", {}, "not a usable preference store: file is not a database"),
+        (tmp_path / "typo.db", {"create": False}, "no such store"),
+    ]
+    for bad, options, cause in cases:
+        with pytest.raises(StoreError) as e:
+            PreferenceStore(bad, **options)
+        assert str(e.value).startswith(f"{bad}: ") and cause in str(e.value)
+    assert not (tmp_path / "typo.db").exists()  # create=False created nothing
+    assert (tmp_path / "notes.txt").read_text() == "not a database, just words\n"
+
+
 # -- content -------------------------------------------------------------------------------------
 
 
@@ -197,7 +215,7 @@ def test_a_person_never_gets_the_same_pair_twice(store):
     seen = []
     for choice in ["left", "skip", "right", "tie"]:
         a = store.next_pair_for("ann")
-        assert store.next_pair_for("ann") == a  # unanswered: the same pair, same order
+        assert store.assignment("ann", a.pair_id) == a  # its page shows it again, same order
         seen.append(a.pair_id)
         store.submit("ann", a.pair_id, choice)
     assert sorted(seen) == pairs
@@ -217,8 +235,15 @@ def test_left_right_are_mapped_through_the_order_shown(store):
     assert rows[0]["label"] == first.shown_left and rows[0]["shown_left"] == first.shown_left
     assert rows[1]["label"] != second.shown_left and rows[1]["shown_left"] == second.shown_left
     assert first.left == (first.response_a if first.shown_left == "a" else first.response_b)
-    assert store.submit("ann", first.pair_id, "right") is None  # a double submit changes nothing
-    assert store.comparisons(annotator="ann")[0]["label"] == first.shown_left
+    # The same answer again is the same label; a different one is refused, naming the first.
+    assert store.submit("ann", first.pair_id, "left") == cid
+    with pytest.raises(LabelConflict, match="already labelled it 'left'") as e:
+        store.submit("ann", first.pair_id, "right")
+    assert (e.value.comparison_id, e.value.choice) == (cid, "left")
+    assert [r["label"] for r in store.comparisons(annotator="ann")] == [
+        first.shown_left,
+        "b" if second.shown_left == "a" else "a",
+    ]
 
 
 def test_left_is_random(store):
@@ -241,6 +266,59 @@ def test_submitting_an_unassigned_pair_is_refused(store):
         store.submit("ann", pairs[0], "a")
     with pytest.raises(StoreError, match="no annotator"):
         store.next_pair_for("ghost")
+
+
+def test_each_call_is_another_tab_with_another_pair_up_to_max_open(store):
+    pairs = _pairs(store, 5)
+    store.add_annotator("ann")
+    tabs = [store.next_pair_for("ann", max_open=3) for _ in range(3)]
+    assert [t.pair_id for t in tabs] == pairs[:3]  # three tabs, three different pairs
+    # Holding max_open: the pair handed out longest ago comes back, in its order, renewed...
+    assert store.next_pair_for("ann", max_open=3) == tabs[0]
+    assert store.next_pair_for("ann", max_open=3) == tabs[1]
+    assert store.progress("ann")["remaining"] == 5  # 3 held + 2 never handed out
+    # ... and answering one frees a slot for a new pair.
+    store.submit("ann", tabs[2].pair_id, "left")
+    assert store.next_pair_for("ann", max_open=3).pair_id == pairs[3]
+    # With no new pair left, the held ones come back until answered (none is lost).
+    store.submit("ann", tabs[0].pair_id, "tie")
+    assert store.next_pair_for("ann", max_open=3).pair_id == pairs[4]
+    held = {store.next_pair_for("ann", max_open=3).pair_id for _ in range(3)}
+    assert held == {tabs[1].pair_id, pairs[3], pairs[4]}
+    for pid in held:
+        store.submit("ann", pid, "right")
+    assert store.next_pair_for("ann", max_open=3) is None
+    assert store.progress("ann") == {"labelled": 5, "skipped": 0, "remaining": 0, "total": 5}
+
+
+def test_answering_a_pair_twice_is_idempotent_or_a_conflict_never_silent(store):
+    pairs = _pairs(store, 3)
+    store.add_annotator("ann")
+    a, b, c = (store.next_pair_for("ann") for _ in pairs)
+    cid = store.submit("ann", a.pair_id, "left")
+    assert isinstance(cid, int)
+    assert store.submit("ann", a.pair_id, "left") == cid  # a double click or a retried request
+    a_label = a.shown_left
+    # Naming the stored side ("a" or "b") instead of "left" is the same answer too.
+    assert store.submit("ann", a.pair_id, a_label) == cid
+    for second in ("right", "tie", "skip"):
+        with pytest.raises(LabelConflict) as e:
+            store.submit("ann", a.pair_id, second)
+        assert (e.value.comparison_id, e.value.choice) == (cid, "left")
+        assert f"pair {a.pair_id}: 'ann' already labelled it 'left' (comparison {cid})" in str(
+            e.value
+        )
+    # A skip, then a label from another tab: the label is kept (it says more than the skip).
+    assert store.submit("ann", b.pair_id, "skip") is None
+    assert store.submit("ann", b.pair_id, "skip") is None
+    cid_b = store.submit("ann", b.pair_id, "tie")
+    assert isinstance(cid_b, int) and cid_b != cid
+    with pytest.raises(LabelConflict, match="already labelled it 'tie'"):
+        store.submit("ann", b.pair_id, "skip")
+    rows = store.comparisons(annotator="ann")
+    assert [(r["pair_id"], r["label"]) for r in rows] == [(a.pair_id, a_label), (b.pair_id, "tie")]
+    assert store.progress("ann") == {"labelled": 2, "skipped": 0, "remaining": 1, "total": 3}
+    assert store.assignment("ann", c.pair_id).status == "open"
 
 
 def test_labels_per_pair_caps_how_many_people_see_a_pair(path):
@@ -396,6 +474,32 @@ def test_bad_jsonl_names_file_and_line_and_imports_nothing(store, tmp_path):
     assert store.count("prompts") == 0
 
 
+def test_a_lone_surrogate_in_an_import_names_file_line_and_field(store, tmp_path):
+    # Valid JSON, valid UTF-8 bytes, but "\ud800" decodes to text SQLite cannot hold.
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(
+        '{"prompt": "q", "response_a": "x", "response_b": "y"}\n'
+        '{"prompt": "q", "response_a": "x\\ud800", "response_b": "y"}\n'
+    )
+    with pytest.raises(StoreInputError) as e:
+        store.import_pairs(f)
+    assert str(e.value) == f"{f}:2: field 'response_a' is not valid Unicode text (a lone surrogate)"
+    g = tmp_path / "prefs.jsonl"
+    g.write_text('{"prompt": "q", "chosen": "x", "rejected": "y", "model": "\\udfff"}\n')
+    with pytest.raises(StoreInputError, match=f"^{g}:1: field 'model' is not valid Unicode"):
+        store.import_preferences(g, source="ai")
+    assert store.count("prompts") == 0
+
+
+def test_export_refuses_a_min_agreement_outside_0_1(store):
+    [pair] = _pairs(store, 1)
+    store.add_comparison(pair, "a", source="human", annotator="ann")
+    assert len(list(store.export(min_agreement=1.0))) == 1
+    for bad in (5.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"min_agreement must be in \[0, 1\]"):
+            list(store.export(min_agreement=bad))
+
+
 def test_cli_import_export_annotator(tmp_path, capsys):
     db = str(tmp_path / "s.db")
     pairs = _write_jsonl(
@@ -437,6 +541,85 @@ def test_cli_import_export_annotator(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["store", "import", "--store", db, "--preferences", str(pairs)])  # no --source
     assert "needs --source" in capsys.readouterr().err
+
+
+def _cli_error(argv, capsys) -> str:
+    """The one stderr line of a store command that must fail with exit code 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["store", *argv])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and captured.out == ""
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1
+    return captured.err.strip()
+
+
+def test_cli_commands_that_read_refuse_a_store_that_does_not_exist(tmp_path, capsys):
+    typo = tmp_path / "typo.db"
+    for argv in (
+        ["stats"],
+        ["export", "--out", str(tmp_path / "o.jsonl")],
+        ["annotator", "list"],
+        ["annotator", "reset-token", "ann"],
+    ):
+        err = _cli_error([*argv, "--store", str(typo)], capsys)
+        assert err.startswith(f"alignkit store: error: {typo}: no such store")
+        assert not typo.exists()
+    # import of a missing file does not create the store either; annotator add does.
+    no_file = tmp_path / "no.jsonl"
+    err = _cli_error(["import", "--store", str(typo), "--pairs", str(no_file)], capsys)
+    assert err == f"alignkit store: error: {no_file}: no such file"
+    assert not typo.exists()
+    cli_main(["store", "annotator", "add", "ann", "--store", str(typo)])
+    assert typo.exists() and len(capsys.readouterr().out.strip()) >= 40
+
+
+def test_cli_a_store_path_that_is_no_store_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("words\n")
+    missing = tmp_path / "missing" / "s.db"
+    for store, argv, cause in [
+        (tmp_path / "folder", ["stats"], "is a folder, not a store file"),
+        (tmp_path / "folder", ["annotator", "add", "ann"], "is a folder, not a store file"),
+        (tmp_path / "notes.txt", ["stats"], "not a usable preference store: file is not a"),
+        (tmp_path / "notes.txt", ["annotator", "list"], "file is not a database"),
+        (missing, ["stats"], "no such store"),
+        (missing, ["annotator", "add", "ann"], f"folder {missing.parent} does not exist"),
+    ]:
+        err = _cli_error([*argv, "--store", str(store)], capsys)
+        assert err.startswith(f"alignkit store: error: {store}: ") and cause in err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_cli_export_checks_min_agreement_and_creates_the_out_folder(tmp_path, capsys):
+    db = tmp_path / "s.db"
+    with PreferenceStore(db) as s:
+        [pair] = _pairs(s, 1)
+        s.add_comparison(pair, "a", source="human", annotator="ann")
+    for bad in ("5", "-0.1", "nan", "half"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            cli_main(["store", "export", "--store", str(db), "--out", "x", "--min-agreement", bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--min-agreement" in err and repr(bad) in err
+    out = tmp_path / "new" / "folder" / "out.jsonl"
+    cli_main(["store", "export", "--store", str(db), "--out", str(out), "--min-agreement", "1"])
+    assert out.read_text() == '{"prompt": "p0", "chosen": "good 0", "rejected": "bad 0"}\n'
+    err = _cli_error(["export", "--store", str(db), "--out", str(tmp_path)], capsys)
+    assert err.startswith("alignkit store: error: ") and str(tmp_path) in err
+
+
+def test_cli_import_of_a_lone_surrogate_names_file_and_line(tmp_path, capsys):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text('{"prompt": "\\ud800", "response_a": "x", "response_b": "y"}\n')
+    db = tmp_path / "s.db"
+    err = _cli_error(["import", "--store", str(db), "--pairs", str(f)], capsys)
+    assert err == (
+        f"alignkit store: error: {f}:1: field 'prompt' is not valid Unicode text (a lone surrogate)"
+    )
+    # A name from a command line that is not UTF-8 (Python escapes its bytes as surrogates).
+    err = _cli_error(["annotator", "add", "ann\udcff", "--store", str(db)], capsys)
+    assert err == "alignkit store: error: NAME 'ann\\udcff' is not valid Unicode text"
 
 
 # -- concurrency and crashes -----------------------------------------------------------------------

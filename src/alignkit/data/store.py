@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import secrets
 import sqlite3
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 SOURCES = ("human", "ai", "simulated")
+# Unanswered pairs one annotator may hold at once (one per open tab or API worker).
+MAX_OPEN = 16
 LABELS = ("a", "b", "tie")
 CHOICES = ("a", "b", "tie", "skip", "left", "right")
 _NOW = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
@@ -129,6 +132,19 @@ class StoreInputError(StoreError, ValueError):
     """Bad input data; the message names the file and line."""
 
 
+class LabelConflict(StoreError):
+    """A second, different answer to a pair this annotator already answered.
+
+    ``comparison_id`` is the stored label's id (``None`` if the earlier answer was a skip) and
+    ``choice`` the earlier answer as the person saw it: ``left``, ``right``, ``tie`` or ``skip``.
+    """
+
+    def __init__(self, message: str, *, comparison_id: int | None, choice: str):
+        super().__init__(message)
+        self.comparison_id = comparison_id
+        self.choice = choice
+
+
 @dataclass(frozen=True)
 class Annotator:
     id: int
@@ -148,13 +164,15 @@ class Pair:
 
 @dataclass(frozen=True)
 class Assignment:
-    """A pair handed to one annotator, with the side (``a`` or ``b``) shown on the left."""
+    """A pair handed to one annotator, with the side (``a`` or ``b``) shown on the left;
+    ``status`` is ``open`` until they answer it (then ``done`` or ``skipped``)."""
 
     pair_id: int
     prompt: str
     response_a: str
     response_b: str
     shown_left: str
+    status: str = "open"
 
     @property
     def left(self) -> str:
@@ -173,6 +191,16 @@ def _hash(*parts: Any) -> str:
 def hash_token(token: str) -> str:
     # Tokens are 256-bit random strings: a fast unsalted hash is enough (no dictionary to attack).
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def is_text(value: str) -> bool:
+    """Whether ``value`` can be stored: SQLite holds UTF-8, and a lone surrogate (which JSON's
+    ``"\\ud800"`` escapes and undecodable file names produce) has no UTF-8 form."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def migrate(conn: sqlite3.Connection, migrations: list[tuple[str, ...]] | None = None) -> int:
@@ -232,7 +260,11 @@ class PreferenceStore:
     """A preference store in the SQLite file ``path`` (created and migrated on open).
 
     ``labels_per_pair``: how many people may label one pair in the annotation app;
-    ``assignment_ttl_s``: after this long an unanswered assignment stops reserving its pair.
+    ``assignment_ttl_s``: after this long an unanswered assignment stops reserving its pair;
+    ``create=False``: refuse a file that does not exist instead of creating an empty store (for
+    readers: a typo in a path must not look like an empty store).
+
+    A path that cannot be opened as a store raises :class:`StoreError` naming the path and why.
     """
 
     def __init__(
@@ -242,6 +274,7 @@ class PreferenceStore:
         labels_per_pair: int = 1,
         assignment_ttl_s: float = 3600.0,
         timeout_s: float = 30.0,
+        create: bool = True,
     ):
         if labels_per_pair < 1:
             raise ValueError(f"labels_per_pair must be >= 1, got {labels_per_pair}")
@@ -249,15 +282,48 @@ class PreferenceStore:
         self.labels_per_pair = labels_per_pair
         self.assignment_ttl_s = assignment_ttl_s
         self._depth = 0
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
-        self._conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+        self._check_path(create)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit. fsencode:
+            # a file name that is not UTF-8 (surrogate-escaped by Python) still opens.
+            self._conn = sqlite3.connect(
+                os.fsencode(self.path), timeout=timeout_s, isolation_level=None
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: cannot open the store: {e}") from None
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        # In WAL mode NORMAL survives a killed process; only a power cut may lose the last commits.
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        migrate(self._conn)
+        try:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            # The first statement that reads the file: "file is not a database" shows up here.
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            # In WAL mode NORMAL survives a killed process; only a power cut may lose the last
+            # commits.
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as e:
+            self._conn.close()
+            raise StoreError(f"{self.path}: not a usable preference store: {e}") from None
+        try:
+            migrate(self._conn)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _check_path(self, create: bool) -> None:
+        """Refuse what SQLite would only report as "unable to open database file"."""
+        if self.path == ":memory:" or self.path.startswith("file:"):
+            return
+        path = Path(self.path)
+        if path.is_dir():
+            raise StoreError(f"{self.path}: is a folder, not a store file")
+        if path.exists():
+            return
+        if not create:
+            raise StoreError(f"{self.path}: no such store")
+        if not path.parent.is_dir():
+            raise StoreError(
+                f"{self.path}: cannot create the store: folder {path.parent} does not exist"
+            )
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -533,6 +599,8 @@ class PreferenceStore:
         name = name.strip()
         if not name:
             raise StoreError("annotator name must not be empty")
+        if not is_text(name):
+            raise StoreError(f"annotator name {name!r} is not valid Unicode text")
         token = secrets.token_urlsafe(32)
         with self.transaction():
             if self._one("SELECT 1 FROM annotators WHERE name = ?", (name,)):
@@ -567,7 +635,22 @@ class PreferenceStore:
         return self._annotator("id", annotator_id)
 
     def annotator_by_token(self, token: str) -> Annotator | None:
-        return self._annotator("token_hash", hash_token(token)) if token else None
+        # A token that is not text (a lone surrogate from a form) matches nobody.
+        if not token or not is_text(token):
+            return None
+        return self._annotator("token_hash", hash_token(token))
+
+    def session_key(self, annotator_id: int) -> str | None:
+        """A fingerprint of the annotator's current token (``None`` if there is no such annotator).
+
+        A login session records it and is valid only while it still matches, so that resetting
+        the token ends every session logged in with the old one. It derives from the token's hash
+        one-way: a session cookie (signed, but readable by its holder) reveals nothing stored.
+        """
+        token_hash = self._one("SELECT token_hash FROM annotators WHERE id = ?", (annotator_id,))
+        if token_hash is None:
+            return None
+        return hashlib.sha256(f"alignkit-session:{token_hash}".encode()).hexdigest()
 
     def annotators(self) -> list[Annotator]:
         rows = self._conn.execute("SELECT id, name, is_admin FROM annotators ORDER BY name")
@@ -607,27 +690,29 @@ class PreferenceStore:
         *,
         labels_per_pair: int | None = None,
         rng: random.Random | None = None,
+        max_open: int = MAX_OPEN,
     ) -> Assignment | None:
-        """The pair ``annotator`` should label now, or ``None`` when nothing is left for them.
+        """A pair for ``annotator`` to label now, or ``None`` when nothing is left for them.
 
-        An unanswered assignment comes back unchanged (same left/right order). Otherwise the least
-        labelled eligible pair is reserved for them, with a random side shown on the left.
-        A person never gets the same pair twice.
+        Every call reserves a new pair -- the least labelled eligible one, with a random side
+        shown on the left -- so that several tabs (or API workers) of one person label different
+        pairs. Once they hold ``max_open`` unanswered pairs, or no new pair is left, the one they
+        were handed longest ago comes back (same left/right order): a person cannot hoard more than
+        ``max_open`` pairs, and pairs left open in a closed tab are not lost to them.
+        A person never gets a pair they answered.
         """
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
         rng = rng or random
         with self.transaction():
             who = self._require(annotator)
-            row = self._conn.execute(
+            held = self._conn.execute(
                 "SELECT id, pair_id FROM assignments WHERE annotator_id = ? AND status = 'open' "
-                "ORDER BY id LIMIT 1",
+                "ORDER BY assigned_at, id",
                 (who.id,),
-            ).fetchone()
-            if row is not None:
-                self._conn.execute(
-                    "UPDATE assignments SET assigned_at = ? WHERE id = ?", (time.time(), row["id"])
-                )
-                pair_id = row["pair_id"]
-            else:
+            ).fetchall()
+            pair_id = None
+            if len(held) < max_open:
                 pair_id = self._one(
                     "SELECT p.id "
                     + self._ELIGIBLE
@@ -636,25 +721,36 @@ class PreferenceStore:
                               WHERE c.pair_id = p.id AND c.source = 'human'), p.id LIMIT 1""",
                     self._eligible_params(who, labels_per_pair),
                 )
-                if pair_id is None:
-                    return None
+            if pair_id is not None:
                 self._conn.execute(
                     "INSERT INTO assignments (pair_id, annotator_id, shown_left, assigned_at) "
                     "VALUES (?, ?, ?, ?)",
                     (pair_id, who.id, rng.choice("ab"), time.time()),
                 )
+            elif held:
+                # Handing it out again renews its reservation, and moves it to the back of the
+                # queue: the next call (another tab) gets another of the held pairs.
+                oldest = held[0]
+                self._conn.execute(
+                    "UPDATE assignments SET assigned_at = ? WHERE id = ?",
+                    (time.time(), oldest["id"]),
+                )
+                pair_id = oldest["pair_id"]
+            else:
+                return None
             return self.assignment(annotator, pair_id)
 
     def assignment(self, annotator: str, pair_id: int) -> Assignment | None:
+        """The pair ``pair_id`` as handed to ``annotator`` (any status), or ``None`` if never."""
         row = self._conn.execute(
-            "SELECT s.shown_left FROM assignments s JOIN annotators n ON n.id = s.annotator_id "
-            "WHERE n.name = ? AND s.pair_id = ?",
+            "SELECT s.shown_left, s.status FROM assignments s"
+            " JOIN annotators n ON n.id = s.annotator_id WHERE n.name = ? AND s.pair_id = ?",
             (annotator, pair_id),
         ).fetchone()
         if row is None:
             return None
         pair = self.pair(pair_id)
-        return Assignment(pair.id, pair.prompt, pair.response_a, pair.response_b, row[0])
+        return Assignment(pair.id, pair.prompt, pair.response_a, pair.response_b, *row)
 
     def submit(
         self, annotator: str, pair_id: int, choice: str, comment: str | None = None
@@ -662,8 +758,12 @@ class PreferenceStore:
         """Answer the assignment of ``pair_id`` to ``annotator``.
 
         ``choice``: ``a``/``b``/``tie``, ``left``/``right`` (the side as shown), or ``skip``.
-        Returns the comparison id; ``None`` for a skip or an assignment already answered (a double
-        submit). Raises :class:`StoreError` if the pair was never given to this annotator.
+        Returns the comparison id (``None`` for a skip).
+
+        Answering twice (two tabs, a double click, a retried request): the same answer again
+        returns the first one's comparison id and changes nothing; a label after a skip is
+        recorded; any other second answer raises :class:`LabelConflict` naming the first.
+        Raises :class:`StoreError` if the pair was never given to this annotator.
         """
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
@@ -676,18 +776,37 @@ class PreferenceStore:
             ).fetchone()
             if row is None:
                 raise StoreError(f"pair {pair_id} is not assigned to {annotator!r}")
-            if row["status"] != "open":
-                return None
             shown_left = row["shown_left"]
             other = "b" if shown_left == "a" else "a"
             label = {"left": shown_left, "right": other}.get(choice, choice)
-            self._conn.execute(
-                "UPDATE assignments SET status = ?, finished_at = ? WHERE id = ?",
-                ("skipped" if label == "skip" else "done", time.time(), row["id"]),
-            )
+            earlier = self._conn.execute(
+                "SELECT id, label FROM comparisons"
+                " WHERE pair_id = ? AND source = 'human' AND annotator = ?",
+                (pair_id, who.name),
+            ).fetchone()
+            if earlier is not None:
+                if earlier["label"] == label:
+                    return earlier["id"]
+                shown = {shown_left: "left", other: "right", "tie": "tie"}[earlier["label"]]
+                raise LabelConflict(
+                    f"pair {pair_id}: {who.name!r} already labelled it {shown!r} (comparison "
+                    f"{earlier['id']}); the second answer {choice!r} was not recorded",
+                    comparison_id=earlier["id"],
+                    choice=shown,
+                )
             if label == "skip":
+                if row["status"] == "open":
+                    self._conn.execute(
+                        "UPDATE assignments SET status = 'skipped', finished_at = ? WHERE id = ?",
+                        (time.time(), row["id"]),
+                    )
                 return None
-            return self.add_comparison(
+            # Open, or skipped earlier (perhaps in another tab): a label says more than a skip.
+            self._conn.execute(
+                "UPDATE assignments SET status = 'done', finished_at = ? WHERE id = ?",
+                (time.time(), row["id"]),
+            )
+            comparison_id = self.add_comparison(
                 pair_id,
                 label,
                 source="human",
@@ -695,9 +814,14 @@ class PreferenceStore:
                 shown_left=shown_left,
                 comment=comment or None,
             )
+            # Cannot happen (we looked for an earlier label inside this write transaction), but a
+            # label must never vanish silently.
+            if comparison_id is None:
+                raise StoreError(f"pair {pair_id}: the label of {who.name!r} was not recorded")
+            return comparison_id
 
     def progress(self, annotator: str, *, labels_per_pair: int | None = None) -> dict:
-        """``labelled``, ``skipped``, ``remaining`` (incl. the open one) and ``total`` =
+        """``labelled``, ``skipped``, ``remaining`` (incl. the open ones) and ``total`` =
         labelled + remaining, for one annotator."""
         who = self._require(annotator)
         labelled = self._one(
@@ -878,6 +1002,8 @@ class PreferenceStore:
         """
         if format not in ("preference", "unpaired"):
             raise ValueError(f"format must be 'preference' or 'unpaired', got {format!r}")
+        if not 0.0 <= min_agreement <= 1.0:  # also refuses NaN
+            raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
         if ties not in ("drop", "split"):
             raise ValueError(f"ties must be 'drop' or 'split', got {ties!r}")
         votes: dict[int, list[str]] = defaultdict(list)
@@ -933,6 +1059,13 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[tuple[int, d
             raise StoreInputError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(record, dict):
             raise StoreInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for key, value in record.items():
+            # JSON may spell a lone surrogate ("\ud800"); it has no UTF-8 form, SQLite cannot
+            # hold it, and the error would otherwise surface later without the line.
+            if not is_text(json.dumps([key, value], ensure_ascii=False)):
+                raise StoreInputError(
+                    f"{where}: field {key!r} is not valid Unicode text (a lone surrogate)"
+                )
         for key in required:
             if key not in record:
                 raise StoreInputError(f"{where}: missing field {key!r}")

@@ -4,16 +4,34 @@ alignkit store import --store S --pairs FILE.jsonl
 alignkit store import --store S --preferences FILE.jsonl --source human|ai|simulated
 alignkit store export --store S --out FILE.jsonl --format preference|unpaired
 alignkit store annotator add NAME --store S [--admin]
+alignkit store annotator reset-token NAME --store S   (also logs out every session of NAME)
+alignkit store annotator list --store S
 alignkit store stats --store S
+
+Only ``import`` and ``annotator add`` create a new store; every other action refuses a --store
+that does not exist (a typo must not read as an empty store). Errors print one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
+from pathlib import Path
 
-from alignkit.data.store import SOURCES, PreferenceStore, StoreError
+from alignkit.data.store import SOURCES, PreferenceStore, StoreError, is_text
+
+
+def _share(text: str) -> float:
+    """A fraction of the votes, in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     exp.add_argument("--annotator", help="only labels by this annotator or judge")
     exp.add_argument(
         "--min-agreement",
-        type=float,
+        type=_share,
         default=0.0,
         help="drop pairs whose majority label has less than this share of the votes",
     )
@@ -70,23 +88,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions.add_parser("stats", help="print label counts and agreement as JSON")
 
     for sub in (imp, exp, *ann_actions.choices.values(), actions.choices["stats"]):
+        creates = sub in (imp, ann_actions.choices["add"])
         sub.add_argument(
-            "--store", required=True, help="the SQLite preference store (created if new)"
+            "--store",
+            required=True,
+            help="the SQLite preference store" + (" (created if new)" if creates else ""),
         )
 
 
+def printable(text: object) -> str:
+    """``text`` with control and other unprintable characters escaped (``\\r``, ``\\udcff``):
+    a file name holding a newline, or a surrogate-escaped byte, stays one readable line."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
+
+
+def _fail(message: object) -> None:
+    print(f"alignkit store: error: {printable(message)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run(args: argparse.Namespace) -> None:
+    creates = args.action == "import" or getattr(args, "annotator_action", None) == "add"
+    for attr, flag in (("name", "NAME"), ("annotator", "--annotator")):
+        value = getattr(args, attr, None)
+        # Command lines that are not UTF-8 arrive with lone surrogates, which SQLite cannot hold.
+        if value is not None and not is_text(value):
+            _fail(f"{flag} {value!r} is not valid Unicode text")
+    if args.action == "import":
+        source = args.pairs if args.pairs is not None else args.preferences
+        # Checked before the store is opened: a mistyped input must not leave a new empty store.
+        if not source:
+            _fail(f"{'--pairs' if args.pairs is not None else '--preferences'}: empty file name")
+        if not Path(source).exists():
+            _fail(f"{source}: no such file")
+    if not creates and not Path(args.store).exists():
+        _fail(
+            f"{args.store}: no such store (only `alignkit store import` and "
+            "`alignkit store annotator add` create one)"
+        )
     try:
-        with PreferenceStore(args.store) as store:
+        with PreferenceStore(args.store, create=creates) as store:
             _run(store, args)
     except (StoreError, ValueError) as e:
-        print(f"alignkit store: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)
+    except OSError as e:  # export: --out is a folder, or not writable
+        _fail(f"{e.filename or args.store}: {e.strerror or e}")
+    except sqlite3.Error as e:  # still locked after the busy timeout, disk full, ...
+        _fail(f"{args.store}: {e}")
 
 
 def _run(store: PreferenceStore, args: argparse.Namespace) -> None:
     if args.action == "import":
-        if args.pairs:
+        if args.pairs is not None:
             counts = store.import_pairs(args.pairs)
             what = args.pairs
         else:

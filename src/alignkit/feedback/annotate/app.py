@@ -5,19 +5,32 @@ CSRF token):
 
   GET  /login, POST /login      log in with the token from ``alignkit store annotator add``
   POST /logout
-  GET  /                        the next pair: prompt, two responses side by side, progress
+  GET  /                        reserves the next pair and redirects to its page (or: all done)
+  GET  /pair/<id>               that pair: prompt, two responses side by side, progress
   POST /label                   answer it: choice=left|right|tie|skip, optional comment
   GET  /stats                   labels per annotator and agreement (admins only)
 
 JSON API (``Authorization: Bearer TOKEN``; no cookies, hence no CSRF):
 
   GET  /api/next  ->  {pair_id, prompt, left, right, progress}  (pair_id null when done)
-  POST /api/label     {pair_id, choice, [comment]}  ->  {comparison_id}
+  POST /api/label     {pair_id, choice, [comment]}  ->  {comparison_id}  (a skip: {comparison_id:
+                      null, skipped: true})
   GET  /api/progress, GET /api/stats (admins only)
+
+One person may label in several tabs (or API workers) at once: every GET / or /api/next hands
+out a different pair while unreserved ones remain (see ``PreferenceStore.next_pair_for``), and a
+pair's own address lets a tab reload it. Answering a pair twice never drops a label silently:
+the same answer again is idempotent (the first comparison_id), a different one is 409 Conflict
+naming the first (JSON: ``{error, comparison_id, choice}``).
+
+A login session remembers a fingerprint of the annotator's token
+(``PreferenceStore.session_key``), checked on every request: ``alignkit store annotator
+reset-token`` logs out every browser logged in with the old token.
 
 Which response is shown on the left is random per (pair, annotator) and recorded with the label.
 Responses are untrusted model output: templates autoescape, and the Content-Security-Policy
-allows no inline script, so escaping mistakes cannot run code either.
+allows no inline script, so escaping mistakes cannot run code either. Malformed input of any kind
+is a 4xx naming the field, never a 500.
 """
 
 from __future__ import annotations
@@ -40,12 +53,14 @@ from flask import (
     session,
     url_for,
 )
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import Conflict, HTTPException
 
-from alignkit.data.store import PreferenceStore, StoreError
+from alignkit.data.store import MAX_OPEN, LabelConflict, PreferenceStore, StoreError, is_text
 
 MAX_COMMENT = 2000
 SIDES = ("left", "right", "tie", "skip")
+# SQLite's INTEGER range: a larger number names no pair, and binding it raises OverflowError.
+MAX_ID = 2**63 - 1
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
@@ -60,11 +75,13 @@ def create_app(
     secret_key: str | None = None,
     labels_per_pair: int = 1,
     assignment_ttl_s: float = 3600.0,
+    max_open: int = MAX_OPEN,
 ) -> Flask:
     """The app serving the store at ``store_path`` (created/migrated now).
 
     ``secret_key`` signs session cookies; default ``$ALIGNKIT_SECRET_KEY``, else a random key
-    (everyone is logged out when the app restarts).
+    (everyone is logged out when the app restarts). ``max_open``: unanswered pairs one person
+    may hold at once (their tabs or API workers).
     """
     PreferenceStore(store_path, labels_per_pair=labels_per_pair).close()
     app = Flask("alignkit.feedback.annotate")
@@ -77,6 +94,7 @@ def create_app(
         STORE_PATH=str(store_path),
         LABELS_PER_PAIR=labels_per_pair,
         ASSIGNMENT_TTL_S=assignment_ttl_s,
+        MAX_OPEN=max_open,
     )
     app.register_blueprint(bp)
     app.jinja_env.globals["csrf_token"] = _csrf_token
@@ -127,9 +145,17 @@ def _security_headers(response):
     return response
 
 
+class _LabelConflict(Conflict):
+    """409 for a second, different answer; the API's body also names the first answer."""
+
+    def __init__(self, conflict: LabelConflict):
+        super().__init__(str(conflict))
+        self.details = {"comparison_id": conflict.comparison_id, "choice": conflict.choice}
+
+
 def _error(e: HTTPException):
     if _is_api():
-        response = jsonify(error=e.description)
+        response = jsonify(error=e.description, **getattr(e, "details", {}))
     else:
         response = current_app.make_response(
             render_template("error.html", code=e.code, name=e.name, description=e.description)
@@ -154,16 +180,28 @@ def _authenticate():
         return None
     if request.method == "POST":
         sent = request.form.get("csrf_token", "")
-        if not sent or "csrf" not in session or not hmac.compare_digest(sent, session["csrf"]):
+        # Bytes: compare_digest refuses str with non-ASCII characters (a TypeError, i.e. a 500).
+        if not sent or "csrf" not in session or not hmac.compare_digest(
+            sent.encode("utf-8", "surrogatepass"), session["csrf"].encode()
+        ):
             abort(400, "missing or invalid CSRF token; reload the page and try again")
     if request.endpoint in ("annotate.login", "static"):
         return None
     if "annotator_id" in session:
-        g.annotator = _store().annotator_by_id(session["annotator_id"])
+        store = _store()
+        annotator = store.annotator_by_id(session["annotator_id"])
+        # The cookie is signed but holds no secret of its own: without this check a session would
+        # outlive a reset of the token it was opened with.
+        key = None if annotator is None else store.session_key(annotator.id)
+        if key is not None and hmac.compare_digest(session.get("key", ""), key):
+            g.annotator = annotator
     if g.annotator is None:
-        session.pop("annotator_id", None)
+        ended = "annotator_id" in session
+        session.clear()
         if request.method == "GET":
-            return redirect(url_for("annotate.login"))
+            return redirect(url_for("annotate.login", **({"ended": 1} if ended else {})))
+        if ended:
+            abort(401, "your session has ended (your access token was reset); log in again")
         abort(401, "log in first")
     return None
 
@@ -173,15 +211,17 @@ def _require_admin() -> None:
         abort(403, "only admins may see the statistics")
 
 
-def _pair_view(store: PreferenceStore) -> dict:
-    name = g.annotator.name
-    assignment = store.next_pair_for(name)
+def _next_pair(store: PreferenceStore):
+    return store.next_pair_for(g.annotator.name, max_open=current_app.config["MAX_OPEN"])
+
+
+def _pair_view(store: PreferenceStore, assignment) -> dict:
     view = {
         "pair_id": None,
         "prompt": None,
         "left": None,
         "right": None,
-        "progress": store.progress(name),
+        "progress": store.progress(g.annotator.name),
     }
     if assignment is not None:
         view.update(
@@ -193,18 +233,29 @@ def _pair_view(store: PreferenceStore) -> dict:
     return view
 
 
+def _pair_id(value: object) -> int:
+    # int() would take 1.9, True, 1e23 (as a float), " 1", "1_0" and Arabic-Indic digits: only a
+    # JSON integer or a string of ASCII digits names a pair.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
+        abort(400, "pair_id must be a whole number from 1 to 2**63 - 1")
+    return value
+
+
 def _submit(store: PreferenceStore, pair_id: object, choice: object, comment: object) -> int | None:
-    if choice not in SIDES:
+    if not isinstance(choice, str) or choice not in SIDES:
         abort(400, f"choice must be one of {', '.join(SIDES)}")
-    try:
-        pair_id = int(pair_id)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        abort(400, "pair_id must be an integer")
+    pair_id = _pair_id(pair_id)
     if comment is not None and not isinstance(comment, str):
         abort(400, "comment must be a string")
+    if comment is not None and not is_text(comment):
+        abort(400, "comment is not valid Unicode text (it holds a lone surrogate)")
     comment = (comment or "").strip()[:MAX_COMMENT] or None
     try:
         return store.submit(g.annotator.name, pair_id, choice, comment)
+    except LabelConflict as e:
+        raise _LabelConflict(e) from None
     except StoreError as e:
         abort(409, str(e))
 
@@ -216,13 +267,16 @@ def _submit(store: PreferenceStore, pair_id: object, choice: object, comment: ob
 def login():
     error = None
     if request.method == "POST":
-        annotator = _store().annotator_by_token(request.form.get("token", "").strip())
+        store = _store()
+        annotator = store.annotator_by_token(request.form.get("token", "").strip())
         if annotator is not None:
             session.clear()  # a fresh session (and CSRF token) for the logged-in person
             session["annotator_id"] = annotator.id
+            session["key"] = store.session_key(annotator.id)
             return redirect(url_for("annotate.index"), code=303)
         error = "Unknown access token."
-    return render_template("login.html", error=error), 401 if error else 200
+    ended = request.method == "GET" and "ended" in request.args
+    return render_template("login.html", error=error, ended=ended), 401 if error else 200
 
 
 @bp.post("/logout")
@@ -233,7 +287,23 @@ def logout():
 
 @bp.get("/")
 def index():
-    return render_template("annotate.html", **_pair_view(_store()))
+    store = _store()
+    assignment = _next_pair(store)
+    if assignment is None:
+        return render_template("annotate.html", **_pair_view(store, None))
+    # The pair gets its own address: reloading the tab shows the same pair again, while GET /
+    # (a new tab, or after answering) reserves another one.
+    return redirect(url_for("annotate.pair", pair_id=assignment.pair_id), code=303)
+
+
+@bp.get("/pair/<int:pair_id>")
+def pair(pair_id: int):
+    store = _store()
+    assignment = store.assignment(g.annotator.name, pair_id) if pair_id <= MAX_ID else None
+    if assignment is None or assignment.status != "open":
+        # Answered (perhaps in another tab) or never handed to this person: on to one that is.
+        return redirect(url_for("annotate.index"), code=303)
+    return render_template("annotate.html", **_pair_view(store, assignment))
 
 
 @bp.post("/label")
@@ -258,15 +328,21 @@ def stats():
 
 @bp.get("/api/next")
 def api_next():
-    return jsonify(_pair_view(_store()))
+    store = _store()
+    return jsonify(_pair_view(store, _next_pair(store)))
 
 
 @bp.post("/api/label")
 def api_label():
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # "[[[[..." nested past Python's limit; silent= catches ValueError only
+        body = None
     if not isinstance(body, dict):
         abort(400, "expected a JSON object body")
     comparison_id = _submit(_store(), body.get("pair_id"), body.get("choice"), body.get("comment"))
+    if body["choice"] == "skip":  # say so: a null id must never look like a label gone missing
+        return jsonify(comparison_id=None, skipped=True)
     return jsonify(comparison_id=comparison_id)
 
 

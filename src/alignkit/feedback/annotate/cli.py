@@ -2,48 +2,95 @@
 
   alignkit annotate --store S [--port 8000] [--host 127.0.0.1] [--labels-per-pair 1]
 
-People log in with tokens from ``alignkit store annotator add NAME``. Set ALIGNKIT_SECRET_KEY to
-keep people logged in across restarts. Plain HTTP: put it behind a TLS proxy before exposing it
-beyond this machine.
+The store must exist (``alignkit store import`` creates it). People log in with tokens from
+``alignkit store annotator add NAME``; ``alignkit store annotator reset-token NAME`` logs out
+every session of NAME. Set ALIGNKIT_SECRET_KEY to keep people logged in across restarts. Plain
+HTTP: put it behind a TLS proxy before exposing it beyond this machine. A bad argument or store
+prints one line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import sys
+from pathlib import Path
+
+
+def _port(text: str) -> int:
+    """0 (any free port, documented in --help) or 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 1..65535 (or 0: any free port), got {text}")
+    return port
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--store", required=True, help="the SQLite preference store")
+    parser.add_argument("--store", required=True, help="an existing SQLite preference store")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    parser.add_argument(
+        "--port", type=_port, default=8000, help="port, 1..65535 (0: any free port)"
+    )
     parser.add_argument(
         "--labels-per-pair",
-        type=int,
+        type=_at_least_one,
         default=1,
         help="how many people label each pair (2+ to measure agreement)",
     )
     parser.add_argument(
         "--assignment-ttl",
-        type=float,
+        type=_seconds,
         default=3600.0,
         help="seconds an unanswered pair stays reserved for one person",
     )
+
+
+def _fail(message: object) -> None:
+    from alignkit.feedback.store_cli import printable
+
+    print(f"alignkit annotate: error: {printable(message)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def run(args: argparse.Namespace) -> None:
     from werkzeug.serving import make_server
 
     from alignkit.feedback.annotate.app import create_app
-    from alignkit.data.store import PreferenceStore
+    from alignkit.data.store import PreferenceStore, StoreError
     from alignkit.serve import serve_until_interrupted
 
-    if args.labels_per_pair < 1:
-        sys.exit("alignkit annotate: --labels-per-pair must be >= 1")
-    with PreferenceStore(args.store) as store:
-        n_pairs, n_people = store.count("pairs"), store.count("annotators")
+    try:
+        # create=False: serving a mistyped path would show everyone an empty store.
+        with PreferenceStore(args.store, create=False) as store:
+            n_pairs, n_people = store.count("pairs"), store.count("annotators")
+    except StoreError as e:
+        missing = not Path(args.store).exists()
+        _fail(f"{e}{' (`alignkit store import --pairs FILE` creates one)' if missing else ''}")
     app = create_app(
         args.store, labels_per_pair=args.labels_per_pair, assignment_ttl_s=args.assignment_ttl
     )
@@ -53,6 +100,7 @@ def run(args: argparse.Namespace) -> None:
             "tokens travel unencrypted unless a TLS proxy sits in front",
             file=sys.stderr,
         )
+    # A port in use or an unknown host: werkzeug prints the cause and exits 1, no traceback.
     server = make_server(args.host, args.port, app, threaded=True)
     print(
         f"alignkit annotate: {args.store}: {n_pairs} pairs, {n_people} annotators; "
