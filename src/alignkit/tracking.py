@@ -30,6 +30,9 @@ from alignkit.config import ConfigError, save_config, to_dict
 OPERATIONAL = frozenset({"out_dir", "resume", "log_every", "save_every", "eval_every",
                          "keep_checkpoints", "tensorboard", "store"})
 HASHED_BYTES = 64 << 20   # files up to this size are identified by content, larger by size+mtime
+# Counts of independent rounds or steps, each saved whole before the next starts: a larger
+# value continues the same run (online DPO's rounds, ReST's Grow steps).
+EXTENDS = frozenset({"online.rounds", "grow_steps"})
 
 
 def _clean(value: Any) -> Any:
@@ -204,18 +207,24 @@ def _has_progress(out_dir: Path) -> bool:
     return any(p.name not in _BOOKKEEPING for p in out_dir.iterdir())
 
 
-def check_fingerprint(out_dir: str | Path, cfg: Any, record: bool = False) -> None:
+def check_fingerprint(out_dir: str | Path, cfg: Any, record: bool = False) -> bool:
     """Refuse to go on in ``out_dir`` when it holds a run with another fingerprint, naming what
     differs and the ways on; ``record``: write this run's fingerprint (a run started afresh
-    with ``resume=never`` is recorded over the old one)."""
+    with ``resume=never`` is recorded over the old one). Returns whether the run goes on
+    further than the recorded one (a larger count of :data:`EXTENDS`)."""
     path = Path(out_dir) / "fingerprint.json"
     current = fingerprint(cfg)
+    extended = False
     if path.exists() and _resumes(cfg) and _has_progress(Path(out_dir)):
         try:
             recorded = json.loads(path.read_text())
         except ValueError:
             recorded = {}
         changed = fingerprint_changes(recorded, current)
+        old = recorded.get("settings", {})
+        grown = [k for k in changed if k in EXTENDS and isinstance(old.get(k), int)
+                 and current["settings"][k] > old[k]]
+        changed, extended = [k for k in changed if k not in grown], bool(grown)
         if changed:
             shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
             ways = ("resume=never (start afresh here), " if "resume" in
@@ -225,3 +234,4 @@ def check_fingerprint(out_dir: str | Path, cfg: Any, record: bool = False) -> No
                               f"or --overwrite to delete the old run")
     if record:
         _write_atomic(path, json.dumps(current, indent=1) + "\n")
+    return extended

@@ -127,11 +127,11 @@ def main(cfg: Config) -> dict:
     timings: dict[str, float] = {}
     for name, (module, stage_cfg) in configs.items():
         done = Path(stage_cfg.out_dir) / "metrics.json"   # written last, atomically
-        if done.exists():
-            try:
-                check_fingerprint(stage_cfg.out_dir, stage_cfg)
-            except ConfigError as exc:
-                raise ConfigError(f"pipeline stage {name!r} is done with other settings: {exc}") from None
+        try:
+            extended = done.exists() and check_fingerprint(stage_cfg.out_dir, stage_cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"pipeline stage {name!r} is done with other settings: {exc}") from None
+        if done.exists() and not extended:
             print(f"[pipeline] {name}: already done ({done}), skipping", flush=True)
             summary[name] = json.loads(done.read_text())
             continue
