@@ -522,7 +522,8 @@ def build_dataset(source: str | Path | Iterable[Mapping[str, Any]], tokenizer, f
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected 'auto' or one of {FORMATS}")
     records = _as_records(source, split)
-    name = str(source) if isinstance(source, (str, Path)) else "<records>"
+    name = str(source) if isinstance(source, (str, Path)) else \
+        records[0].source if records else "<records>"   # loaded records name their dataset
     if not records:
         raise DataError("no records", where=name)
     if format == "auto":

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import require
-from alignkit.data.sources import DataConfig
+from alignkit.data.sources import DataConfig, train_source
 from alignkit.engine.dap_loss import (LossConfig, add_kto_mismatch, cache_reference, collate_dap,
                                       make_loss)
 from alignkit.engine.models import LoraSpec
@@ -149,7 +149,8 @@ def main(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     needs_ref = cfg.loss.needs_reference
     reference = load_reference(cfg, tokenizer) if needs_ref else None
-    examples, stats = prepare_examples(Path(cfg.data.train), tokenizer, cfg, reference)
+    examples, stats = prepare_examples(train_source(cfg.data, cfg.train.seed), tokenizer, cfg,
+                                       reference)
     accelerator.print(f"alignkit dpo ({cfg.loss.name}): {stats}; reference log-probs "
                       f"{'cached' if needs_ref else 'not needed'}")
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)

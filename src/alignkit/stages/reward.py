@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import require
-from alignkit.data.sources import DataConfig, sft_source
+from alignkit.data.sources import DataConfig, eval_source, train_source
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.rm_loss import evaluate_pairs, make_loss, score_head, supports_last_rows_only
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
@@ -51,7 +51,6 @@ def gold_margins(task_name: str, records: list[dict]) -> list[float]:
 def main(cfg: Config) -> dict:
     from alignkit.data.collate import collate_preference
     from alignkit.data.formats import build_dataset
-    from alignkit.data.io import load_records
     from alignkit.engine.models import apply_lora, load_scalar_model, load_tokenizer, save_model
     from alignkit.tracking import Tracker
 
@@ -60,12 +59,12 @@ def main(cfg: Config) -> dict:
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage="rm")
     tokenizer = load_tokenizer(cfg.model)
     d = cfg.data
-    examples, stats = build_dataset(sft_source(d.train, "train", d.task_samples), tokenizer,
+    examples, stats = build_dataset(train_source(d), tokenizer,
                                     format="preference", max_length=d.max_length,
                                     overlong=d.overlong, chat=d.chat)
     eval_fn = None
     if d.eval:
-        eval_records = load_records(d.eval)
+        eval_records = eval_source(d)
         eval_examples, _ = build_dataset(eval_records, tokenizer, format="preference",
                                          max_length=d.max_length, overlong="truncate", chat=d.chat)
         margins = gold_margins(cfg.gold_task, [dict(r) for r in eval_records]) \

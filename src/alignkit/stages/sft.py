@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import require
-from alignkit.data.sources import DataConfig, sft_source
+from alignkit.data.sources import DataConfig, eval_source, train_source
 from alignkit.engine.lm_loss import eval_loss, loss_for, n_targets
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
@@ -46,12 +46,12 @@ def main(cfg: Config) -> dict:
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage="sft")
     tokenizer = load_tokenizer(cfg.model)
     d = cfg.data
-    train_src = sft_source(d.train, "train", d.task_samples, seed=cfg.train.seed)
+    train_src = train_source(d, seed=cfg.train.seed)
     examples, stats = build_dataset(train_src, tokenizer, format=d.format, accepts=DEMONSTRATIONS,
                                     max_length=d.max_length, overlong=d.overlong, chat=d.chat)
     eval_examples = []
     if d.eval:
-        eval_src = sft_source(d.eval, "test", d.eval_samples, seed=cfg.train.seed)
+        eval_src = eval_source(d, seed=cfg.train.seed)
         eval_examples, _ = build_dataset(eval_src, tokenizer, format=d.format, accepts=DEMONSTRATIONS,
                                          max_length=d.max_length, overlong=d.overlong, chat=d.chat)
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)
