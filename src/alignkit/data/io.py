@@ -191,7 +191,8 @@ def _read_dataset_folder(p: Path, source: str, split: str, subset: str | None = 
     try:
         builder = datasets.load_dataset_builder(str(p), subset, data_files=data_files)
     except Exception as e:  # datasets raises several unrelated types for "cannot infer a dataset"
-        raise DataError(f"not a dataset folder datasets can read: {_first_line(e)}", where=source) from e
+        raise DataError(f"not a dataset folder datasets can read: {_first_line(e)}",
+                        where=source) from e
     resolved = {str(k): list(v) for k, v in (builder.config.data_files or {}).items()}
     if split not in resolved:
         available = ", ".join(resolved) or "none"

@@ -70,7 +70,7 @@ def sft_source(spec: str, split: str, n: int, seed: int = 0, subset: str | None 
 
 
 def train_source(d: DataConfig, seed: int = 0) -> list[dict] | list[Record]:
-    """The records of ``data.train`` (split ``data.split``, ``data.subset``, ``data.data_files``)."""
+    """The records of ``data.train``: its ``data.split``, ``data.subset``, ``data.data_files``."""
     return _load(d.train, d.split, d.task_samples, seed, d.subset, d.data_files, "train", "split")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from alignkit.config import require
 from alignkit.data.sources import DataConfig, train_source
 from alignkit.engine.dap_loss import (LossConfig, add_kto_mismatch, cache_reference, collate_dap,
-                                      make_loss)
+                                      make_loss, unpair)
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.sampling import SamplingConfig
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
@@ -112,14 +112,20 @@ def load_reference(cfg: Config, tokenizer):
 def prepare_examples(source, tokenizer, cfg: Config, reference,
                      chat: bool | None = None) -> tuple[list[dict], object]:
     """Tokenised training pairs (``chat``: string records as chat turns; default ``data.chat``),
-    with the reference's log-probs cached when there is a reference."""
+    with the reference's log-probs cached when there is a reference. An unpaired loss (KTO)
+    takes unpaired records, or preference pairs split as TRL splits them: the chosen completion
+    a desirable example, the rejected one an undesirable one."""
     from alignkit.data.formats import build_dataset
 
-    fmt = "preference" if cfg.loss.paired else "unpaired"
-    examples, stats = build_dataset(source, tokenizer, format=fmt, max_length=cfg.data.max_length,
-                                    overlong=cfg.data.overlong,
+    paired = cfg.loss.paired
+    fmt = "preference" if paired else cfg.data.format
+    examples, stats = build_dataset(source, tokenizer, format=fmt,
+                                    accepts=None if paired else ("unpaired", "preference"),
+                                    max_length=cfg.data.max_length, overlong=cfg.data.overlong,
                                     chat=cfg.data.chat if chat is None else chat)
-    if not cfg.loss.paired:
+    if not paired:
+        if examples and "chosen_input_ids" in examples[0]:
+            examples = unpair(examples)
         add_kto_mismatch(examples)
     if reference is not None:
         cache_reference(reference, examples, tokenizer.pad_token_id,
@@ -162,7 +168,10 @@ def main(cfg: Config) -> dict:
     final = {"train_loss": result.last_metrics.get("loss"), "steps": result.step,
              "pairs": stats.kept, "model": str(out / "model"), "loss": cfg.loss.name,
              "beta": cfg.loss.beta}
-    final.update({k: v for k, v in result.last_metrics.items() if k.startswith("rewards/")})
+    final.update({k: v for k, v in result.last_metrics.items() if k.startswith(("rewards/", "kl"))})
+    if not cfg.loss.paired:
+        final["desirable"] = sum(bool(e["label"]) for e in examples)
+        final["undesirable"] = len(examples) - final["desirable"]
     final.update(result.eval_metrics)
     return tracker.finish(final)
 
