@@ -300,6 +300,10 @@ def _single_bos(ids: list[int], tokenizer) -> list[int]:
 
 
 def _render(messages: list[Message], tokenizer, generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat messages, but the tokenizer has no chat template; give one with "
+                         "data.chat_template (sft, rm, dpo) or chat_template (the sampling "
+                         "stages): a Jinja template or a .jinja file")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 

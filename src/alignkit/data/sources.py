@@ -34,6 +34,9 @@ class DataConfig:
     # turn, tokenised with the chat template as chat-mode sampling renders them (e.g. the output
     # of `alignkit label chat=true`). Message-list records are chat already.
     chat: bool = False
+    # The chat template for a tokenizer without one (or to replace its own): a Jinja template, a
+    # .jinja file or a tokenizer folder; saved with the model, so later stages render the same.
+    chat_template: str | None = None
 
     def __post_init__(self):
         require(bool(self.train), "data.train is required (a path, a dataset name, or task:NAME)")

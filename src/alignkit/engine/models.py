@@ -44,14 +44,53 @@ def _from_pretrained(load, path: str | Path, **kwargs):
                           f"{first}") from None
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, chat_template: str | None = None, *, chat: bool = False,
+                   key: str = "chat_template"):
+    """The tokenizer of ``path``, with a pad token distinct from EOS.
+
+    ``chat_template`` (the config key ``key``) replaces the tokenizer's chat template: a Jinja
+    template, a ``.jinja`` file holding one, or a tokenizer folder whose template to take (TRL's
+    ``chat_template_path``). It is saved with the tokenizer, so every later stage that loads the
+    saved model renders chat the same way. ``chat``: the stage renders chat; a tokenizer left
+    without a template is then a :class:`ConfigError` naming ``key``, before any model loads.
+    """
     from transformers import AutoTokenizer
 
     tok = _from_pretrained(AutoTokenizer.from_pretrained, path)
     if tok.pad_token_id is None:
         # A pad token equal to EOS would mask real EOS targets in training; add a distinct one.
         tok.add_special_tokens({"pad_token": "<|pad|>"})
+    if chat_template is not None:
+        tok.chat_template = _read_chat_template(chat_template, key)
+        try:  # a template that cannot render fails here, naming the key, not mid-run
+            tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                    add_generation_prompt=True)
+        except Exception as e:  # jinja2 syntax or runtime errors
+            raise ConfigError(f"{key}: the chat template does not render a user turn: "
+                              f"{type(e).__name__}: {e}") from None
+    if chat and not tok.chat_template:
+        raise ConfigError(f"the tokenizer of {path} has no chat template and this stage renders "
+                          f"chat; give one with {key}=... (a Jinja template or a .jinja file)")
     return tok
+
+
+def _read_chat_template(value: str, key: str) -> str:
+    """A Jinja template (it has ``{{`` or ``{%``) as it is; else the path of a file holding one,
+    or of a tokenizer folder whose template to take."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if path.is_dir():
+        from transformers import AutoTokenizer
+
+        template = _from_pretrained(AutoTokenizer.from_pretrained, path).chat_template
+        if not template:
+            raise ConfigError(f"{key}: the tokenizer in {value} has no chat template")
+        return template
+    raise ConfigError(f"{key}: {value!r} is no Jinja template (no {{{{ or {{%) and no such file "
+                      "or folder")
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None):

@@ -152,7 +152,8 @@ def main(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg.train.mixed_precision)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage=f"dpo/{cfg.loss.name}")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template, key="data.chat_template",
+                               chat=cfg.data.chat or cfg.eval.chat)
     needs_ref = cfg.loss.needs_reference
     reference = load_reference(cfg, tokenizer) if needs_ref else None
     examples, stats = prepare_examples(train_source(cfg.data, cfg.train.seed), tokenizer, cfg,
@@ -228,7 +229,8 @@ def run_online(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     on = cfg.online
     tracker = Tracker(out, cfg, stage=f"online-{cfg.loss.name}")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template, key="data.chat_template",
+                               chat=cfg.data.chat or cfg.eval.chat)
     reference = load_reference(cfg, tokenizer)  # also the KL yardstick of the evals
     chat_suffix = ":chat" if cfg.eval.chat else ""
     prompt_spec = (cfg.data.train if cfg.data.train != "online"

@@ -20,6 +20,7 @@ class Config:
     reference: str | None = None      # default: no KL reported
     task: str = "sentiment"
     chat: bool = False
+    chat_template: str | None = None  # for chat=true: a Jinja template or a .jinja file
     proxy_reward: str | None = None   # reward source spec, e.g. model:runs/rm/model
     num_prompts: int = 200
     samples_per_prompt: int = 1
@@ -43,7 +44,7 @@ def main(cfg: Config) -> dict:
     from alignkit.tracking import Tracker
 
     tracker = Tracker(cfg.out_dir, cfg, stage="evaluate")
-    tokenizer = load_tokenizer(cfg.policy)
+    tokenizer = load_tokenizer(cfg.policy, cfg.chat_template, chat=cfg.chat)
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer)
     reference = load_causal_lm(cfg.reference, tokenizer=tokenizer) if cfg.reference else None
     proxy = make_reward_source(cfg.proxy_reward, chat=cfg.chat) if cfg.proxy_reward else None

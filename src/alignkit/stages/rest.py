@@ -101,6 +101,7 @@ class Config:
     reward: str = ""                    # the proxy: the only signal that selects training data
     task: str | None = None             # built-in task: default prompts and the gold reward
     chat: bool = False
+    chat_template: str | None = None  # for chat=true: a Jinja template or a .jinja file
     out_dir: str = "runs/rest"
     grow_steps: int = 2                 # G
     grow: GrowConfig = field(default_factory=GrowConfig)
@@ -317,7 +318,7 @@ def main(cfg: Config) -> dict:
 
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, stage="rest")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template, chat=cfg.chat)
     reference = load_causal_lm(cfg.reference or cfg.model, tokenizer=tokenizer).eval()
     judges = make_judges(cfg)
     grow_prompts = load_prompts(cfg.grow.prompts or f"task:{cfg.task}", "train",

@@ -57,8 +57,8 @@ def main(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg.train.mixed_precision)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage="rm")
-    tokenizer = load_tokenizer(cfg.model)
     d = cfg.data
+    tokenizer = load_tokenizer(cfg.model, d.chat_template, chat=d.chat, key="data.chat_template")
     examples, stats = build_dataset(train_source(d), tokenizer,
                                     format="preference", max_length=d.max_length,
                                     overlong=d.overlong, chat=d.chat)

@@ -44,8 +44,8 @@ def main(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg.train.mixed_precision)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage="sft")
-    tokenizer = load_tokenizer(cfg.model)
     d = cfg.data
+    tokenizer = load_tokenizer(cfg.model, d.chat_template, chat=d.chat, key="data.chat_template")
     train_src = train_source(d, seed=cfg.train.seed)
     examples, stats = build_dataset(train_src, tokenizer, format=d.format, accepts=DEMONSTRATIONS,
                                     max_length=d.max_length, overlong=d.overlong, chat=d.chat)
