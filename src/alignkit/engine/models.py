@@ -149,11 +149,33 @@ def apply_lora(model, spec: LoraSpec, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, config)
 
 
-def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Path:
-    """Save in Hugging Face format (LoRA merged by default, so the folder loads with Auto*)."""
+def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = True,
+               adapter_dir: str | Path | None = None) -> Path:
+    """Save in Hugging Face format (LoRA merged by default, so the folder loads with Auto*).
+
+    ``adapter_dir``: a LoRA model also saves its unmerged adapter there (:func:`save_adapter`),
+    before the merge; a model without LoRA saves none.
+    """
     out_dir = Path(out_dir)
+    if adapter_dir is not None and hasattr(model, "peft_config"):
+        save_adapter(model, tokenizer, adapter_dir)
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    model.save_pretrained(str(out_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def save_adapter(model, tokenizer, out_dir: str | Path) -> Path:
+    """The LoRA adapter of the PEFT ``model``, unmerged: ``adapter_config.json`` (its base in
+    ``base_model_name_or_path``: the model it was trained on), ``adapter_model.safetensors`` (and a
+    score head's weights, for a reward model) and the tokenizer. It loads with
+    ``PeftModel.from_pretrained(base, out_dir)`` and serves as an adapter of its base (e.g. vLLM's
+    ``--lora-modules``). A tokenizer that gained a pad token (:func:`load_tokenizer`) has one more
+    token than the base: resize the base's embeddings to ``len(tokenizer)`` before loading.
+    """
+    out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))

@@ -4,7 +4,8 @@ Setup: the policy (usually the SFT model, optionally with LoRA) and, for losses 
 the reference. Reference log-probs are computed **once** before training and cached with the
 examples; the reference model is never called in a training step, and never loaded at all for
 the reference-free losses (SimPO, ORPO). Loop: the shared training loop; chosen and rejected
-go through one forward pass. Save: ``<out_dir>/model``.
+go through one forward pass. Save: ``<out_dir>/model`` (with LoRA merged, and the adapter in
+``<out_dir>/adapter``).
 
 Online / iterative DPO (``online.rounds > 0``): each round samples two responses per prompt from
 the current policy, labels the pairs (simulated annotators on a built-in task, the pairwise AI
@@ -164,7 +165,8 @@ def main(cfg: Config) -> dict:
     result = fit(model, examples, cfg, tokenizer, out, tracker, accelerator,
                  make_eval(cfg, tokenizer, reference))
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+        save_model(accelerator.unwrap_model(model), tokenizer, out / "model",
+                   adapter_dir=out / "adapter")
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"), "steps": result.step,
              "pairs": stats.kept, "model": str(out / "model"), "loss": cfg.loss.name,
@@ -278,7 +280,7 @@ def run_online(cfg: Config) -> dict:
         if eval_fn is not None:
             trained.eval()
             metrics.update(eval_fn(trained))
-        save_model(trained, tokenizer, round_dir / "model")
+        save_model(trained, tokenizer, round_dir / "model", adapter_dir=round_dir / "adapter")
         # Log before the round's metrics.json marks it done; a crash in between redoes the round
         # and the truncation keeps one row per round.
         tracker.truncate_after(r)

@@ -227,7 +227,8 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
                    loop=loop, optim=optim, out_dir=step_dir,
                    tracker=tracker, accelerator=accelerator)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, step_dir / "model")
+        save_model(accelerator.unwrap_model(model), tokenizer, step_dir / "model",
+                   adapter_dir=step_dir / "adapter")
         shutil.rmtree(step_dir / "checkpoints", ignore_errors=True)  # the model + marker suffice
     accelerator.wait_for_everyone()
     return {"lr": optim.lr, "train_steps": result.step, "train_loss": result.last_metrics.get("loss")}

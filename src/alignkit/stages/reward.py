@@ -85,10 +85,9 @@ def main(cfg: Config) -> dict:
                    optim=cfg.optim, out_dir=out, tracker=tracker, accelerator=accelerator,
                    eval_fn=eval_fn)
     if accelerator.is_main_process:
-        if cfg.save_adapter:  # before merging: PPO's shared placement serves it from its base
-            accelerator.unwrap_model(model).save_pretrained(str(out / "adapter"))
-            tokenizer.save_pretrained(str(out / "adapter"))
-        save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+        # PPO's shared placement serves the adapter from its base.
+        save_model(accelerator.unwrap_model(model), tokenizer, out / "model",
+                   adapter_dir=out / "adapter" if cfg.save_adapter else None)
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"),
              "train_accuracy": result.last_metrics.get("accuracy"), "steps": result.step,

@@ -2,7 +2,8 @@
 
 Setup: tokenizer + causal LM via ``from_pretrained``, optional LoRA, data with loss on completion
 tokens only. Loop: :func:`alignkit.engine.training.train` with the token-level NLL. Save: a Hugging
-Face folder ``<out_dir>/model`` (LoRA merged) that every later stage loads by path.
+Face folder ``<out_dir>/model`` (LoRA merged) that every later stage loads by path; with LoRA
+also the adapter, ``<out_dir>/adapter``, for ``PeftModel.from_pretrained(base, ...)``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main(cfg: Config) -> dict:
                    tracker=tracker, accelerator=accelerator,
                    eval_fn=(lambda m: eval_loss(m, eval_examples, pad)) if eval_examples else None)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+        save_model(accelerator.unwrap_model(model), tokenizer, out / "model",
+                   adapter_dir=out / "adapter")
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"), "steps": result.step,
              "examples": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped,
