@@ -173,3 +173,65 @@ def test_write_jsonl_is_atomic_and_round_trips(tmp_path):
         write_jsonl(path, failing())
     assert read_jsonl(path) == rows[:1]   # the old file stands whole, and no temporary is left
     assert sorted(p.name for p in path.parent.iterdir()) == ["rows.jsonl"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Names that are not local paths go through datasets.load_dataset, as TRL loads them.
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """Offline mode, and a datasets cache holding "trl-lib/Capybara" (train: ROWS[:2], test:
+    ROWS[2:]) as a first online load_dataset would have left it: the cache a local folder named
+    capybara writes, moved to the Hub name's place."""
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    repo = tmp_path / "src" / "capybara"
+    (repo / "data").mkdir(parents=True)
+    write_jsonl(repo / "data" / "train.jsonl", [json.dumps(r) for r in ROWS[:2]])
+    write_jsonl(repo / "data" / "test.jsonl", [json.dumps(r) for r in ROWS[2:]])
+    cache = datasets.config.HF_DATASETS_CACHE
+    datasets.load_dataset(str(repo), cache_dir=str(cache))
+    (cache / "capybara").rename(cache / "trl-lib___capybara")
+    return cache
+
+
+def test_hub_name_loads_offline_from_the_cache_with_its_split(offline_hub):
+    train = load_records("trl-lib/Capybara")
+    assert [dict(r) for r in train] == ROWS[:2]
+    assert train[1].where == "trl-lib/Capybara[train]:row 1"
+    test = load_records("trl-lib/Capybara", split="test")
+    assert [dict(r) for r in test] == ROWS[2:] and test[0].where == "trl-lib/Capybara[test]:row 0"
+    with pytest.raises(DataError, match=r"^trl-lib/Capybara\[valid\]: .*Unknown split \"valid\""):
+        load_records("trl-lib/Capybara", split="valid")
+    with pytest.raises(DataError, match=r"^trl-lib/Capybara\[other\]\[train\]: .*"
+                                        r"Couldn't find cache for trl-lib/Capybara for config 'other'"):
+        load_records("trl-lib/Capybara", subset="other")
+    with pytest.raises(DataError, match=r"^trl-lib/Nope\[train\]: no local file or folder of that "
+                                        r"name, and datasets.load_dataset cannot load it: "
+                                        r"ConnectionError: Couldn't reach 'trl-lib/Nope'"):
+        load_records("trl-lib/Nope")
+
+
+def test_local_folder_with_data_files_and_split_keeps_file_and_line(tmp_path):
+    (tmp_path / "repo").mkdir()
+    a = write_jsonl(tmp_path / "repo" / "a.jsonl", [json.dumps(r) for r in ROWS[:2]])
+    b = write_jsonl(tmp_path / "repo" / "b.jsonl", [json.dumps(r) for r in ROWS[2:]])
+    files = {"train": "a.jsonl", "test": "b.jsonl"}
+    test = load_records(tmp_path / "repo", split="test", data_files=files)
+    assert [dict(r) for r in test] == ROWS[2:] and test[0].where == f"{b}:1"
+    assert [r.where for r in load_records(tmp_path / "repo", data_files=files)] == [f"{a}:1", f"{a}:2"]
+    # one file named: datasets makes it the train split
+    assert [dict(r) for r in load_records(tmp_path / "repo", data_files="b.jsonl")] == ROWS[2:]
+    with pytest.raises(DataError, match=r"repo: no split 'valid' \(available: train, test\)"):
+        load_records(tmp_path / "repo", split="valid", data_files=files)
+    # a builder name with data_files: load_dataset("json", data_files=..., split=...)
+    rows = load_records("json", split="test", data_files={"train": str(a), "test": str(b)})
+    assert [dict(r) for r in rows] == ROWS[2:] and rows[0].where == "json[test]:row 0"
+    with pytest.raises(DataError, match=r"a.jsonl: data_files and subset select files of a folder"):
+        load_records(a, data_files="b.jsonl")
+    with pytest.raises(DataError, match=r"^no such file or directory: data/missing.parquet$"):
+        load_records("data/missing.parquet")

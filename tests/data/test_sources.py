@@ -42,3 +42,44 @@ def test_prompt_records_by_hand():
     assert prompt_records(["a"], True) == [{"messages": [{"role": "user", "content": "a"}]}]
     with pytest.raises(KeyError):
         prompt_text({"completion": "no prompt"})
+
+
+def test_data_config_picks_splits_subset_and_data_files(tmp_path, monkeypatch):
+    import datasets
+
+    from alignkit.config import ConfigError, build
+    from alignkit.data.io import DataError
+    from alignkit.data.sources import DataConfig, eval_source, train_source
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:2]),
+                          "test": datasets.Dataset.from_list(rows[2:])}).save_to_disk(tmp_path / "dd")
+    d = build(DataConfig, {"train": str(tmp_path / "dd"), "eval": str(tmp_path / "dd")})
+    assert [dict(r) for r in train_source(d)] == rows[:2]
+    evals = eval_source(d)   # TRL's dataset_test_split: "test", not the train split
+    assert [dict(r) for r in evals] == rows[2:] and evals[0].where == f"{tmp_path / 'dd'}[test]:row 0"
+    swapped = build(DataConfig, {"train": str(tmp_path / "dd"), "split": "test",
+                                 "eval": str(tmp_path / "dd"), "eval_split": "train"})
+    assert [dict(r) for r in train_source(swapped)] == rows[2:]
+    assert [dict(r) for r in eval_source(swapped)] == rows[:2]
+    bad = build(DataConfig, {"train": str(tmp_path / "dd"), "eval": str(tmp_path / "dd"),
+                             "eval_split": "validation"})
+    with pytest.raises(DataError, match=r"dd: no split 'validation' \(available: train, test\) "
+                                        r"\(reading data.eval, data.eval_split='validation'\)$"):
+        eval_source(bad)
+
+    # data_files (and subset) describe data.train, and data.eval when it names the same dataset
+    (tmp_path / "repo").mkdir()
+    for name, part in (("a.jsonl", rows[:1]), ("b.jsonl", rows[1:])):
+        (tmp_path / "repo" / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(rows[0]) + "\n")
+    d = build(DataConfig, {"train": str(tmp_path / "repo"), "eval": str(tmp_path / "repo"),
+                           "data_files": {"train": "a.jsonl", "test": "b.jsonl"}})
+    assert [r.where for r in train_source(d)] == [f"{tmp_path / 'repo' / 'a.jsonl'}:1"]
+    assert [dict(r) for r in eval_source(d)] == rows[1:]
+    d = build(DataConfig, {"train": str(tmp_path / "repo"), "eval": str(other), "data_files": "b.jsonl"})
+    assert [dict(r) for r in train_source(d)] == rows[1:] and [dict(r) for r in eval_source(d)] == rows[:1]
+    with pytest.raises(ConfigError, match="data.subset and data.data_files select a dataset's files"):
+        build(DataConfig, {"train": "task:sentiment", "subset": "main"})

@@ -6,8 +6,8 @@ import torch
 from alignkit.data.collate import to_device
 from alignkit.math.losses import dpo_loss
 from alignkit.engine.dap_loss import (LossConfig, add_kto_mismatch, cache_reference, collate_dap,
-                                      completion_logps, make_loss)
-from alignkit.math.losses import DAP_LOSSES
+                                      completion_logps, make_loss, unpair)
+from alignkit.math.losses import DAP_LOSSES, kto_reference_point
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train
 from alignkit.tracking import Tracker
 
@@ -111,6 +111,8 @@ def test_every_loss_trains_without_calling_the_reference(tmp_path, name):
                    optim=OptimConfig(lr=3e-3), out_dir=tmp_path, tracker=Tracker(tmp_path, enabled=False),
                    accelerator=acc)
     assert ref.calls == calls_after_cache  # no reference forward in any training step
+    if name == "kto":   # totals of the step, not means: 4 desirable and 4 undesirable of 8
+        assert (result.last_metrics["count/chosen"], result.last_metrics["count/rejected"]) == (4, 4)
     trained = acc.unwrap_model(policy)  # on the accelerator's device (a GPU where there is one)
     batch = to_device(collate_dap(ex, PAD), next(trained.parameters()).device)
     after = make_loss(LossConfig(name=name))(trained, batch).values.mean().item()
@@ -151,6 +153,51 @@ def test_kto_mismatch_pairs_prompt_with_next_completion():
     c1 = [t for t, l in zip(ex[1]["input_ids"], ex[1]["labels"]) if l != -100]
     assert ex[0]["kl_input_ids"] == p0 + c1
     assert ex[0]["kl_labels"] == [-100] * len(p0) + c1
+
+
+def test_unpaired_preference_pairs_mismatch_across_prompts():
+    pairs = pref_examples(3)
+    ex = unpair(pairs)
+    assert [e["label"] for e in ex] == [True, False] * 3
+    assert ex[2]["input_ids"] == pairs[1]["chosen_input_ids"]
+    assert ex[3]["labels"] == pairs[1]["rejected_labels"]
+    add_kto_mismatch(ex)
+
+    def split(ids, labels):
+        return ([t for t, l in zip(ids, labels) if l == -100], [t for t, l in zip(ids, labels) if l != -100])
+
+    # the next example shares the prompt (same pair): its mismatch comes from the next pair
+    expect = [2, 2, 4, 4, 0, 0]
+    for i, e in enumerate(ex):
+        prompt, completion = split(e["kl_input_ids"], e["kl_labels"])
+        assert prompt == split(e["input_ids"], e["labels"])[0]
+        assert completion == split(ex[expect[i]]["input_ids"], ex[expect[i]]["labels"])[1]
+    # one prompt for all: nothing to mismatch with, so the next example
+    same = unpair(pref_examples(1))
+    add_kto_mismatch(same)
+    assert same[0]["kl_input_ids"] == same[1]["input_ids"] and same[1]["kl_input_ids"] == same[0]["input_ids"]
+
+
+def test_kto_metrics_are_trl_s_by_hand():
+    ref, policy = tiny_model(0), tiny_model(1)
+    ex = unpaired_examples(6)
+    ex[4]["label"] = False   # desirable 0, 2; undesirable 1, 3, 4, 5
+    add_kto_mismatch(ex)
+    cache_reference(ref, ex, PAD)
+    batch = collate_dap(ex, PAD)
+    out = make_loss(LossConfig(name="kto", beta=0.2))(policy, batch)
+    with torch.no_grad():
+        logps = completion_logps(policy, batch)[0]
+    ref_logps = torch.tensor([e["ref_logps"] for e in ex])
+    rewards = 0.2 * (logps[:6] - ref_logps)
+    m = {k: (float(s), c) for k, (s, c) in out.metrics.items()}
+    assert m["rewards/chosen"][1] == 2 and m["rewards/rejected"][1] == 4
+    assert m["rewards/chosen"][0] == pytest.approx(float(rewards[0] + rewards[2]), abs=1e-5)
+    assert m["rewards/rejected"][0] == pytest.approx(float(rewards[[1, 3, 4, 5]].sum()), abs=1e-5)
+    assert m["logps/chosen"][0] == pytest.approx(float(logps[0] + logps[2]), abs=1e-5)
+    z0 = kto_reference_point(logps[6:], torch.tensor([e["ref_kl_logps"] for e in ex]))
+    assert m["kl"] == (pytest.approx(float(z0), abs=1e-6), 1)
+    assert (m["count/chosen"], m["count/rejected"]) == ((2.0, None), (4.0, None))
 
 
 @pytest.mark.parametrize("layout", ["rows", "flat", "shared"])

@@ -116,3 +116,45 @@ def test_last_rows_only_is_refused_under_gradient_checkpointing(tiny_lm):
     model = tiny_lm("llama")
     model.gradient_checkpointing_enable()
     assert not supports_last_rows_only(model, None)
+
+
+def test_sft_lora_saves_an_adapter_peft_loads_onto_the_base_and_a_chat_template(tiny_base, tmp_path):
+    """A base whose tokenizer has no chat template: chat SFT asks for data.chat_template; with one
+    (a .jinja file) the template travels with the model and the adapter, and the adapter loaded
+    onto the base with peft gives the merged model's logits."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.config import ConfigError
+    from alignkit.engine.tokenizer import CHAT_TEMPLATE
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    (base / "chat_template.jinja").unlink()
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    data = {"train": "task:sentiment", "task_samples": 16, "max_length": 96, "chat": True}
+    settings = {**_plain(cfg(base, tmp_path / "run", max_steps=3, save_every=0)), "data": data,
+                "lora": {"enabled": True, "r": 4}}
+    with pytest.raises(ConfigError, match=r"has no chat template and this stage renders chat; "
+                                          r"give one with data.chat_template="):
+        sft.main(build(sft.Config, settings))
+    settings["data"] = {**data, "chat_template": str(tmp_path / "chat.jinja")}
+    sft.main(build(sft.Config, settings))
+
+    out = tmp_path / "run"
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] \
+        == str(base)
+    for folder in ("model", "adapter"):
+        assert AutoTokenizer.from_pretrained(out / folder).chat_template == CHAT_TEMPLATE
+    ids = AutoTokenizer.from_pretrained(out / "adapter").apply_chat_template(
+        [{"role": "user", "content": "Tell me about the film."}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        before = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "adapter")
+        via_adapter = adapted.eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()(ids).logits
+    assert (merged - before).abs().max() > 1e-3      # LoRA trained: the merged model moved
+    assert torch.allclose(via_adapter, merged, rtol=0, atol=2e-6)

@@ -300,6 +300,10 @@ def _single_bos(ids: list[int], tokenizer) -> list[int]:
 
 
 def _render(messages: list[Message], tokenizer, generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat messages, but the tokenizer has no chat template; give one with "
+                         "data.chat_template (sft, rm, dpo) or chat_template (the sampling "
+                         "stages): a Jinja template or a .jinja file")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
@@ -522,7 +526,8 @@ def build_dataset(source: str | Path | Iterable[Mapping[str, Any]], tokenizer, f
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected 'auto' or one of {FORMATS}")
     records = _as_records(source, split)
-    name = str(source) if isinstance(source, (str, Path)) else "<records>"
+    name = str(source) if isinstance(source, (str, Path)) else \
+        records[0].source if records else "<records>"   # loaded records name their dataset
     if not records:
         raise DataError("no records", where=name)
     if format == "auto":

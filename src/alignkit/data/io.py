@@ -1,11 +1,14 @@
-"""Load dataset records from local files, keeping where each one came from.
+"""Load dataset records from local files, folders or Hub datasets, keeping where each one came from.
 
 Every record carries its provenance so that a validation error can name the exact place to fix:
 ``data/train.jsonl:17: field 'chosen': chosen and rejected are identical``. JSON lines are counted
 from 1 (as editors count them); Parquet and ``datasets`` rows are counted from 0 (as pandas and
-``datasets`` index them) and are written ``file:row 5`` so the two cannot be confused.
+``datasets`` index them) and are written ``file:row 5`` (``trl-lib/Capybara[train]:row 5``) so the
+two cannot be confused.
 
-Nothing here touches the network: a path that does not exist locally is an error, never a Hub id.
+A name that is not a local path goes to ``datasets.load_dataset`` as TRL passes it (name, subset,
+``split``, ``data_files``): a Hub dataset is read from the local cache when it is there, and
+``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1`` keep it from ever asking the Hub.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+# A missing path with one of these suffixes is a typo'd file, not a dataset name.
+KNOWN_SUFFIXES = JSON_SUFFIXES + PARQUET_SUFFIXES + (".csv", ".tsv", ".txt", ".arrow", ".gz", ".zst")
 
 
 class DataError(ValueError):
@@ -67,23 +72,36 @@ class Record(Mapping):
         return len(self.data)
 
 
-def load_records(path: str | Path, split: str = "train") -> list[Record]:
-    """Read every record of a local dataset.
+DataFiles = str | list[str] | dict[str, str | list[str]]
+
+
+def load_records(path: str | Path, split: str = "train", subset: str | None = None,
+                 data_files: DataFiles | None = None) -> list[Record]:
+    """Read every record of a dataset.
 
     ``path`` may be a ``.jsonl``/``.json`` file (JSON lines; blank lines skipped; a ``.json`` file
     holding one top-level array also works), a ``.parquet`` file, a folder written by
-    ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``, or any folder ``datasets.load_dataset``
-    can read (e.g. ``data/train-*.jsonl`` files, a script-less Hub-style repository). ``split`` picks
-    the split of a ``DatasetDict`` or of a multi-split folder; a single file is a single split.
+    ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``, any folder ``datasets.load_dataset``
+    can read (e.g. ``data/train-*.jsonl`` files, a script-less Hub-style repository), or a name
+    that is no local path: a Hub dataset (``trl-lib/Capybara``) or a ``datasets`` builder
+    (``json`` with ``data_files``), loaded with ``datasets.load_dataset``. ``split`` picks the
+    split of a ``DatasetDict``, of a multi-split folder or of a Hub dataset; a single file is a
+    single split. ``subset`` (the Hub's subset, ``load_dataset``'s ``name``) and ``data_files``
+    (relative to the folder) apply to folders and names.
     """
     p = Path(path)
     if not p.exists():
-        raise DataError(f"no such file or directory: {path} (alignkit only reads local datasets)")
+        if p.suffix.lower() in KNOWN_SUFFIXES or str(path).startswith((".", "/", "~")):
+            raise DataError(f"no such file or directory: {path}")
+        return _read_named_dataset(str(path), split, subset, data_files)
     if p.is_file():
+        if data_files is not None or subset is not None:
+            raise DataError("data_files and subset select files of a folder or a named dataset, "
+                            "not of a single file", where=str(path))
         return _read_file(p, str(path))
     if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
         return _read_saved_dataset(p, str(path), split)
-    return _read_dataset_folder(p, str(path), split)
+    return _read_dataset_folder(p, str(path), split, subset, data_files)
 
 
 def _read_file(p: Path, source: str) -> list[Record]:
@@ -159,28 +177,54 @@ def _read_saved_dataset(p: Path, source: str, split: str) -> list[Record]:
     return [Record(row, source, i, "row") for i, row in enumerate(ds.to_list())]
 
 
-def _read_dataset_folder(p: Path, source: str, split: str) -> list[Record]:
+def _read_dataset_folder(p: Path, source: str, split: str, subset: str | None = None,
+                         data_files: DataFiles | None = None) -> list[Record]:
     """A folder in any layout ``datasets.load_dataset`` understands.
 
-    ``datasets`` resolves which files belong to ``split`` (file-name patterns, README configs).
-    Files we can read ourselves are read here, so errors name the real file and line; anything
-    else (CSV, compressed files...) is loaded by ``datasets`` and named by row.
+    ``datasets`` resolves which files belong to ``split`` (file-name patterns, README configs,
+    ``subset``, ``data_files``). Files we can read ourselves are read here, so errors name the
+    real file and line; anything else (CSV, compressed files...) is loaded by ``datasets`` and
+    named by row.
     """
     import datasets
 
     try:
-        builder = datasets.load_dataset_builder(str(p))
+        builder = datasets.load_dataset_builder(str(p), subset, data_files=data_files)
     except Exception as e:  # datasets raises several unrelated types for "cannot infer a dataset"
-        raise DataError(f"not a dataset folder datasets can read: {e}", where=source) from e
-    data_files = {str(k): list(v) for k, v in (builder.config.data_files or {}).items()}
-    if split not in data_files:
-        available = ", ".join(data_files) or "none"
+        raise DataError(f"not a dataset folder datasets can read: {_first_line(e)}",
+                        where=source) from e
+    resolved = {str(k): list(v) for k, v in (builder.config.data_files or {}).items()}
+    if split not in resolved:
+        available = ", ".join(resolved) or "none"
         raise DataError(f"no split '{split}' (available: {available})", where=source)
-    files = [Path(f) for f in data_files[split]]
+    files = [Path(f) for f in resolved[split]]
     if all(f.suffix.lower() in JSON_SUFFIXES + PARQUET_SUFFIXES for f in files):
         return [r for f in sorted(files) for r in _read_file(f, str(f))]
-    ds = datasets.load_dataset(str(p), split=split)
+    ds = datasets.load_dataset(str(p), subset, split=split, data_files=data_files)
     return [Record(row, f"{source}[{split}]", i, "row") for i, row in enumerate(ds.to_list())]
+
+
+def _read_named_dataset(name: str, split: str, subset: str | None,
+                        data_files: DataFiles | None) -> list[Record]:
+    """``datasets.load_dataset(name, subset, split=split, data_files=data_files)``: a Hub dataset
+    (from the local cache when it is there; offline with ``HF_DATASETS_OFFLINE=1``) or a builder
+    such as ``json``. Records are named ``name[split]:row N`` (``name[subset][split]``)."""
+    import datasets
+
+    source = f"{name}[{subset}][{split}]" if subset else f"{name}[{split}]"
+    try:
+        ds = datasets.load_dataset(name, subset, split=split, data_files=data_files)
+    except Exception as e:  # not found, not cached while offline, unknown split or subset, ...
+        raise DataError(f"no local file or folder of that name, and datasets.load_dataset "
+                        f"cannot load it: {_first_line(e)}", where=source) from e
+    if not isinstance(ds, datasets.Dataset):   # an IterableDataset (streaming) or a dict
+        raise DataError(f"expected one split, got {type(ds).__name__}", where=source)
+    return [Record(row, source, i, "row") for i, row in enumerate(ds.to_list())]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

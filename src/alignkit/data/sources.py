@@ -1,20 +1,30 @@
-"""Where records come from: a file or folder path, or a built-in task (``task:NAME[:chat]``)."""
+"""Where records come from: a file or folder path, a dataset name for ``datasets.load_dataset``
+(a Hub dataset, e.g. ``trl-lib/Capybara``), or a built-in task (``task:NAME[:chat]``)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from alignkit.config import require
+from alignkit.data.io import DataError, DataFiles, Record
 
 TASK_PREFIX = "task:"
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = ""                 # path, or "task:sentiment" / "task:arithmetic:chat"
-    eval: str | None = None         # path, or "task:..." (uses the task's held-out split)
+    # A file or folder, a dataset name for datasets.load_dataset (trl-lib/Capybara; read from the
+    # hub cache when there), or a built-in task: "task:sentiment" / "task:arithmetic:chat".
+    train: str = ""
+    eval: str | None = None         # the same kinds; its split is eval_split
+    split: str = "train"            # split of data.train (TRL's dataset_train_split)
+    eval_split: str = "test"        # split of data.eval (TRL's dataset_test_split)
+    # The dataset's subset (TRL's dataset_config, load_dataset's name) and data_files: they
+    # describe data.train, and data.eval when it names the same dataset.
+    subset: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
     format: str = "auto"
     max_length: int = 256
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -24,9 +34,14 @@ class DataConfig:
     # turn, tokenised with the chat template as chat-mode sampling renders them (e.g. the output
     # of `alignkit label chat=true`). Message-list records are chat already.
     chat: bool = False
+    # The chat template for a tokenizer without one (or to replace its own): a Jinja template, a
+    # .jinja file or a tokenizer folder; saved with the model, so later stages render the same.
+    chat_template: str | None = None
 
     def __post_init__(self):
-        require(bool(self.train), "data.train is required (a path, or task:NAME)")
+        require(bool(self.train), "data.train is required (a path, a dataset name, or task:NAME)")
+        require(not (parse_task(self.train) and (self.subset or self.data_files)),
+                "data.subset and data.data_files select a dataset's files; data.train is a task")
         require(self.max_length > 8, "data.max_length must be > 8")
 
 
@@ -38,15 +53,48 @@ def parse_task(spec: str) -> tuple[str, bool] | None:
     return parts[0], len(parts) > 1 and parts[1] == "chat"
 
 
-def sft_source(spec: str, split: str, n: int, seed: int = 0) -> list[dict] | Path:
-    """Demonstrations: records from a built-in task, or the path itself for the loader."""
+def sft_source(spec: str, split: str, n: int, seed: int = 0, subset: str | None = None,
+               data_files: DataFiles | None = None) -> list[dict] | list[Record]:
+    """Records of ``spec``: ``n`` demonstrations of a built-in task's ``split``, or every record
+    of the ``split`` of a file, folder or named dataset (:func:`alignkit.data.io.load_records`),
+    each knowing where it came from."""
     task = parse_task(spec)
     if task is None:
-        return Path(spec)
+        from alignkit.data.io import load_records
+
+        records = load_records(spec, split, subset, data_files)
+        if not records:
+            raise DataError(f"no records in split '{split}'", where=spec)
+        return records
     from alignkit.tasks import get_task
 
     name, chat = task
     return get_task(name, chat=chat).sft_records(split, n, seed=seed)
+
+
+def train_source(d: DataConfig, seed: int = 0) -> list[dict] | list[Record]:
+    """The records of ``data.train``: its ``data.split``, ``data.subset``, ``data.data_files``."""
+    return _load(d.train, d.split, d.task_samples, seed, d.subset, d.data_files, "train", "split")
+
+
+def eval_source(d: DataConfig, seed: int = 0) -> list[dict] | list[Record]:
+    """The records of ``data.eval`` (split ``data.eval_split``); the subset and data_files of
+    ``data.train`` when it names the same dataset."""
+    require(d.eval is not None, "data.eval is not set")
+    same = d.eval == d.train
+    return _load(d.eval, d.eval_split, d.eval_samples, seed, d.subset if same else None,
+                 d.data_files if same else None, "eval", "eval_split")
+
+
+def _load(spec, split, n, seed, subset, data_files, key, split_key):
+    try:
+        return sft_source(spec, split, n, seed, subset, data_files)
+    except DataError as e:
+        if e.where and re.search(r":(row )?\d+$", e.where):
+            raise  # one bad record: its file and line say it all
+        # A dataset that cannot be read at all (missing, no such split...): say which keys chose it.
+        raise DataError(f"{e.reason} (reading data.{key}, data.{split_key}={split!r})",
+                        where=e.where, field=e.field) from e
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,18 +95,33 @@ def _sequence_fields(example: dict) -> list[str]:
     return ["", "kl_"]
 
 
+def unpair(examples: list[dict]) -> list[dict]:
+    """Tokenised preference pairs as KTO's unpaired examples, as TRL's
+    ``unpair_preference_dataset`` makes them: each pair gives its chosen completion as a desirable
+    example and its rejected one as an undesirable example, after the same prompt tokens."""
+    return [{"input_ids": e[f"{key}_input_ids"], "labels": e[f"{key}_labels"], "label": label}
+            for e in examples for key, label in (("chosen", True), ("rejected", False))]
+
+
 def add_kto_mismatch(examples: list[dict]) -> None:
     """KTO's reference point uses mismatched (prompt, completion) pairs (Ethayarajh et al. 2024,
-    §4.1): example ``i`` is paired with the completion of example ``i + 1``, fixed up front so the
-    cached reference log-probs match what the policy sees."""
+    §4.1): example ``i`` is paired with the completion of the next example whose prompt differs
+    (``i + 1`` unless that shares the prompt, as the two halves of an :func:`unpair`-ed pair do;
+    when every prompt is the same, ``i + 1``), fixed up front so the cached reference log-probs
+    match what the policy sees."""
     n = len(examples)
+    starts = [next(j for j, t in enumerate(e["labels"]) if t != IGNORE_INDEX) for e in examples]
+    prompts = [tuple(e["input_ids"][:s]) for e, s in zip(examples, starts)]
+    # after[i] over the list written twice: the first index past i whose prompt differs from i's.
+    after: list[int | None] = [None] * (2 * n)
+    for i in range(2 * n - 2, -1, -1):
+        nxt = (i + 1) % n
+        after[i] = nxt if prompts[nxt] != prompts[i % n] else after[i + 1]
     for i, e in enumerate(examples):
-        other = examples[(i + 1) % n]
-        prompt_len = next(j for j, t in enumerate(e["labels"]) if t != IGNORE_INDEX)
-        other_start = next(j for j, t in enumerate(other["labels"]) if t != IGNORE_INDEX)
-        completion = other["input_ids"][other_start:]
-        e["kl_input_ids"] = e["input_ids"][:prompt_len] + completion
-        e["kl_labels"] = [IGNORE_INDEX] * prompt_len + completion
+        j = after[i] if after[i] is not None else (i + 1) % n
+        completion = examples[j]["input_ids"][starts[j]:]
+        e["kl_input_ids"] = e["input_ids"][:starts[i]] + completion
+        e["kl_labels"] = [IGNORE_INDEX] * starts[i] + completion
 
 
 def collate_dap(examples: list[dict], pad_id: int, pack: str | None = None) -> dict:
@@ -153,7 +168,8 @@ def make_loss(cfg: LossConfig):
     """``loss_fn(model, batch) -> LossOutput`` of the registered loss ``cfg.name``; paired losses
     also report the implicit rewards (``rewards/chosen``, ``/rejected``, ``/margin``,
     ``/accuracy``): ``beta`` times the log-ratio to the reference, or the length-normalised
-    log-prob for reference-free losses (SimPO's reward, Meng et al. 2024, eq. 4)."""
+    log-prob for reference-free losses (SimPO's reward, Meng et al. 2024, eq. 4); unpaired
+    (KTO) ones report what TRL's KTO logs (:func:`kto_metrics`)."""
     fn = get_loss(cfg.name)
     declared = inspect.signature(fn).parameters
     hyper = {k: v for k, v in dataclasses.asdict(cfg).items() if k in declared}
@@ -161,9 +177,10 @@ def make_loss(cfg: LossConfig):
     def loss_fn(model, batch) -> LossOutput:
         given = batch_inputs(*completion_logps(model, batch), batch, cfg.paired)
         values = fn(**{k: v for k, v in given.items() if k in declared}, **hyper)
-        metrics = {}
         if cfg.paired:
             metrics = implicit_reward_metrics(given, cfg.beta, cfg.needs_reference)
+        else:
+            metrics = kto_metrics(given, cfg.beta)
         return LossOutput(values=values, weights=torch.ones_like(values), metrics=metrics)
 
     return loss_fn
@@ -183,3 +200,23 @@ def implicit_reward_metrics(given: dict, beta: float, reference: bool) -> dict:
             "rewards/rejected": (rejected.detach().sum(), b),
             "rewards/margin": ((chosen - rejected).detach().sum(), b),
             "rewards/accuracy": ((chosen > rejected).float().sum(), b)}
+
+
+def kto_metrics(given: dict, beta: float) -> dict:
+    """KTO's metrics as TRL logs them, as ``LossOutput.metrics``: the mean implicit reward
+    ``beta * (log pi(y|x) - log ref(y|x))`` and policy log-prob of the desirable (``chosen``) and
+    undesirable (``rejected``) examples, the reference point ``kl`` (``z0``, the mean of the
+    micro-batches' estimates) and the step's ``count/chosen`` / ``count/rejected`` (totals). A
+    step without examples of one kind logs 0 for its means."""
+    desirable = given["is_desirable"].bool()
+    logps = given["policy_logps"].detach()
+    rewards = beta * (logps - given["ref_logps"])
+    n_d = int(desirable.sum())
+    n_u = desirable.numel() - n_d
+    return {"rewards/chosen": (rewards[desirable].sum(), n_d),
+            "rewards/rejected": (rewards[~desirable].sum(), n_u),
+            "logps/chosen": (logps[desirable].sum(), n_d),
+            "logps/rejected": (logps[~desirable].sum(), n_u),
+            "kl": (torch.as_tensor(given["kl_ref_point"]).detach(), 1),
+            "count/chosen": (torch.tensor(float(n_d)), None),
+            "count/rejected": (torch.tensor(float(n_u)), None)}

@@ -44,14 +44,53 @@ def _from_pretrained(load, path: str | Path, **kwargs):
                           f"{first}") from None
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, chat_template: str | None = None, *, chat: bool = False,
+                   key: str = "chat_template"):
+    """The tokenizer of ``path``, with a pad token distinct from EOS.
+
+    ``chat_template`` (the config key ``key``) replaces the tokenizer's chat template: a Jinja
+    template, a ``.jinja`` file holding one, or a tokenizer folder whose template to take (TRL's
+    ``chat_template_path``). It is saved with the tokenizer, so every later stage that loads the
+    saved model renders chat the same way. ``chat``: the stage renders chat; a tokenizer left
+    without a template is then a :class:`ConfigError` naming ``key``, before any model loads.
+    """
     from transformers import AutoTokenizer
 
     tok = _from_pretrained(AutoTokenizer.from_pretrained, path)
     if tok.pad_token_id is None:
         # A pad token equal to EOS would mask real EOS targets in training; add a distinct one.
         tok.add_special_tokens({"pad_token": "<|pad|>"})
+    if chat_template is not None:
+        tok.chat_template = _read_chat_template(chat_template, key)
+        try:  # a template that cannot render fails here, naming the key, not mid-run
+            tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                    add_generation_prompt=True)
+        except Exception as e:  # jinja2 syntax or runtime errors
+            raise ConfigError(f"{key}: the chat template does not render a user turn: "
+                              f"{type(e).__name__}: {e}") from None
+    if chat and not tok.chat_template:
+        raise ConfigError(f"the tokenizer of {path} has no chat template and this stage renders "
+                          f"chat; give one with {key}=... (a Jinja template or a .jinja file)")
     return tok
+
+
+def _read_chat_template(value: str, key: str) -> str:
+    """A Jinja template (it has ``{{`` or ``{%``) as it is; else the path of a file holding one,
+    or of a tokenizer folder whose template to take."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if path.is_dir():
+        from transformers import AutoTokenizer
+
+        template = _from_pretrained(AutoTokenizer.from_pretrained, path).chat_template
+        if not template:
+            raise ConfigError(f"{key}: the tokenizer in {value} has no chat template")
+        return template
+    raise ConfigError(f"{key}: {value!r} is no Jinja template (no {{{{ or {{%) and no such file "
+                      "or folder")
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None):
@@ -110,11 +149,33 @@ def apply_lora(model, spec: LoraSpec, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, config)
 
 
-def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Path:
-    """Save in Hugging Face format (LoRA merged by default, so the folder loads with Auto*)."""
+def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = True,
+               adapter_dir: str | Path | None = None) -> Path:
+    """Save in Hugging Face format (LoRA merged by default, so the folder loads with Auto*).
+
+    ``adapter_dir``: a LoRA model also saves its unmerged adapter there (:func:`save_adapter`),
+    before the merge; a model without LoRA saves none.
+    """
     out_dir = Path(out_dir)
+    if adapter_dir is not None and hasattr(model, "peft_config"):
+        save_adapter(model, tokenizer, adapter_dir)
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    model.save_pretrained(str(out_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def save_adapter(model, tokenizer, out_dir: str | Path) -> Path:
+    """The LoRA adapter of the PEFT ``model``, unmerged: ``adapter_config.json`` (its base in
+    ``base_model_name_or_path``: the model it was trained on), ``adapter_model.safetensors`` (and a
+    score head's weights, for a reward model) and the tokenizer. It loads with
+    ``PeftModel.from_pretrained(base, out_dir)`` and serves as an adapter of its base (e.g. vLLM's
+    ``--lora-modules``). A tokenizer that gained a pad token (:func:`load_tokenizer`) has one more
+    token than the base: resize the base's embeddings to ``len(tokenizer)`` before loading.
+    """
+    out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))

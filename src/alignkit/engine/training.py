@@ -78,7 +78,9 @@ class LoopConfig:
 class LossOutput:
     values: torch.Tensor                  # unreduced loss terms, [B] or [B, T]
     weights: torch.Tensor                 # same shape: 1 where a term counts (mask), else 0
-    metrics: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)  # name -> (sum, count)
+    # name -> (sum, count): logged as the step's sum over its count (a mean); a count of None
+    # logs the step's sum itself (a total, e.g. how many examples of a kind the step saw).
+    metrics: dict[str, tuple[torch.Tensor, float | None]] = field(default_factory=dict)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -358,6 +360,7 @@ def _optimizer_step(model, optimizer, scheduler, accelerator, items, global_batc
     micro = [shard[s:s + loop.micro_batch_size] for s in range(0, len(shard), loop.micro_batch_size)]
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, float] = {}
+    totals: set[str] = set()
     loss_sum = torch.zeros((), dtype=torch.float64)
     for k, idx in enumerate(micro):
         batch = collate([items[i] for i in idx])
@@ -373,7 +376,9 @@ def _optimizer_step(model, optimizer, scheduler, accelerator, items, global_batc
         for name, (s, c) in out.metrics.items():
             sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + \
                 torch.as_tensor(s, dtype=torch.float64).detach().cpu()
-            counts[name] = counts.get(name, 0.0) + float(c)
+            counts[name] = counts.get(name, 0.0) + (1.0 if c is None else float(c))
+            if c is None:
+                totals.add(name)
     grad_norm = optimizer_step(accelerator, optimizer, scheduler, model.parameters(),
                                optim.max_grad_norm)
 
@@ -385,7 +390,8 @@ def _optimizer_step(model, optimizer, scheduler, accelerator, items, global_batc
     out_metrics = {"loss": float(packed[0]) / global_weight,
                    "lr": scheduler.get_last_lr()[0]}
     for j, n in enumerate(names):
-        out_metrics[n] = float(packed[1 + j]) / max(float(packed[1 + len(names) + j]), 1e-12)
+        out_metrics[n] = float(packed[1 + j]) if n in totals else \
+            float(packed[1 + j]) / max(float(packed[1 + len(names) + j]), 1e-12)
     if grad_norm is not None:
         out_metrics["grad_norm"] = float(grad_norm)
     return out_metrics

@@ -34,6 +34,7 @@ class Config:
     reward: str = ""                    # the selector: model:PATH, gold:TASK, python:MOD:FN, ...
     task: str | None = None             # built-in task: default prompts and the gold reward
     chat: bool = False
+    chat_template: str | None = None  # for chat=true: a Jinja template or a .jinja file
     prompts: str | None = None          # "task:NAME" (test split) or a prompt file
     heldout: str | None = None          # a second signal to report (e.g. another RM); gold on tasks
     num_prompts: int = 100
@@ -142,7 +143,7 @@ def main(cfg: Config) -> dict:
     tracker = Tracker(out, cfg, stage="bon")
     m = max(cfg.n)
     prompts = load_prompts(cfg.prompts or f"task:{cfg.task}", "test", cfg.num_prompts, cfg.chat)
-    tokenizer = load_tokenizer(cfg.policy)
+    tokenizer = load_tokenizer(cfg.policy, cfg.chat_template, chat=cfg.chat)
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval()
     repeated = [p for p in prompts for _ in range(m)]
     _, responses = sample_texts(policy, tokenizer, repeated, cfg.sampling, chat=cfg.chat,

@@ -4,7 +4,8 @@ Setup: the policy (usually the SFT model, optionally with LoRA) and, for losses 
 the reference. Reference log-probs are computed **once** before training and cached with the
 examples; the reference model is never called in a training step, and never loaded at all for
 the reference-free losses (SimPO, ORPO). Loop: the shared training loop; chosen and rejected
-go through one forward pass. Save: ``<out_dir>/model``.
+go through one forward pass. Save: ``<out_dir>/model`` (with LoRA merged, and the adapter in
+``<out_dir>/adapter``).
 
 Online / iterative DPO (``online.rounds > 0``): each round samples two responses per prompt from
 the current policy, labels the pairs (simulated annotators on a built-in task, the pairwise AI
@@ -19,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import require
-from alignkit.data.sources import DataConfig
+from alignkit.data.sources import DataConfig, train_source
 from alignkit.engine.dap_loss import (LossConfig, add_kto_mismatch, cache_reference, collate_dap,
-                                      make_loss)
+                                      make_loss, unpair)
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.sampling import SamplingConfig
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
@@ -112,14 +113,20 @@ def load_reference(cfg: Config, tokenizer):
 def prepare_examples(source, tokenizer, cfg: Config, reference,
                      chat: bool | None = None) -> tuple[list[dict], object]:
     """Tokenised training pairs (``chat``: string records as chat turns; default ``data.chat``),
-    with the reference's log-probs cached when there is a reference."""
+    with the reference's log-probs cached when there is a reference. An unpaired loss (KTO)
+    takes unpaired records, or preference pairs split as TRL splits them: the chosen completion
+    a desirable example, the rejected one an undesirable one."""
     from alignkit.data.formats import build_dataset
 
-    fmt = "preference" if cfg.loss.paired else "unpaired"
-    examples, stats = build_dataset(source, tokenizer, format=fmt, max_length=cfg.data.max_length,
-                                    overlong=cfg.data.overlong,
+    paired = cfg.loss.paired
+    fmt = "preference" if paired else cfg.data.format
+    examples, stats = build_dataset(source, tokenizer, format=fmt,
+                                    accepts=None if paired else ("unpaired", "preference"),
+                                    max_length=cfg.data.max_length, overlong=cfg.data.overlong,
                                     chat=cfg.data.chat if chat is None else chat)
-    if not cfg.loss.paired:
+    if not paired:
+        if examples and "chosen_input_ids" in examples[0]:
+            examples = unpair(examples)
         add_kto_mismatch(examples)
     if reference is not None:
         cache_reference(reference, examples, tokenizer.pad_token_id,
@@ -146,22 +153,28 @@ def main(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg.train.mixed_precision)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage=f"dpo/{cfg.loss.name}")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template, key="data.chat_template",
+                               chat=cfg.data.chat or cfg.eval.chat)
     needs_ref = cfg.loss.needs_reference
     reference = load_reference(cfg, tokenizer) if needs_ref else None
-    examples, stats = prepare_examples(Path(cfg.data.train), tokenizer, cfg, reference)
+    examples, stats = prepare_examples(train_source(cfg.data, cfg.train.seed), tokenizer, cfg,
+                                       reference)
     accelerator.print(f"alignkit dpo ({cfg.loss.name}): {stats}; reference log-probs "
                       f"{'cached' if needs_ref else 'not needed'}")
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)
     result = fit(model, examples, cfg, tokenizer, out, tracker, accelerator,
                  make_eval(cfg, tokenizer, reference))
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+        save_model(accelerator.unwrap_model(model), tokenizer, out / "model",
+                   adapter_dir=out / "adapter")
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"), "steps": result.step,
              "pairs": stats.kept, "model": str(out / "model"), "loss": cfg.loss.name,
              "beta": cfg.loss.beta}
-    final.update({k: v for k, v in result.last_metrics.items() if k.startswith("rewards/")})
+    final.update({k: v for k, v in result.last_metrics.items() if k.startswith(("rewards/", "kl"))})
+    if not cfg.loss.paired:
+        final["desirable"] = sum(bool(e["label"]) for e in examples)
+        final["undesirable"] = len(examples) - final["desirable"]
     final.update(result.eval_metrics)
     return tracker.finish(final)
 
@@ -218,7 +231,8 @@ def run_online(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     on = cfg.online
     tracker = Tracker(out, cfg, stage=f"online-{cfg.loss.name}")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template, key="data.chat_template",
+                               chat=cfg.data.chat or cfg.eval.chat)
     reference = load_reference(cfg, tokenizer)  # also the KL yardstick of the evals
     chat_suffix = ":chat" if cfg.eval.chat else ""
     prompt_spec = (cfg.data.train if cfg.data.train != "online"
@@ -266,7 +280,7 @@ def run_online(cfg: Config) -> dict:
         if eval_fn is not None:
             trained.eval()
             metrics.update(eval_fn(trained))
-        save_model(trained, tokenizer, round_dir / "model")
+        save_model(trained, tokenizer, round_dir / "model", adapter_dir=round_dir / "adapter")
         # Log before the round's metrics.json marks it done; a crash in between redoes the round
         # and the truncation keeps one row per round.
         tracker.truncate_after(r)

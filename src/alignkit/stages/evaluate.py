@@ -28,6 +28,7 @@ class Config:
     task: str | None = None           # built-in task: its test prompts and its gold reward
     prompts: str | None = None        # a file of prompt records (or task:NAME[:chat]) instead
     chat: bool = False
+    chat_template: str | None = None  # for chat=true: a Jinja template or a .jinja file
     proxy_reward: str | None = None   # reward source spec, e.g. model:runs/rm/model
     rewards: list[str] = field(default_factory=list)   # more sources: "NAME=SPEC" or "SPEC"
     baseline: str | None = None       # a baseline policy: the win rate against it (needs judge)
@@ -76,7 +77,7 @@ def main(cfg: Config) -> dict:
     from alignkit.tracking import Tracker
 
     tracker = Tracker(cfg.out_dir, cfg, stage="evaluate")
-    tokenizer = load_tokenizer(cfg.policy)
+    tokenizer = load_tokenizer(cfg.policy, cfg.chat_template, chat=cfg.chat)
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer)
     reference = load_causal_lm(cfg.reference, tokenizer=tokenizer) if cfg.reference else None
     sources = {name: make_reward_source(spec, chat=cfg.chat) for name, spec in reward_specs(cfg)}

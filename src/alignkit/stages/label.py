@@ -35,6 +35,7 @@ class Config:
     # Sample through the chat template. The records stay plain strings (the store and the judges
     # read them); train a reward model or DPO on them with data.chat=true.
     chat: bool = False
+    chat_template: str | None = None  # for chat=true: a Jinja template or a .jinja file
     out_dir: str = "runs/labels"
     train_prompts: int = 2000
     eval_prompts: int = 200
@@ -62,7 +63,7 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, stage="label")
     task = get_task(cfg.task, chat=cfg.chat)
-    tokenizer = load_tokenizer(cfg.policy)
+    tokenizer = load_tokenizer(cfg.policy, cfg.chat_template, chat=cfg.chat)
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval()
     annotator = SimulatedAnnotator(temperature=cfg.annotator.temperature,
                                    tie_margin=cfg.annotator.tie_margin, seed=cfg.annotator.seed)

@@ -63,6 +63,7 @@ class Config:
     reference: str | None = None       # default: model
     task: str | None = None            # built-in task: default prompts, gold metrics, final eval
     chat: bool = False
+    chat_template: str | None = None  # for chat=true: a Jinja template or a .jinja file
     out_dir: str = "runs/ppo"
     iterations: int = 20
     roles: Literal["separate", "shared"] = "separate"
@@ -205,7 +206,7 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     algo = ALGORITHMS[cfg.ppo.algo]
     tracker = Tracker(out, cfg, stage=cfg.ppo.algo, tensorboard=cfg.tensorboard)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template, chat=cfg.chat)
     spec = RoleSpec(model=cfg.model, reference=cfg.reference, reward=cfg.reward,
                     value_init=cfg.value_init, chat=cfg.chat, lora=cfg.lora)
     roles = build_roles(cfg.roles, spec, tokenizer, needs_value=algo.uses_value).to(accelerator.device)

@@ -101,6 +101,7 @@ class Config:
     reward: str = ""                    # the proxy: the only signal that selects training data
     task: str | None = None             # built-in task: default prompts and the gold reward
     chat: bool = False
+    chat_template: str | None = None  # for chat=true: a Jinja template or a .jinja file
     out_dir: str = "runs/rest"
     grow_steps: int = 2                 # G
     grow: GrowConfig = field(default_factory=GrowConfig)
@@ -226,7 +227,8 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
                    loop=loop, optim=optim, out_dir=step_dir,
                    tracker=tracker, accelerator=accelerator)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, step_dir / "model")
+        save_model(accelerator.unwrap_model(model), tokenizer, step_dir / "model",
+                   adapter_dir=step_dir / "adapter")
         shutil.rmtree(step_dir / "checkpoints", ignore_errors=True)  # the model + marker suffice
     accelerator.wait_for_everyone()
     return {"lr": optim.lr, "train_steps": result.step, "train_loss": result.last_metrics.get("loss")}
@@ -317,7 +319,7 @@ def main(cfg: Config) -> dict:
 
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, stage="rest")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template, chat=cfg.chat)
     reference = load_causal_lm(cfg.reference or cfg.model, tokenizer=tokenizer).eval()
     judges = make_judges(cfg)
     grow_prompts = load_prompts(cfg.grow.prompts or f"task:{cfg.task}", "train",

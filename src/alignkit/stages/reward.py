@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import require
-from alignkit.data.sources import DataConfig, sft_source
+from alignkit.data.sources import DataConfig, eval_source, train_source
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.rm_loss import evaluate_pairs, make_loss, score_head, supports_last_rows_only
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
@@ -51,21 +51,20 @@ def gold_margins(task_name: str, records: list[dict]) -> list[float]:
 def main(cfg: Config) -> dict:
     from alignkit.data.collate import collate_preference
     from alignkit.data.formats import build_dataset
-    from alignkit.data.io import load_records
     from alignkit.engine.models import apply_lora, load_scalar_model, load_tokenizer, save_model
     from alignkit.tracking import Tracker
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage="rm")
-    tokenizer = load_tokenizer(cfg.model)
     d = cfg.data
-    examples, stats = build_dataset(sft_source(d.train, "train", d.task_samples), tokenizer,
+    tokenizer = load_tokenizer(cfg.model, d.chat_template, chat=d.chat, key="data.chat_template")
+    examples, stats = build_dataset(train_source(d), tokenizer,
                                     format="preference", max_length=d.max_length,
                                     overlong=d.overlong, chat=d.chat)
     eval_fn = None
     if d.eval:
-        eval_records = load_records(d.eval)
+        eval_records = eval_source(d)
         eval_examples, _ = build_dataset(eval_records, tokenizer, format="preference",
                                          max_length=d.max_length, overlong="truncate", chat=d.chat)
         margins = gold_margins(cfg.gold_task, [dict(r) for r in eval_records]) \
@@ -86,10 +85,9 @@ def main(cfg: Config) -> dict:
                    optim=cfg.optim, out_dir=out, tracker=tracker, accelerator=accelerator,
                    eval_fn=eval_fn)
     if accelerator.is_main_process:
-        if cfg.save_adapter:  # before merging: PPO's shared placement serves it from its base
-            accelerator.unwrap_model(model).save_pretrained(str(out / "adapter"))
-            tokenizer.save_pretrained(str(out / "adapter"))
-        save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+        # PPO's shared placement serves the adapter from its base.
+        save_model(accelerator.unwrap_model(model), tokenizer, out / "model",
+                   adapter_dir=out / "adapter" if cfg.save_adapter else None)
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"),
              "train_accuracy": result.last_metrics.get("accuracy"), "steps": result.step,

@@ -2,7 +2,8 @@
 
 Setup: tokenizer + causal LM via ``from_pretrained``, optional LoRA, data with loss on completion
 tokens only. Loop: :func:`alignkit.engine.training.train` with the token-level NLL. Save: a Hugging
-Face folder ``<out_dir>/model`` (LoRA merged) that every later stage loads by path.
+Face folder ``<out_dir>/model`` (LoRA merged) that every later stage loads by path; with LoRA
+also the adapter, ``<out_dir>/adapter``, for ``PeftModel.from_pretrained(base, ...)``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import require
-from alignkit.data.sources import DataConfig, sft_source
+from alignkit.data.sources import DataConfig, eval_source, train_source
 from alignkit.engine.lm_loss import eval_loss, loss_for, n_targets
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
@@ -44,14 +45,14 @@ def main(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg.train.mixed_precision)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage="sft")
-    tokenizer = load_tokenizer(cfg.model)
     d = cfg.data
-    train_src = sft_source(d.train, "train", d.task_samples, seed=cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model, d.chat_template, chat=d.chat, key="data.chat_template")
+    train_src = train_source(d, seed=cfg.train.seed)
     examples, stats = build_dataset(train_src, tokenizer, format=d.format, accepts=DEMONSTRATIONS,
                                     max_length=d.max_length, overlong=d.overlong, chat=d.chat)
     eval_examples = []
     if d.eval:
-        eval_src = sft_source(d.eval, "test", d.eval_samples, seed=cfg.train.seed)
+        eval_src = eval_source(d, seed=cfg.train.seed)
         eval_examples, _ = build_dataset(eval_src, tokenizer, format=d.format, accepts=DEMONSTRATIONS,
                                          max_length=d.max_length, overlong=d.overlong, chat=d.chat)
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)
@@ -63,7 +64,8 @@ def main(cfg: Config) -> dict:
                    tracker=tracker, accelerator=accelerator,
                    eval_fn=(lambda m: eval_loss(m, eval_examples, pad)) if eval_examples else None)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+        save_model(accelerator.unwrap_model(model), tokenizer, out / "model",
+                   adapter_dir=out / "adapter")
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"), "steps": result.step,
              "examples": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped,
