@@ -447,3 +447,14 @@ def test_one_token_in_eight_threads_gets_every_label_stored(tmp_path):
         assert s.count("comparisons") == N_THREADS * LABELS_PER_THREAD
         assert sorted(r["id"] for r in s.comparisons()) == sorted(cid for _, _, cid in answers)
         assert s.progress("ann") == {"labelled": 400, "skipped": 0, "remaining": 0, "total": 400}
+
+
+def test_a_browsers_side_requests_before_login_keep_the_login_forms_csrf_token(app, tokens):
+    """A browser fetches the favicon (or any page) between showing the login form and posting
+    it: an anonymous session must keep the form's CSRF token (only an ended login is cleared)."""
+    client = app.test_client()
+    csrf = _csrf(client.get("/login").get_data(as_text=True))
+    assert client.get("/favicon.ico").status_code in (302, 404)
+    assert client.get("/").status_code == 302
+    r = client.post("/login", data={"token": tokens["bob"], "csrf_token": csrf})
+    assert r.status_code == 303, r.get_data(as_text=True)

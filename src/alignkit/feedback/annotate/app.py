@@ -197,7 +197,8 @@ def _authenticate():
             g.annotator = annotator
     if g.annotator is None:
         ended = "annotator_id" in session
-        session.clear()
+        if ended:   # a revoked login; an anonymous session keeps its CSRF token for the login form
+            session.clear()
         if request.method == "GET":
             return redirect(url_for("annotate.login", **({"ended": 1} if ended else {})))
         if ended:
