@@ -59,7 +59,7 @@ def test_a_stage_run_on_its_own_writes_a_report_with_its_figures(tiny_base, tmp_
           f"out_dir={tmp_path}", "iterations=2", "rollout.prompts_per_iteration=4",
           "rollout.batch_size=4", "rollout.sampling.max_new_tokens=4", "ppo.epochs=1",
           "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "eval.num_prompts=4",
-          "eval.sampling.max_new_tokens=4", "tensorboard=false"])
+          "eval.sampling.max_new_tokens=4", "report_to=none"])
     report = (tmp_path / "report.html").read_text()
     assert str(tmp_path / "report.html") in capsys.readouterr().out
     assert "sqrt(KL to the reference)" in report           # the stage's own figure

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from alignkit.config import require
 from alignkit.engine.sampling import SamplingConfig
+from alignkit.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     policy: str = ""
     reference: str | None = None      # default: no KL reported
     task: str = "sentiment"

@@ -15,6 +15,7 @@ from alignkit.data.sources import DataConfig, sft_source
 from alignkit.engine.lm_loss import eval_loss, loss_for, n_targets
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.tracking import TrackingConfig
 
 
 # What SFT learns from: demonstrations. Preference, KTO-labelled (unpaired: it would imitate the
@@ -23,7 +24,7 @@ DEMONSTRATIONS = ("prompt_completion", "messages")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     model: str = ""
     out_dir: str = "runs/sft"
     data: DataConfig = field(default_factory=DataConfig)
