@@ -59,7 +59,7 @@ def test_a_stage_run_on_its_own_writes_a_report_with_its_figures(tiny_base, tmp_
           f"out_dir={tmp_path}", "iterations=2", "rollout.prompts_per_iteration=4",
           "rollout.batch_size=4", "rollout.sampling.max_new_tokens=4", "ppo.epochs=1",
           "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "eval.num_prompts=4",
-          "eval.sampling.max_new_tokens=4", "tensorboard=false"])
+          "eval.sampling.max_new_tokens=4", "report_to=none"])
     report = (tmp_path / "report.html").read_text()
     assert str(tmp_path / "report.html") in capsys.readouterr().out
     assert "sqrt(KL to the reference)" in report           # the stage's own figure
@@ -76,7 +76,7 @@ def test_every_stage_run_alone_writes_a_report_titled_by_what_ran(tiny_base, tmp
           f"rollout.prompts={prompts}", "ppo.algo=grpo", "rollout.samples_per_prompt=2",
           "iterations=2", "rollout.prompts_per_iteration=2", "rollout.batch_size=4",
           "rollout.sampling.max_new_tokens=4", "ppo.epochs=1", "ppo.minibatch_size=4",
-          "ppo.micro_batch_size=4", "tensorboard=false"])
+          "ppo.micro_batch_size=4", "report_to=none"])
     report = (out / "report.html").read_text()
     assert "<title>alignkit grpo</title>" in report and "<h2>Final metrics</h2>" in report
     assert "<th>metric</th><th>value</th>" in report and "<td>last_proxy_reward_mean</td>" in report

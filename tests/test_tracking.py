@@ -1,13 +1,15 @@
 """Run folder bookkeeping: torn and repeated metric lines after a crash, and the fingerprint that
 refuses to resume a run under other settings or inputs."""
 
+import io
 import json
 from dataclasses import dataclass, field
 
 import pytest
 
 from alignkit.config import ConfigError, build
-from alignkit.tracking import Tracker, check_fingerprint, fingerprint, read_metrics
+from alignkit.tracking import (Progress, Tracker, check_fingerprint, fingerprint, format_duration,
+                               read_metrics)
 
 
 def test_a_torn_last_line_is_dropped_on_read_and_on_resume(tmp_path):
@@ -81,3 +83,76 @@ def test_a_folder_input_is_identified_by_each_file(tmp_path):
     ids = fingerprint(build(Run, {"model": f"model:{model}"}))["inputs"]["model"]
     assert sorted(ids) == ["config.json", "weights.bin"]
     assert ids["weights.bin"].startswith("sha256=")
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: steps done of the total and the time left, plain lines off a terminal.
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import alignkit.tracking as tracking
+
+    c = Clock()
+    monkeypatch.setattr(tracking, "time", c)
+    return c
+
+
+def test_log_lines_show_the_step_of_the_total_and_the_time_left(tmp_path, clock, capsys):
+    t = Tracker(tmp_path, stage="sft", enabled=True)
+    t.progress(120, done=20)                # resumed at step 20: its steps are not timed
+    clock.now += 8
+    t.log(25, {"loss": 0.5})                # 5 steps in 8 s: 95 left take 152 s
+    clock.now += 8
+    t.log(30, {"loss": 0.25})
+    out = capsys.readouterr()
+    assert out.out.splitlines() == ["[sft      8s] step 25/120 eta 2m32s loss=0.5",
+                                    "[sft     16s] step 30/120 eta 2m24s loss=0.25"]
+    assert out.err == ""                    # off a terminal the log lines are the progress
+    t.finish({})
+    Tracker(tmp_path / "b", stage="evaluate", enabled=True).log(0, {"gold": 1.0})
+    assert capsys.readouterr().out == "[evaluate      0s] step 0 gold=1\n"   # no total: as before
+
+
+def test_plain_progress_lines_at_most_every_interval_and_at_the_end(clock):
+    stream = io.StringIO()
+    p = Progress(1000, "label-ai", "pairs", every=30, stream=stream)
+    for _ in range(10):                      # 100 pairs per 10 s
+        clock.now += 10
+        p.update(100)
+    assert stream.getvalue().splitlines() == [
+        "[label-ai     10s] 100/1000 pairs (10%) eta 1m30s",
+        "[label-ai     40s] 400/1000 pairs (40%) eta 1m00s",
+        "[label-ai     70s] 700/1000 pairs (70%) eta 30s",
+        "[label-ai    100s] 1000/1000 pairs (100%) eta 0s"]
+    assert "\r" not in stream.getvalue()
+    quiet = io.StringIO()
+    p = Progress(4, "sampling", "rows", delay=10, stream=quiet)   # done within its delay: silent
+    clock.now += 9
+    p.update(4)
+    assert quiet.getvalue() == ""
+
+
+def test_a_terminal_gets_a_bar_with_the_total(clock):
+    stream = Terminal()
+    with Progress(40, "ppo", "iteration", stream=stream, enabled=True) as p:
+        p.to(10)
+    assert "\r" in stream.getvalue() and "10/40" in stream.getvalue()
+
+
+def test_durations_read_at_a_glance():
+    assert [format_duration(s) for s in (0, 42.4, 80, 3599, 7380)] == [
+        "0s", "42s", "1m20s", "59m59s", "2h03m"]

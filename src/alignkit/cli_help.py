@@ -48,7 +48,8 @@ TRL_FLAGS: dict[str, tuple[str, ...]] = {
     "num_generations": ("rollout.samples_per_prompt",),
     "max_completion_length": ("rollout.sampling.max_new_tokens", "sampling.max_new_tokens"),
     "temperature": ("rollout.sampling.temperature", "sampling.temperature"),
-    "report_to": ("tensorboard",),
+    "report_to": ("report_to",),
+    "run_name": ("run_name",),
 }
 
 HOW = {"per_device_train_batch_size": " (rows per forward on one process)",
@@ -57,17 +58,20 @@ HOW = {"per_device_train_batch_size": " (rows per forward on one process)",
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field line in ``cls``'s source."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    out, line_field = {}, {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
-            line_field[tok.start[0]] = tok.string
-        elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
-            out.setdefault(line_field[tok.start[0]], tok.string.lstrip("# ").strip())
+    """The trailing ``# comment`` of each field line in ``cls``'s source, and in its dataclass
+    bases' (keys every stage inherits, such as ``report_to``); the class's own come first."""
+    out: dict[str, str] = {}
+    for klass in (k for k in cls.__mro__ if dataclasses.is_dataclass(k)):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        line_field: dict[int, str] = {}
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
+                line_field[tok.start[0]] = tok.string
+            elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
+                out.setdefault(line_field[tok.start[0]], tok.string.lstrip("# ").strip())
     return out
 
 
@@ -87,7 +91,8 @@ def config_keys(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple
         except Exception:   # a config with required keys: defaults field by field
             pass
     rows = []
-    for f in dataclasses.fields(cls):
+    # Keyword-only keys (those every stage inherits: report_to, ...) after the stage's own.
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.kw_only):
         tp = hints[f.name]
         if defaults is not None:
             default = getattr(defaults, f.name)

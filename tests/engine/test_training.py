@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def run(out_dir, loop, loss_fn=causal_lm_loss, data=None):
     data = data or items()
     model = tiny_model()
     acc = make_accelerator(loop.mixed_precision)
-    tracker = Tracker(out_dir, enabled=True, stage="t")
+    tracker = Tracker(out_dir, stage="t")    # writes and prints on the main process only
     result = train(model, data, lengths=[len(s) for s in data], collate=lambda b: lm_collate(b, 0),
                    weight_of=lambda s: len(s) - 1, loss_fn=loss_fn, loop=loop,
                    optim=OptimConfig(lr=1e-2, warmup_steps=2), out_dir=out_dir, tracker=tracker,
@@ -66,7 +67,7 @@ def test_accumulation_matches_full_batch(tmp_path):
     assert not torch.allclose(flat(full), flat(tiny_model()), atol=1e-3)
 
 
-def test_resume_after_crash_equals_uninterrupted(tmp_path):
+def test_resume_after_crash_equals_uninterrupted(tmp_path, capsys):
     loop = LoopConfig(**{**BASE, "save_every": 2})
     straight, _ = run(tmp_path / "straight", loop)
     calls = {"n": 0}
@@ -80,8 +81,12 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tmp_path / "resumed", loop, loss_fn=crashing)
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step_2"]
+    capsys.readouterr()
     resumed, result = run(tmp_path / "resumed", loop)
     assert result.step == 6
+    # Each logged step of the total, with the time left (timed from the resumed step on).
+    shown = re.findall(r"^\[t +\d+s\] step (\d+/\d+) eta (\d+)s loss=", capsys.readouterr().out, re.M)
+    assert [at for at, _ in shown] == ["3/6", "4/6", "5/6", "6/6"] and shown[-1][1] == "0"
     assert torch.equal(flat(straight), flat(resumed))
     steps = [r["step"] for r in read_metrics(tmp_path / "resumed")]
     assert steps == [1, 2, 3, 4, 5, 6]  # the crashed run's step 3 line was dropped and redone
@@ -150,6 +155,9 @@ def test_two_processes_equal_one(tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Only the main process logs: each step once, of the total.
+    assert [proc.stdout.count(f"] step {k}/6 ") for k in range(1, 7)] == [1] * 6, proc.stdout
+    assert len(read_metrics(out)) == 6
     two = torch.load(out + "/flat.pt")
     assert torch.allclose(flat(single), two, atol=2e-5, rtol=0)  # see the accumulation test
 

@@ -34,7 +34,7 @@ ppo:
   iterations: 2
   rollout: {{prompts_per_iteration: 4, batch_size: 4, sampling: {{max_new_tokens: 8}}}}
   ppo: {{epochs: 1, minibatch_size: 4, micro_batch_size: 4}}
-  tensorboard: false
+  report_to: none
 rest:
   grow_steps: 1
   grow: {{num_prompts: 8, samples_per_prompt: 2, sampling: {{max_new_tokens: 8}}}}

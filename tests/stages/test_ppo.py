@@ -48,7 +48,7 @@ def config(tiny_base, prompt_file, out_dir, reward="count_e", **overrides):
     base = [f"model={tiny_base}", f"reward=python:{__name__}:{reward}", f"out_dir={out_dir}",
             f"rollout.prompts={prompt_file}", "rollout.prompts_per_iteration=8",
             "rollout.sampling.max_new_tokens=8", "rollout.batch_size=8", "ppo.epochs=2",
-            "ppo.minibatch_size=8", "ppo.micro_batch_size=4", "iterations=6", "tensorboard=false",
+            "ppo.minibatch_size=8", "ppo.micro_batch_size=4", "iterations=6", "report_to=none",
             "optim.lr=3e-2", "optim.schedule=constant", "value_optim.lr=3e-3", "kl.beta=0.01",
             "lora.r=8", "lora.alpha=16"]
     return load_config(ppo.Config, None, base + [f"{k}={v}" for k, v in overrides.items()])

@@ -17,12 +17,14 @@ from alignkit.data.io import read_jsonl, write_jsonl
 from alignkit.data.store import PreferenceStore
 from alignkit.engine.judges import (JudgeConfig, PairwiseJudge, agreement, position_bias_rate,
                                     preference_record)
+from alignkit.tracking import Progress
 
 
 def label_split(judge, pairs: list[dict], chunk: int) -> tuple[list, list[dict], list[dict]]:
     """Judge ``pairs`` chunk by chunk; returns the judgements, preference records of the
     decided pairs, and the unlabelled pairs with the reason."""
     judgements, records, unlabelled = [], [], []
+    progress = Progress(len(pairs), "label-ai", "pairs", every=0.0)   # a line per chunk
     for s in range(0, len(pairs), chunk):
         part = pairs[s:s + chunk]
         got = judge.label([p["prompt"] for p in part], [p["response_a"] for p in part],
@@ -37,7 +39,8 @@ def label_split(judge, pairs: list[dict], chunk: int) -> tuple[list, list[dict],
                 answers = [o.raw["answer"] for o in j.outcomes if o.raw is not None]
                 unlabelled.append({**p, "reason": "failed" if errors else "unparseable",
                                    "errors": errors, "answers": answers})
-        print(f"[label-ai] {min(s + chunk, len(pairs))}/{len(pairs)} pairs judged", flush=True)
+        progress.update(len(part))
+    progress.close()
     return judgements, records, unlabelled
 
 

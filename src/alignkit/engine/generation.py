@@ -33,6 +33,10 @@ import torch
 from alignkit.engine.decoders import compile_options, decoder_for
 from alignkit.math.logprobs import IGNORE_INDEX, token_logps
 from alignkit.engine.forward import forward_parameters
+from alignkit.tracking import Progress
+
+# Sampling passes shorter than this show no progress (PPO's rollouts of small models, tests).
+SAMPLING_QUIET_S = 10.0
 
 
 class DrawSettings(Protocol):
@@ -570,11 +574,15 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: DrawSet
     step = batch_size or ids.size(0)
     # inference_mode skips autograd bookkeeping on every op (~10% of a small-model step); its
     # tensors cannot enter a later autograd graph, so the outputs are rebuilt outside it (cat/pad).
-    with torch.inference_mode():
-        chunks = [_generate_chunk(model, ids[i:i + step], mask[i:i + step], cfg, eos_token_id,
-                                  pad_token_id, generator, compile_decode or cfg.compile,
-                                  fast_decode)
-                  for i in range(0, ids.size(0), step)]
+    # A progress bar (plain lines off a terminal) where sampling runs long, on the main process.
+    with torch.inference_mode(), Progress(ids.size(0), "sampling", "rows",
+                                          delay=SAMPLING_QUIET_S) as progress:
+        chunks = []
+        for i in range(0, ids.size(0), step):
+            chunks.append(_generate_chunk(model, ids[i:i + step], mask[i:i + step], cfg,
+                                          eos_token_id, pad_token_id, generator,
+                                          compile_decode or cfg.compile, fast_decode))
+            progress.update(min(step, ids.size(0) - i))
     width = max(c[0].size(1) for c in chunks)
 
     def cat(j, value):

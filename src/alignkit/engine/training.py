@@ -311,6 +311,7 @@ def train(model: torch.nn.Module, items: Sequence[Any], *, lengths: Sequence[int
     # A run resumed at its end evaluated already (the final checkpoint follows the final eval).
     evaluated = step == total_steps and "eval_metrics" in saved
     model.train()
+    bar = tracker.progress(total_steps, done=step)
     try:
         while step < total_steps:
             epoch, index = divmod(step, per_epoch)
@@ -322,6 +323,7 @@ def train(model: torch.nn.Module, items: Sequence[Any], *, lengths: Sequence[int
             last = _optimizer_step(model, optimizer, scheduler, accelerator, items, global_batch,
                                    collate, weight_of, loss_fn, loop, optim, world, rank)
             step += 1
+            bar.to(step)
             last["epoch"] = step / per_epoch
             if step % max(loop.log_every, 1) == 0 or step == total_steps:
                 tracker.log(step, last)
@@ -337,6 +339,8 @@ def train(model: torch.nn.Module, items: Sequence[Any], *, lengths: Sequence[int
         accelerator.print(f"alignkit: interrupted; saving a checkpoint at step {step}")
         save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints, {"last_metrics": last})
         raise
+    finally:
+        bar.close()
     if eval_fn is not None and not evaluated:
         evals = _run_eval(model, accelerator, eval_fn, tracker, step)
     final_state = {"last_metrics": last, **({"eval_metrics": evals} if eval_fn is not None else {})}

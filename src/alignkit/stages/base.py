@@ -15,6 +15,7 @@ import torch
 
 from alignkit.config import require
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class ArchConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     task: str = "sentiment"
     chat: bool = False
     out_dir: str = "runs/base"

@@ -26,10 +26,11 @@ import numpy as np
 
 from alignkit.config import require
 from alignkit.engine.sampling import SamplingConfig
+from alignkit.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     policy: str = ""
     reward: str = ""                    # the selector: model:PATH, gold:TASK, python:MOD:FN, ...
     task: str | None = None             # built-in task: default prompts and the gold reward

@@ -26,6 +26,7 @@ from alignkit.engine.dap_loss import (LossConfig, add_kto_mismatch, cache_refere
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.sampling import SamplingConfig
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class OnlineConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     model: str = ""
     reference: str | None = None    # default: the initial policy (``model``)
     out_dir: str = "runs/dpo"
@@ -242,6 +243,7 @@ def run_online(cfg: Config) -> dict:
                          chat=cfg.eval.chat)
     eval_fn = make_eval(cfg, tokenizer, reference)
     policy_path, final = cfg.model, {}
+    tracker.progress(on.rounds, unit="round")
     for r in range(on.rounds):
         round_dir = out / f"round_{r}"
         done = round_dir / "metrics.json"

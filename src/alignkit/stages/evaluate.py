@@ -19,10 +19,11 @@ from pathlib import Path
 
 from alignkit.config import require
 from alignkit.engine.sampling import SamplingConfig
+from alignkit.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     policy: str = ""
     reference: str | None = None      # KL to this policy; default: no KL reported
     task: str | None = None           # built-in task: its test prompts and its gold reward

@@ -26,10 +26,11 @@ from typing import Literal
 
 from alignkit.config import require
 from alignkit.engine.judges import JudgeConfig
+from alignkit.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     judge: JudgeConfig
     pairs_dir: str = ""               # folder with pairs_<split>.jsonl (an `alignkit label` run)
     splits: list[str] = field(default_factory=lambda: ["train", "eval"])

@@ -24,10 +24,11 @@ from pathlib import Path
 from alignkit.config import require
 from alignkit.engine.judges import JudgeConfig, render, render_messages
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     model: str = ""                   # base causal LM to fine-tune
     task: str = "sentiment"
     out_dir: str = "runs/judge_model"

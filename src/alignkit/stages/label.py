@@ -19,6 +19,7 @@ from pathlib import Path
 
 from alignkit.config import require
 from alignkit.engine.sampling import SamplingConfig
+from alignkit.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class AnnotatorConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     policy: str = ""
     task: str = "sentiment"
     # Sample through the chat template. The records stay plain strings (the store and the judges

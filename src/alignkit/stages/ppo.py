@@ -42,6 +42,7 @@ from alignkit.engine.rl.update import explained_variance, make_optimizers, maske
 from alignkit.engine.sampling import SamplingConfig
 from alignkit.engine.training import OptimConfig
 from alignkit.math.advantages import AdaptiveKLController, FixedKLController, sequence_kl
+from alignkit.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     model: str = ""                    # the starting policy (an SFT model)
     reward: str = ""                   # model:PATH | gold:TASK | python:MOD:FN | judge:...
     reference: str | None = None       # default: model
@@ -81,7 +82,8 @@ class Config:
     keep_checkpoints: int = 2
     resume: str = "auto"               # "auto" | "never" | a checkpoint path
     mixed_precision: Literal["no", "bf16"] = "no"
-    tensorboard: bool = True
+    report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"], kw_only=True)
+    tensorboard: bool | None = None    # deprecated: report_to (true adds tensorboard, false drops it)
 
     def __post_init__(self):
         require(bool(self.model), "model is required (path of the starting policy)")
@@ -205,7 +207,7 @@ def main(cfg: Config) -> dict:
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
     algo = ALGORITHMS[cfg.ppo.algo]
-    tracker = Tracker(out, cfg, stage=cfg.ppo.algo, tensorboard=cfg.tensorboard)
+    tracker = Tracker(out, cfg, stage=cfg.ppo.algo)
     tokenizer = load_tokenizer(cfg.model, cfg.chat_template, chat=cfg.chat)
     spec = RoleSpec(model=cfg.model, reference=cfg.reference, reward=cfg.reward,
                     value_init=cfg.value_init, chat=cfg.chat, lora=cfg.lora)
@@ -233,6 +235,7 @@ def main(cfg: Config) -> dict:
 
     metrics: dict = saved.get("last_metrics", {})
     rows: list[dict] = []
+    tracker.progress(cfg.iterations, done=start, unit="iteration")
     for it in range(start, cfg.iterations):
         metrics, rows = run_iteration(it, roles, prompts, tokenizer, algo, cfg, state, opt,
                                       accelerator, gold, pack)

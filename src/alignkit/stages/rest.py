@@ -43,6 +43,7 @@ from alignkit.engine.rl.filtering import FilterConfig, select
 from alignkit.engine.rl.guard import GuardConfig, GuardDecision, HackingGuard
 from alignkit.engine.sampling import SamplingConfig, sample_texts
 from alignkit.engine.training import LoopConfig, OptimConfig
+from alignkit.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     model: str = ""                     # the starting (SFT) policy
     reference: str | None = None        # KL yardstick; default: model
     reward: str = ""                    # the proxy: the only signal that selects training data
@@ -338,6 +339,7 @@ def main(cfg: Config) -> dict:
         policy0 = reference if cfg.reference is None else load_causal_lm(cfg.model, tokenizer=tokenizer)
         evaluate_at(policy0, out / "initial")
     tracker.truncate_after(-1)  # the log is rebuilt from the step markers: resume == uninterrupted
+    tracker.progress(cfg.grow_steps * cfg.improve_steps)
     models, metrics_by_step = {0: cfg.model}, {0: _read(out / "initial")}
     decision = _watch(guard, metrics_by_step[0], judges.heldout_key, tracker, 0)
     policy_path, fired_at = cfg.model, None

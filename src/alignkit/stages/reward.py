@@ -18,10 +18,11 @@ from alignkit.data.sources import DataConfig, eval_source, train_source
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.rm_loss import evaluate_pairs, make_loss, score_head, supports_last_rows_only
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     model: str = ""
     out_dir: str = "runs/rm"
     data: DataConfig = field(default_factory=DataConfig)

@@ -16,6 +16,7 @@ from alignkit.data.sources import DataConfig, eval_source, train_source
 from alignkit.engine.lm_loss import eval_loss, loss_for, n_targets
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.tracking import TrackingConfig
 
 
 # What SFT learns from: demonstrations. Preference, KTO-labelled (unpaired: it would imitate the
@@ -24,7 +25,7 @@ DEMONSTRATIONS = ("prompt_completion", "messages")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrackingConfig):
     model: str = ""
     out_dir: str = "runs/sft"
     data: DataConfig = field(default_factory=DataConfig)
