@@ -21,11 +21,40 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key."""
 
 
-def _parse_scalar(text: str) -> Any:
+def _parse_scalar(text: str, key: str) -> Any:
+    """``text`` read as YAML. Text that is no YAML, or whose YAML a constructor refuses (a 13th
+    month, ``!!int x``, an integer of more than 4300 digits), stays the string as typed."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = yaml.safe_load(text)
+        cyclic = _cyclic(value)
+    except (yaml.YAMLError, ValueError):
         return text
+    except RecursionError:
+        raise ConfigError(f"override {key!r}: the value is nested too deeply") from None
+    if cyclic:
+        # "&a [*a]": an alias inside its own anchor; no config can hold (or save) such a value.
+        raise ConfigError(f"override {key!r}: the value contains itself (a YAML alias inside its "
+                          "own anchor)")
+    return value
+
+
+def _cyclic(value: Any) -> bool:
+    """Whether the lists and mappings of ``value`` contain themselves (each one walked once)."""
+    done: set[int] = set()
+
+    def walk(node: Any, inside: set[int]) -> bool:
+        if not isinstance(node, (dict, list)) or id(node) in done:
+            return False
+        if id(node) in inside:
+            return True
+        inside.add(id(node))
+        if any(walk(v, inside) for v in (node.values() if isinstance(node, dict) else node)):
+            return True
+        inside.discard(id(node))
+        done.add(id(node))
+        return False
+
+    return walk(value, set())
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -42,7 +71,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {key!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_scalar(raw)
+        node[parts[-1]] = _parse_scalar(raw, key)
     return data
 
 
@@ -73,30 +102,36 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arm, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"config key {key!r}: {value!r} does not match {_name(tp)}")
+        raise ConfigError(f"config key {key!r}: {_show(value)} does not match {_name(tp)}")
     if origin is Literal:
         if isinstance(value, bool):
             # YAML 1.1 reads no/off/yes/on as booleans: "mixed_precision: no" means the option.
             spelled = [o for o in get_args(tp) if isinstance(o, str) and o.lower() in _BOOL_WORDS[value]]
             value = spelled[0] if len(spelled) == 1 else value
         if value not in get_args(tp):
-            raise ConfigError(f"config key {key!r}: {value!r} is not one of {list(get_args(tp))}")
+            raise ConfigError(f"config key {key!r}: {_show(value)} is not one of {list(get_args(tp))}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r}: expected a section (mapping), got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected a section (mapping), got {_show(value)}")
         return build(tp, value, prefix=key + ".")
-    if origin in (list, tuple):
+    if origin in (list, tuple) or tp in (list, tuple):
+        origin = origin or tp
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected a list, got {_show(value)}")
         args = get_args(tp)
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is dict:
+    if origin is dict or tp is dict:   # a bare ``dict`` (few-shot examples) holds anything
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
-        return dict(value)
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {_show(value)}")
+        key_tp, value_tp = get_args(tp) or (Any, Any)
+        out = {}
+        for k, v in value.items():
+            sub = f"{key}.{k if isinstance(k, str) else _show(k)}"
+            out[_coerce(k, key_tp, sub)] = _coerce(v, value_tp, sub)
+        return out
     if tp is float:
         if isinstance(value, str):
             # YAML 1.1 reads "3e-5" (no dot) as a string; accept any numeric literal.
@@ -105,23 +140,41 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"config key {key!r}: expected a number, got {_show(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"config key {key!r}: {_show(value)} is too large for a number") from None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected an integer, got {_show(value)}")
+        # Every integer setting is a count, a size, a step or a seed: all fit in 64 bits, and
+        # torch and numpy refuse more (a traceback mid-run instead of this line now).
+        if not -2**63 <= value < 2**63:
+            raise ConfigError(f"config key {key!r}: {_show(value)} is out of range (a 64-bit integer)")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected true or false, got {_show(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                            and -2**63 <= value < 2**63):
                 return str(value)
-            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected a string, got {_show(value)}")
         return value
     raise ConfigError(f"config key {key!r}: unsupported annotation {tp!r}")
+
+
+def _show(value: Any) -> str:
+    """``value`` for a one-line message: its repr, shortened; an integer too long to print (more
+    than 4300 digits) by its size."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
 
 
 def _name(tp: Any) -> str:
@@ -141,9 +194,10 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    # YAML mapping keys need not be strings ("optim={1: 2}"): sorted and named by their text.
+    unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r} "
+        raise ConfigError(f"unknown config key {prefix + str(unknown[0])!r} "
                           f"(known in this section: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():

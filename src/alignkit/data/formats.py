@@ -168,6 +168,10 @@ def _parse_unpaired(rec: Record) -> PairSample:
 def _parse_preference(rec: Record) -> PreferenceSample:
     chosen = _completion_field(rec, "chosen", allow_full_conversation=True)
     rejected = _completion_field(rec, "rejected", allow_full_conversation=True)
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        # One answer in chat turns makes the pair chat: the string one is one assistant turn (as a
+        # string completion beside a chat prompt is), so both answers share one prompt rendering.
+        chosen, rejected = _as_messages(chosen, "assistant"), _as_messages(rejected, "assistant")
     if chosen == rejected:
         raise rec.error("chosen", "chosen and rejected are identical")
     if _is_full_conversation(chosen) or _is_full_conversation(rejected):
@@ -204,10 +208,21 @@ def _required(rec: Record, field: str) -> Any:
     return value
 
 
+def _text(rec: Record, field: str, value: str) -> str:
+    """``value``, refused unless it is Unicode text a tokenizer takes: JSON's ``"\\ud800"`` escape
+    gives a lone surrogate, which no UTF-8 tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise rec.error(field, f"not valid Unicode text: a lone surrogate {value[e.start]!r} at "
+                               f"character {e.start}") from None
+    return value
+
+
 def _prompt_field(rec: Record, field: str) -> Text:
     value = _required(rec, field)
     if isinstance(value, str):
-        return value  # an empty prompt is allowed: unconditional generation
+        return _text(rec, field, value)  # an empty prompt is allowed: unconditional generation
     if isinstance(value, list):
         return _messages(rec, field, value)
     raise rec.error(field, f"expected a string or a list of messages, got {type(value).__name__}")
@@ -218,7 +233,7 @@ def _completion_field(rec: Record, field: str, allow_full_conversation: bool = F
     if isinstance(value, str):
         if not value.strip():
             raise rec.error(field, "empty completion")
-        return value
+        return _text(rec, field, value)
     if not isinstance(value, list):
         raise rec.error(field, f"expected a string or a list of messages, got {type(value).__name__}")
     messages = _messages(rec, field, value)
@@ -249,7 +264,7 @@ def _messages(rec: Record, field: str, value: Any) -> list[Message]:
             raise rec.error(f"{field}[{i}].content", "missing")
         if not isinstance(content, str):
             raise rec.error(f"{field}[{i}].content", f"expected a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _text(rec, f"{field}[{i}].content", content)})
     return out
 
 

@@ -113,27 +113,44 @@ def _read_file(p: Path, source: str) -> list[Record]:
     raise DataError(f"unsupported file type '{suffix}' (expected .jsonl, .json or .parquet)", where=source)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _read_json(p: Path, source: str) -> list[Record]:
+    data = p.read_bytes()
+    body = data.removeprefix(_BOM)   # tolerate the byte-order mark some editors write
     try:
-        # utf-8-sig: tolerate the byte-order mark some editors write.
-        text = p.read_text(encoding="utf-8-sig")
+        text = body.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", where=source) from e
-    if text.lstrip().startswith("["):
+        line = body[:e.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start + len(data) - len(body)})",
+                        where=f"{source}:{line}") from e
+    if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
         return _read_json_array(text, source)
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only (a "\r" before it is JSON whitespace), as editors count them:
+    # str.splitlines also breaks at U+2028, U+0085 and \x1c, which JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{source}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", where=where) from e
+        obj = _parse_json(line, where)
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got {_json_type(obj)}", where=where)
         records.append(Record(obj, source, number, "line"))
     return records
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """``json.loads`` of one line; what it refuses is a :class:`DataError` at ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", where=where) from e
+    except ValueError as e:   # an integer of more than 4300 digits
+        raise DataError(f"invalid JSON: {str(e).split(';')[0]}", where=where) from e
+    except RecursionError:
+        raise DataError("invalid JSON: nested too deeply", where=where) from None
 
 
 def _read_json_array(text: str, source: str) -> list[Record]:
@@ -141,6 +158,10 @@ def _read_json_array(text: str, source: str) -> list[Record]:
         items = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", where=f"{source}:{e.lineno}") from e
+    except ValueError as e:
+        raise DataError(f"invalid JSON: {str(e).split(';')[0]}", where=source) from e
+    except RecursionError:
+        raise DataError("invalid JSON: nested too deeply", where=source) from None
     records = []
     for row, obj in enumerate(items):
         if not isinstance(obj, dict):
@@ -230,7 +251,8 @@ def _first_line(e: BaseException) -> str:
 def read_jsonl(path: str | Path) -> list[dict]:
     """The JSON objects of a file alignkit wrote (one a line, blank lines skipped), as plain
     dicts; user data goes through :func:`load_records`, which names file and line on errors."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n")
+            if line.strip()]
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Mapping], ensure_ascii: bool = True) -> int:

@@ -42,6 +42,9 @@ class Config:
         stray = [k for k in self.sections if k.split("@")[0] not in MODULES and k != "judge"]
         require(not stray, f"unknown config section {stray[:1]}: not a stage "
                 f"({sorted(MODULES)}) nor 'judge'")
+        for name, section in self.sections.items():
+            require(section is None or isinstance(section, dict), f"config key {name!r}: expected a "
+                    f"section (mapping), got {type(section).__name__}")
 
 
 def stage_dir(kind: str, variant: str = "") -> str:
@@ -75,7 +78,7 @@ def _wiring(out: Path, src: Path, task: str, variant: str,
                         "out_dir": str(out / stage_dir("ppo", variant)), "eval": {"num_prompts": 0}},
         "rest": lambda: {"model": sft_model, "reward": rm_model, "task": task,
                          "out_dir": str(out / stage_dir("rest", variant))},
-        "bon": lambda: {"model": sft_model, "reward": rm_model, "task": task,
+        "bon": lambda: {"policy": sft_model, "reward": rm_model, "task": task,
                         "out_dir": str(out / stage_dir("bon", variant))},
         "judge_model": lambda: {"model": base_model, "task": task,
                                 "out_dir": str(out / "judge_model")},
@@ -105,7 +108,10 @@ def stage_config(name: str, cfg: Config) -> Any:
     if not isinstance(given, dict):
         raise ConfigError(f"config key {name!r}: expected a mapping")
     if kind in JUDGE_STAGES:
-        given = {**given, "judge": _merge(cfg.sections.get("judge") or {}, given.get("judge") or {})}
+        own = given.get("judge") or {}
+        # A judge that is no mapping is left for the stage's config to refuse, naming the key.
+        given = {**given, "judge": _merge(cfg.sections.get("judge") or {}, own) if isinstance(own, dict)
+                 else own}
     out = Path(cfg.out_dir)
     src = Path(cfg.from_run) if cfg.from_run else out
     label_chat = bool((cfg.sections.get("label") or {}).get("chat", False))
