@@ -85,6 +85,18 @@ def test_a_folder_input_is_identified_by_each_file(tmp_path):
     assert ids["weights.bin"].startswith("sha256=")
 
 
+def test_a_setting_that_names_the_runs_own_output_is_no_input(tmp_path):
+    """judge-model's judge.model names its own output (configs/judge.yaml): the model appearing
+    in the run folder (a run killed after saving it) is no changed input."""
+    out = tmp_path / "run"
+    cfg = build(Run, {"model": str(out / "model"), "out_dir": str(out)})
+    Tracker(out, cfg).log(1, {"loss": 1.0}, echo=False)
+    (out / "model").mkdir()
+    (out / "model" / "weights.bin").write_bytes(b"\0")
+    assert fingerprint(cfg)["inputs"] == {}
+    Tracker(out, cfg)                                    # resumes
+
+
 # ---------------------------------------------------------------------------------------------
 # Progress: steps done of the total and the time left, plain lines off a terminal.
 

@@ -455,13 +455,17 @@ def _file_id(path: Path) -> str:
     return "sha256=" + digest.hexdigest()
 
 
-def _input_ids(value: str) -> dict[str, str] | None:
+def _input_ids(value: str, own: Path | None = None) -> dict[str, str] | None:
     """Identity of the files a setting names: a path, or ``KIND:PATH`` (``model:``, ``judge:``,
-    ...); a folder by each of its files. None when the value names no local file."""
+    ...); a folder by each of its files. None when the value names no local file, or one inside
+    ``own``, the run's own folder: that is what the run writes (e.g. ``judge.model`` of
+    ``judge-model`` names its output), no input, and it appears while the run goes on."""
     for candidate in (value, value.partition(":")[2]):
         path = Path(candidate) if candidate else None
         if path is None or not path.exists():
             continue
+        if own is not None and (path.resolve() == own or own in path.resolve().parents):
+            return None
         if path.is_file():
             return {".": _file_id(path)}
         files = sorted(f for f in path.rglob("*") if f.is_file() and "checkpoints" not in f.parts)
@@ -471,11 +475,12 @@ def _input_ids(value: str) -> dict[str, str] | None:
 
 def fingerprint(cfg: Any) -> dict:
     """``{"settings": ..., "inputs": ...}``: every setting of ``cfg`` but the operational ones,
-    and the identity of each local file or folder a setting names."""
-    settings = {k: v for k, v in _flatten(to_dict(cfg)).items()
-                if k.rsplit(".", 1)[-1] not in OPERATIONAL}
+    and the identity of each local file or folder a setting names outside the run's own folder."""
+    flat = _flatten(to_dict(cfg))
+    settings = {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] not in OPERATIONAL}
+    own = Path(flat["out_dir"]).resolve() if isinstance(flat.get("out_dir"), str) else None
     inputs = {k: ids for k, v in settings.items()
-              if isinstance(v, str) and (ids := _input_ids(v)) is not None}
+              if isinstance(v, str) and (ids := _input_ids(v, own)) is not None}
     return json.loads(json.dumps({"settings": settings, "inputs": inputs}, default=str))
 
 

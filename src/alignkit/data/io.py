@@ -272,3 +272,14 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping], ensure_ascii: bool = 
         tmp.unlink(missing_ok=True)
         raise
     return n
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (a temporary file, then renamed), creating the
+    folder: a file that marks a step done or caches a result is never seen half-written (a kill
+    between ``open`` and the first write would leave it empty)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

@@ -227,6 +227,17 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def remove_folder(path: Path) -> None:
+    """Delete ``path`` so that a kill midway leaves no part of it under its name (a checkpoint
+    that lost some files would be loaded, and fail, on resume): rename it first, atomically, then
+    delete the renamed folder (and one that an earlier kill left)."""
+    doomed = path.with_name(f".deleting_{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    if path.exists():
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int,
                     state: dict | None = None) -> None:
     """Write to a temporary folder, then rename: a crash never leaves a half checkpoint.
@@ -243,11 +254,13 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({**(state or {}), "step": step}))
-        shutil.rmtree(final, ignore_errors=True)
+        # A run resumed at this step saves it again; a kill before the rename below leaves no
+        # step_<step>, and the run resumes from the checkpoint before it.
+        remove_folder(final)
         os.replace(tmp, final)
         ckpts = sorted(root.glob("step_*"), key=lambda p: int(p.name[5:]))
         for old in ckpts[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_folder(old)
     accelerator.wait_for_everyone()
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from alignkit.config import require
-from alignkit.data.io import write_jsonl
+from alignkit.data.io import write_json, write_jsonl
 from alignkit.engine.evaluation import success_metrics
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.rl.algorithms import ALGORITHMS, Algorithm, KLConfig, PPOConfig
@@ -126,7 +126,7 @@ def _initial_eval(roles, tokenizer, cfg: Config, out: Path) -> dict:
     metrics, _ = _evaluate(roles, tokenizer, cfg)
     initial = {f"initial_{k}": v for k, v in metrics.items()
                if k.startswith(("gold_reward", "gold_success", "proxy_reward", "response_length"))}
-    path.write_text(json.dumps(initial, indent=2) + "\n")
+    write_json(path, initial)
     return initial
 
 

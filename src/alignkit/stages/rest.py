@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 
 from alignkit.config import require
-from alignkit.data.io import write_jsonl
+from alignkit.data.io import write_json, write_jsonl
 from alignkit.data.sources import load_prompts
 from alignkit.engine.evaluation import evaluate_policy
 from alignkit.engine.models import LoraSpec
@@ -212,7 +212,7 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
     """Fine-tune ``policy`` on ``examples``; save ``step_dir/model``; return the loop's metrics."""
     from alignkit.engine.lm_loss import collate_weighted, loss_for, n_targets, weighted_causal_lm_loss
     from alignkit.engine.models import apply_lora, save_model
-    from alignkit.engine.training import make_accelerator, train, use_packing
+    from alignkit.engine.training import make_accelerator, remove_folder, train, use_packing
     from alignkit.tracking import Tracker
 
     imp = cfg.improve
@@ -230,7 +230,7 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), tokenizer, step_dir / "model",
                    adapter_dir=step_dir / "adapter")
-        shutil.rmtree(step_dir / "checkpoints", ignore_errors=True)  # the model + marker suffice
+        remove_folder(step_dir / "checkpoints")  # the model + marker suffice
     accelerator.wait_for_everyone()
     return {"lr": optim.lr, "train_steps": result.step, "train_loss": result.last_metrics.get("loss")}
 
@@ -368,7 +368,7 @@ def _evaluate_into(policy, reference, tokenizer, prompts, cfg: Config, judges: J
     """Evaluate ``policy``; write ``folder/samples.jsonl`` and, last, the marker ``metrics.json``."""
     metrics, rows = evaluate(policy, reference, tokenizer, prompts, cfg, judges)
     write_jsonl(folder / "samples.jsonl", rows)
-    (folder / "metrics.json").write_text(json.dumps({**(extra or {}), **metrics}, indent=2) + "\n")
+    write_json(folder / "metrics.json", {**(extra or {}), **metrics})
 
 
 def _read(folder: Path) -> dict:
