@@ -123,6 +123,7 @@ def stage_config(name: str, cfg: Config) -> Any:
 
 
 def main(cfg: Config) -> dict:
+    from alignkit.data.io import write_json
     from alignkit.report import write_report
     from alignkit.tracking import check_fingerprint
 
@@ -147,7 +148,7 @@ def main(cfg: Config) -> dict:
         timings[name] = time.time() - start
         print(f"[pipeline] {name}: done in {timings[name]:.0f}s", flush=True)
     summary = headline(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     report = write_report(out, summary, configs)
     print(f"[pipeline] summary: {out / 'summary.json'}\n[pipeline] report:  {report}", flush=True)
     return summary
