@@ -81,7 +81,7 @@ SHALLOW = {name: sorted(k for k in keys if "." not in k)
 REQUIRED = {"base": [], "sft": ["model=m", "data.train=d.jsonl"], "rm": ["model=m", "data.train=d.jsonl"],
             "dpo": ["model=m", "data.train=d.jsonl"], "label": ["policy=p"],
             "label-ai": ["pairs_dir=p", "judge.model=j"], "judge-model": ["model=m"],
-            "evaluate": ["policy=p"], "ppo": ["model=m", "reward=gold:sentiment", "task=sentiment"],
+            "evaluate": ["policy=p", "task=sentiment"], "ppo": ["model=m", "reward=gold:sentiment", "task=sentiment"],
             "rest": ["model=m", "reward=gold:sentiment", "task=sentiment"],
             "bon": ["policy=p", "reward=gold:sentiment", "task=sentiment"],
             "pipeline": ["stages=[base, sft, label, rm, dpo, ppo, rest, bon, judge_model, label_ai, "
@@ -317,7 +317,7 @@ SFT = ["model=m", "data.train=d.jsonl"]
 @example(case=("pipeline", ["stages=[evaluate@dpo]", "evaluate=3"]))   # TypeError in _merge
 @example(case=("pipeline", ["stages=[label_ai]", "label_ai={judge: x}"]))   # AttributeError
 @example(case=("sft", [*SFT, "optim.lr=1" + "0" * 400]))     # OverflowError: int to float
-@example(case=("evaluate", ["policy=p", f"split={FF}"]))      # ValueError: str() of the int
+@example(case=("evaluate", ["policy=p", "task=sentiment", f"split={FF}"]))      # ValueError: str() of the int
 @example(case=("base", [f"arch={FF}"]))                       # ValueError: repr() in the message
 @example(case=("base", [f"arch.hidden_size={FF}"]))           # accepted, then unsaveable
 @example(case=("sft", [*SFT, "model=" + "9" * 5000]))        # ValueError: YAML int digits limit
