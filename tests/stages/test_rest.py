@@ -1,6 +1,6 @@
 """ReST: reward-weighted BC against a direct formulation, and the stage end to end: resume skips
 finished Grow/Improve steps and equals an uninterrupted run; the guard keeps the best model when
-it stops a run. (Filtering: tests/test_filtering.py; the guard itself: tests/test_guard.py.)"""
+it stops a run. (Filtering: tests/engine/rl/test_filtering.py; the guard itself: tests/engine/rl/test_guard.py.)"""
 
 import json
 import math

@@ -14,7 +14,7 @@ norm that is not the plain class (an adapter-wrapped or quantised layer) is call
 its own forward applies. Anything else returns ``None`` and decodes through the model's forward:
 other architectures, prompt-learning adapters, hooks (accelerate's device maps), dropout in
 training mode, shorter sliding windows, options the step does not implement. Parity with the
-model's forward is tested per architecture (``tests/test_decoders.py``).
+model's forward is tested per architecture (``tests/engine/test_decoders.py``).
 """
 
 from __future__ import annotations
