@@ -18,35 +18,24 @@ import sys
 from pathlib import Path
 
 
-def _port(text: str) -> int:
-    """0 (any free port, documented in --help) or 1..65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 1..65535 (or 0: any free port), got {text}")
-    return port
+def _number(kind, what: str, ok, bound: str):
+    """An argparse type: ``kind(text)`` that ``ok`` accepts, else a message naming ``bound``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    return parse
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
+# 0 is any free port (documented in --help); nan fails every comparison, so it is refused too.
+_port = _number(int, "a port number", lambda v: 0 <= v <= 65535, "1..65535 (or 0: any free port)")
+_at_least_one = _number(int, "a whole number", lambda v: v >= 1, ">= 1")
+_seconds = _number(float, "seconds", lambda v: v > 0 and math.isfinite(v),
+                   "a positive number of seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
