@@ -108,3 +108,11 @@ def test_yaml_boolean_words_name_a_literal_option(tmp_path):
     assert load_config(LoopConfig, path).mixed_precision == "no"
     with pytest.raises(ConfigError, match=r"True is not one of \['auto', 'no', 'bf16'\]"):
         load_config(LoopConfig, None, ["mixed_precision=yes"])
+
+
+@pytest.mark.parametrize("text", [".nan", "nan", "NaN"])
+def test_nan_is_no_number(text):
+    """NaN would slip past every ``__post_init__`` range check (comparisons with it are false)."""
+    with pytest.raises(ConfigError, match=r"'weight_decay': expected a number, got NaN"):
+        load_config(OptimConfig, None, [f"weight_decay={text}"])
+    assert load_config(OptimConfig, None, ["max_grad_norm=.inf"]).max_grad_norm == float("inf")

@@ -142,9 +142,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r}: expected a number, got {_show(value)}")
         try:
-            return float(value)
+            number = float(value)
         except OverflowError:
             raise ConfigError(f"config key {key!r}: {_show(value)} is too large for a number") from None
+        if number != number:   # NaN passes every range check written as a comparison
+            raise ConfigError(f"config key {key!r}: expected a number, got NaN")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key {key!r}: expected an integer, got {_show(value)}")
