@@ -696,7 +696,7 @@ def client_alive(environ: dict) -> Callable[[], bool]:
 def create_app(engine: Engine, api_key: str | None = None):
     """The Flask app; ``api_key`` set: every request needs ``Authorization: Bearer <key>``."""
     from flask import Flask, Response, jsonify, request
-    from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+    from werkzeug.exceptions import RequestEntityTooLarge
 
     app = Flask("alignkit.serve")
     # Flask refuses a larger body with 413 from its declared length, before reading it.
@@ -705,28 +705,7 @@ def create_app(engine: Engine, api_key: str | None = None):
     # the key as UTF-8 (surrogatepass: a key given in code may hold any str).
     expected = f"Bearer {api_key}".encode("utf-8", "surrogatepass") if api_key else None
 
-    def error(status: int, message: str, param: str | None = None, headers=None):
-        return jsonify(error_body(status, message, param)), status, headers or {}
-
-    @app.errorhandler(ApiError)
-    def api_error(exc: ApiError):
-        return error(exc.status, exc.message, exc.param, exc.headers)
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        if exc.code == 413:
-            return error(413, f"the request body is larger than this server's limit of "
-                              f"{engine.limits.max_body_bytes} bytes (--max-body-bytes)")
-        message = {404: f"no such endpoint: {request.method} {request.path}",
-                   405: f"{request.method} is not allowed on {request.path}"}.get(exc.code)
-        allow = getattr(exc, "valid_methods", None)
-        return error(exc.code or 500, message or exc.description or exc.name,
-                     headers={"Allow": ", ".join(allow)} if allow else None)
-
-    @app.errorhandler(Exception)
-    def internal_error(exc: Exception):
-        log.exception("alignkit serve: %s %s failed", request.method, request.path)
-        return error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+    error = _json_errors(app, engine)
 
     @app.before_request
     def authenticate():
@@ -780,6 +759,38 @@ def create_app(engine: Engine, api_key: str | None = None):
     app.add_url_rule("/v1/chat/completions", "chat_completions",
                      lambda: endpoint(chat_request), methods=["POST"])
     return app
+
+
+def _json_errors(app, engine: Engine):
+    """Every error of ``app`` as an OpenAI-style JSON body, never HTML; returns ``error(status,
+    message, param=None, headers=None)`` for the routes' own refusals."""
+    from flask import jsonify, request
+    from werkzeug.exceptions import HTTPException
+
+    def error(status: int, message: str, param: str | None = None, headers=None):
+        return jsonify(error_body(status, message, param)), status, headers or {}
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return error(exc.status, exc.message, exc.param, exc.headers)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if exc.code == 413:
+            return error(413, f"the request body is larger than this server's limit of "
+                              f"{engine.limits.max_body_bytes} bytes (--max-body-bytes)")
+        message = {404: f"no such endpoint: {request.method} {request.path}",
+                   405: f"{request.method} is not allowed on {request.path}"}.get(exc.code)
+        allow = getattr(exc, "valid_methods", None)
+        return error(exc.code or 500, message or exc.description or exc.name,
+                     headers={"Allow": ", ".join(allow)} if allow else None)
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception):
+        log.exception("alignkit serve: %s %s failed", request.method, request.path)
+        return error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+    return error
 
 
 def _header_bytes(value: str) -> bytes | None:
