@@ -133,21 +133,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             out[_coerce(k, key_tp, sub)] = _coerce(v, value_tp, sub)
         return out
     if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "3e-5" (no dot) as a string; accept any numeric literal.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r}: expected a number, got {_show(value)}")
-        try:
-            number = float(value)
-        except OverflowError:
-            raise ConfigError(f"config key {key!r}: {_show(value)} is too large for a number") from None
-        if number != number:   # NaN passes every range check written as a comparison
-            raise ConfigError(f"config key {key!r}: expected a number, got NaN")
-        return number
+        return _float(value, key)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key {key!r}: expected an integer, got {_show(value)}")
@@ -178,6 +164,25 @@ def _show(value: Any) -> str:
     except ValueError:
         return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
     return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
+def _float(value: Any, key: str) -> float:
+    """A float setting: any number or numeric string; NaN, bools and huge integers are refused."""
+    if isinstance(value, str):
+        # YAML 1.1 reads "3e-5" (no dot) as a string; accept any numeric literal.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config key {key!r}: expected a number, got {_show(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ConfigError(f"config key {key!r}: {_show(value)} is too large for a number") from None
+    if number != number:   # NaN passes every range check written as a comparison
+        raise ConfigError(f"config key {key!r}: expected a number, got NaN")
+    return number
 
 
 def _name(tp: Any) -> str:
