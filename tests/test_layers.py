@@ -4,7 +4,7 @@ The contracts themselves live in pyproject.toml under ``[tool.importlinter]`` an
 import-linter's ``lint-imports`` (a dev dependency), run from the project root as a subprocess of
 this interpreter's venv, always with ``--no-cache`` so it writes no ``.import_linter_cache`` dir.
 
-* ``layers``: cli -> stages -> feedback -> serve | report -> engine -> data | tracking -> tasks
+* ``layers``: cli -> stages -> feedback -> serve | report -> engine -> tracking -> data -> tasks
   -> math | config; a layer imports only from the layers below it, ``|`` siblings not each other.
 * ``stages-independent``: no stage module imports another stage module, even indirectly; the
   contract must list every module of alignkit/stages but ``__init__`` and ``pipeline``

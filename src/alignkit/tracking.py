@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, TextIO
 
 from alignkit.config import ConfigError, save_config, to_dict
+from alignkit.data.io import write_text_atomic
 
 # Settings that say where and how a run is recorded, not what it computes: a change of these
 # resumes the same run. (A preference store is written during a run, so it is no input.)
@@ -252,7 +253,7 @@ class Tracker:
         if not self.enabled or not self.path.exists():
             return
         kept = [json.dumps(row) for row in _rows(self.path) if row.get("step", 0) <= step]
-        _write_atomic(self.path, "".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, Any], echo: bool = True) -> None:
         if not self.enabled:
@@ -284,7 +285,7 @@ class Tracker:
         if self._progress is not None:
             self._progress.close()
         if self.enabled:
-            _write_atomic(self.out_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
+            write_text_atomic(self.out_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
             self._finish_trackers()
         return final
 
@@ -423,12 +424,6 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # What defines a run.
 
@@ -537,5 +532,5 @@ def check_fingerprint(out_dir: str | Path, cfg: Any, record: bool = False) -> bo
                               f"refusing to resume it as this one. Use {ways}another out_dir, "
                               f"or --overwrite to delete the old run")
     if record:
-        _write_atomic(path, json.dumps(current, indent=1) + "\n")
+        write_text_atomic(path, json.dumps(current, indent=1) + "\n")
     return extended
