@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from alignkit.engine.generation import Rollout, generate
+from alignkit.engine.vllm_engine import sample_vllm
 
 
 class SamplingBackend(Protocol):
@@ -29,7 +30,7 @@ class SamplingBackend(Protocol):
                  batch_size: int | None) -> Rollout: ...
 
 
-BACKENDS: dict[str, SamplingBackend] = {"hf": generate}
+BACKENDS: dict[str, SamplingBackend] = {"hf": generate, "vllm": sample_vllm}
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,12 @@ class SamplingConfig:
     # of small models on CPU once compiled; the first call pays the compilation.
     compile: bool = False
     # Which backend of BACKENDS draws the samples: "hf", alignkit's KV-cache decoder on the
-    # model's own weights (:mod:`alignkit.engine.generation`).
+    # model's own weights (:mod:`alignkit.engine.generation`); "vllm", a vLLM engine beside the
+    # trainer, its weights synced from the model before each draw (:mod:`alignkit.engine.vllm_engine`).
     engine: str = "hf"
+    # engine=vllm: memory of its paged KV cache, GiB (CPU RAM on a CPU machine, GPU memory on a
+    # GPU); it bounds how many tokens are in flight at once. Read when the engine starts.
+    vllm_kv_cache_gib: float = 1.0
 
     def __post_init__(self):
         def is_int(x):
@@ -64,6 +69,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filtering), got {self.top_k!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        if not is_real(self.vllm_kv_cache_gib) or self.vllm_kv_cache_gib <= 0:
+            raise ValueError(f"vllm_kv_cache_gib must be a number > 0, got {self.vllm_kv_cache_gib!r}")
         if self.engine not in BACKENDS:
             raise ValueError(f"sampling engine {self.engine!r} is not one of {sorted(BACKENDS)}")
 
