@@ -59,7 +59,8 @@ def policy():
     assert torch.get_num_threads() == threads
     assert os.sched_getaffinity(0) == affinity
     yield model, engine
-    ve.shutdown(model)
+    ve.shutdown()
+    assert not torch.distributed.is_initialized()   # vLLM's one-rank group went with it
 
 
 def draw(model, prompts, seeds, **kw):
@@ -91,7 +92,8 @@ def test_an_optimizer_step_is_synced_before_the_next_draw(policy):
     model, engine = policy
     seq = [1, 5, 6, 7, 8, 9]
     draw(model, [seq], [0], max_new_tokens=2)   # synced now
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # fused, as the training loop steps: it writes the parameters without bumping their versions
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     model(torch.tensor([seq]), labels=torch.tensor([seq])).loss.backward()
     opt.step()
     opt.zero_grad()
@@ -220,3 +222,25 @@ def test_architecture_vllm_lacks_names_the_setting(policy):
                                           r"architecture 'NoSuchLMForCausalLM'"):
         ve.engine_for(Unknown(), kv_cache_gib=0.25)
     assert ve.engine_for(model, kv_cache_gib=0.25) is engine   # the running engine is untouched
+
+
+def test_an_engine_that_cannot_start_names_the_setting_and_the_next_one_starts(policy):
+    """Last in the module: it stops the module's engine. A head size vLLM's CPU attention has no
+    kernel for (8, as conftest's tiny models), then a KV cache too small for one sequence of the
+    model's context, then the module's model again (a clean start after failed ones)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model, _ = policy
+    narrow = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          max_position_embeddings=128))
+    with pytest.raises(ConfigError, match=r"sampling\.engine=vllm: vLLM could not start for "
+                                          r"LlamaForCausalLM \(.*head_dim=8"):
+        ve.engine_for(narrow, kv_cache_gib=0.25)
+    # 128 positions x 2 layers x (K + V) x 64 x 4 bytes = 128 KiB > 2**-14 GiB = 64 KiB
+    with pytest.raises(ConfigError, match=r"sampling\.engine=vllm: vLLM could not start .*"
+                                          r"raise sampling\.vllm_kv_cache_gib"):
+        ve.engine_for(tiny_llama(seed=4), kv_cache_gib=2**-14)
+    engine = ve.engine_for(model, kv_cache_gib=0.25)
+    seq = [1, 5, 6, 7, 8, 9]
+    assert (engine.prompt_logps(seq) - trainer_prompt_logps(model, seq)).abs().max() <= TOL

@@ -342,6 +342,30 @@ def test_ppo_policy_dual_clip_and_sequence_advantages():
     close(L.ppo_policy_loss(lp, lp, t(1.0, -2.0), 0.2), [[-1.0, -1.0], [2.0, 2.0]])
 
 
+def test_truncated_is_weights_hand_values_and_weighted_losses():
+    """TIS (Yao et al. 2025): w = min(pi_old / pi_sampler, C), on the policy-gradient term only."""
+    old = torch.log(t(0.5, 0.2, 0.9)).view(1, 3)
+    sampler = torch.log(t(0.25, 0.4, 0.3)).view(1, 3)
+    # ratios 2.0, 0.5, 3.0; cap 2.5 -> 2.0, 0.5, 2.5
+    w = L.truncated_is_weights(old, sampler, cap=2.5)
+    close(w, [[2.0, 0.5, 2.5]])
+    assert not w.requires_grad
+    with pytest.raises(ValueError):
+        L.truncated_is_weights(old, sampler, cap=0.0)
+    # PPO at ratio 1 (logps == old), A = (1, -2, 1): L = -A -> weighted (-2, 1, -2.5)
+    logps = old.clone().requires_grad_()
+    adv = t(1.0, -2.0, 1.0).view(1, 3)
+    loss = L.ppo_policy_loss(logps, old, adv, 0.2, is_weights=w)
+    close(loss.detach(), [[-2.0, 1.0, -2.5]])
+    loss.sum().backward()
+    close(logps.grad, [[-2.0, 1.0, -2.5]])   # d(-w A r)/dlogp = -w A r at r = 1
+    # GRPO: the weight multiplies the surrogate, not the KL term. ratio 1, A = 1, pi = 0.25,
+    # ref = 0.5: k3 = 2 - log 2 - 1; w = 2: L = -2 + 0.1 k3
+    lp = torch.log(t(0.25)).view(1, 1)
+    close(L.grpo_loss(lp, lp, torch.log(t(0.5)).view(1, 1), t(1.0), 0.2, 0.1,
+                      is_weights=t(2.0).view(1, 1)), [[-2.0 + 0.1 * (1 - math.log(2))]])
+
+
 def test_ppo_policy_parity_with_paper_objective():
     g = torch.Generator().manual_seed(40)
     logps = -torch.rand(3, 7, generator=g, dtype=D) * 3

@@ -83,6 +83,11 @@ def sample(model, prompt_ids: list[list[int]], cfg: SamplingConfig, *, eos_token
            pad_token_id: int, generator: torch.Generator | None = None,
            batch_size: int | None = None) -> Rollout:
     """One response per prompt (token ids), drawn by the backend ``cfg.engine``."""
+    if cfg.engine != "hf":  # interim until the per-row seeds of main: seeds from one draw
+        base = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return BACKENDS[cfg.engine](model, prompt_ids, cfg, eos_token_id=eos_token_id,
+                                    pad_token_id=pad_token_id, seeds=[base + i for i in range(len(prompt_ids))],
+                                    batch_size=batch_size)
     return BACKENDS[cfg.engine](model, prompt_ids, cfg, eos_token_id=eos_token_id,
                                 pad_token_id=pad_token_id, generator=generator,
                                 batch_size=batch_size)

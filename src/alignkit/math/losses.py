@@ -318,15 +318,38 @@ def _per_token(advantages: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
     return advantages.unsqueeze(-1) if advantages.dim() == logps.dim() - 1 else advantages
 
 
+def truncated_is_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights of tokens drawn by an inference engine whose
+    numerics differ from the trainer's (Yao, Liu et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training"; verl's and OpenRLHF's "TIS"), per token:
+
+    ``w_t = min(pi_old(y_t) / pi_sampler(y_t), C) = min(exp(old_logps - sampler_logps), C)``,
+
+    ``pi_old`` the trainer's policy before the update (its recomputed log-probs), ``pi_sampler``
+    what the engine drew the token from. The policy gradient then reads
+    ``E_{y ~ pi_sampler}[w_t * grad min(rho_t A_t, clip(rho_t) A_t)]``, ``rho_t = pi / pi_old``:
+    an unbiased estimate of the on-policy gradient but for the cap ``C``, which bounds the
+    variance a rare token the engine under-weights would bring. Detached: a weight, not a
+    function of the parameters. Shapes ``[B, T]``; ``cap > 0``.
+    """
+    if not cap > 0:
+        raise ValueError(f"the truncation cap must be > 0, got {cap}")
+    return torch.exp(old_logps - sampler_logps).clamp(max=cap).detach()
+
+
 @register("ppo_policy")
 def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                    clip_eps: float, dual_clip: float | None = None) -> torch.Tensor:
+                    clip_eps: float, dual_clip: float | None = None,
+                    is_weights: torch.Tensor | None = None) -> torch.Tensor:
     """PPO clipped surrogate, negated to a loss (Schulman et al. 2017, eq. 7), per token.
 
     ``rho = exp(logps - old_logps)``;
     ``L = max(-A rho, -A clip(rho, 1 - eps, 1 + eps))``.
     With ``dual_clip = c > 1`` (Ye et al. 2020, "Mastering complex control in MOBA games"),
     tokens with ``A < 0`` are capped at ``L = min(L, -c A)`` so a huge ratio cannot blow up.
+    ``is_weights`` ``[B, T]`` (e.g. :func:`truncated_is_weights`): ``L_t`` is multiplied by them,
+    the correction for tokens sampled by another engine than the trainer.
 
     logps, old_logps: ``[B, T]``. advantages: ``[B, T]``, or ``[B]`` per sequence (applied to all
     tokens). Returns ``[B, T]``. See :func:`ppo_clipped` for the clip-fraction metric.
@@ -339,7 +362,7 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
         if dual_clip <= 1:
             raise ValueError("dual_clip must be > 1")
         loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
-    return loss
+    return loss if is_weights is None else loss * is_weights
 
 
 def ppo_clipped(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
@@ -377,7 +400,8 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 @register("grpo")
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor,
-              advantages: torch.Tensor, clip_eps: float, beta: float) -> torch.Tensor:
+              advantages: torch.Tensor, clip_eps: float, beta: float,
+              is_weights: torch.Tensor | None = None) -> torch.Tensor:
     """GRPO per-token loss (Shao et al. 2024, DeepSeekMath, eq. 3-4).
 
     ``L_t = max(-A rho_t, -A clip(rho_t, 1 - eps, 1 + eps)) + beta * D_t``, with
@@ -387,8 +411,11 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     The paper's ``1/G sum_i 1/|o_i| sum_t`` is a reduction: weights ``mask / |o_i|`` and
     ``global_weight = G`` in :func:`reduce_loss` (or weights ``mask`` for token-level averaging).
 
+    ``is_weights`` multiply the policy-gradient term only (:func:`truncated_is_weights`), not
+    the KL term, which the trainer computes on its own log-probs.
+
     logps, old_logps, ref_logps: ``[B, T]``. advantages: ``[B]`` group-normalised (see
     :func:`alignkit.math.advantages.grpo_advantages`) or ``[B, T]``. Returns ``[B, T]``.
     """
-    surrogate = ppo_policy_loss(logps, old_logps, advantages, clip_eps)
+    surrogate = ppo_policy_loss(logps, old_logps, advantages, clip_eps, is_weights=is_weights)
     return surrogate + beta * kl_penalty(logps, ref_logps, "k3")

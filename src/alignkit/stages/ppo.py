@@ -172,6 +172,8 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
                "finished_fraction": float(finished.float().mean()),
                "logprob_gap_max": sampled.logprob_gap_max,
                "tokens_per_s": float(lengths.sum()) / max(sampled.generation_seconds, 1e-9)}
+    if not math.isnan(sampled.logprob_gap_mean):
+        metrics["logprob_gap_mean"] = sampled.logprob_gap_mean
     if sampled.gold is not None:
         metrics["gold_reward_mean"] = float(sampled.gold.mean())
         success = success_metrics(sampled.gold.tolist(), cfg.eval.success_at)

@@ -17,7 +17,7 @@ from alignkit.config import require
 from alignkit.engine.rl.rollout import Experience
 from alignkit.math.advantages import (gae, grpo_advantages, kl_penalty, rloo_advantages,
                                       sequence_kl, shaped_rewards, whiten)
-from alignkit.math.losses import grpo_loss, ppo_policy_loss
+from alignkit.math.losses import grpo_loss, ppo_policy_loss, truncated_is_weights
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class PPOConfig:
     # resolves to is logged and recorded as "packing" in metrics.json: true flat, "shared" with
     # the prompts shared, false padded); the same values within float error.
     packing: bool | str = True
+    # Truncated importance sampling (Yao et al. 2025; verl/OpenRLHF "TIS"): weight each token's
+    # policy-gradient term by min(pi_old_trainer / pi_sampler, tis_cap), correcting for the
+    # sampling engine's numerics (sampling.engine=vllm); 0 = off. verl's default cap is 2.
+    tis_cap: float = 0.0
 
     def __post_init__(self):
         require(self.algo in ALGORITHMS, f"ppo.algo {self.algo!r} is not one of {sorted(ALGORITHMS)}")
@@ -62,6 +66,7 @@ class PPOConfig:
                 "ppo.minibatch_size and ppo.micro_batch_size must be > 0")
         require(self.clip_eps > 0, "ppo.clip_eps must be > 0")
         require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+        require(self.tis_cap >= 0, f"ppo.tis_cap must be >= 0 (0 = off), got {self.tis_cap}")
         require(self.packing in (True, False, "shared"),
                 f"ppo.packing must be true, false or \"shared\", got {self.packing!r}")
 
@@ -99,12 +104,21 @@ def _grpo_advantages(exp, scores, beta, ppo, estimator, k):
     return grpo_advantages(scores, k, scale=ppo.grpo_scale), None
 
 
+def _is_weights(mb, ppo):
+    """TIS weights against the log-probs the sampling engine recorded (``ppo.tis_cap``), or None."""
+    if not ppo.tis_cap:
+        return None
+    return truncated_is_weights(mb.old_logps, mb.rollout.logps, ppo.tis_cap)
+
+
 def _clipped(new_logps, mb, beta, ppo):
-    return ppo_policy_loss(new_logps, mb.old_logps, mb.advantages, ppo.clip_eps)
+    return ppo_policy_loss(new_logps, mb.old_logps, mb.advantages, ppo.clip_eps,
+                           is_weights=_is_weights(mb, ppo))
 
 
 def _grpo(new_logps, mb, beta, ppo):
-    return grpo_loss(new_logps, mb.old_logps, mb.ref_logps, mb.advantages, ppo.clip_eps, beta)
+    return grpo_loss(new_logps, mb.old_logps, mb.ref_logps, mb.advantages, ppo.clip_eps, beta,
+                     is_weights=_is_weights(mb, ppo))
 
 
 ALGORITHMS: dict[str, Algorithm] = {

@@ -7,8 +7,10 @@ log-probs and the values.
 
 The ratio uses the training forward's log-probs, not the recorded ones, so it is exactly 1 before
 the first update whatever the sampler's numerics; the recorded ones serve to check that the two
-agree (``logprob_gap_max``: a gap beyond float error means generation and training see different
-tokens, positions or padding).
+agree (``logprob_gap_max`` and ``logprob_gap_mean`` over response tokens: a gap beyond float error
+means generation and training see different tokens, positions or padding, or, with
+``sampling.engine=vllm``, measures how far the engine's kernels are from the trainer's, which
+``ppo.tis_cap`` corrects). On an engine other than hf the old log-probs are always recomputed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class RolloutConfig:
     def __post_init__(self):
         require(self.prompts_per_iteration > 0, "rollout.prompts_per_iteration must be > 0")
         require(self.samples_per_prompt >= 1, "rollout.samples_per_prompt must be >= 1")
+        require(not (self.reuse_sampling_logps and self.sampling.engine != "hf"),
+                f"rollout.reuse_sampling_logps needs rollout.sampling.engine=hf: the log-probs of "
+                f"{self.sampling.engine!r} come from its own kernels, so the trainer recomputes them")
 
     @property
     def rows(self) -> int:
@@ -96,8 +101,9 @@ class Sampled:
     responses: list[str]
     proxy: torch.Tensor            # [B] raw reward-source scores
     gold: torch.Tensor | None      # [B] the task's gold reward (reporting only)
-    logprob_gap_max: float
+    logprob_gap_max: float         # max |trainer - sampler| log-prob over response tokens
     generation_seconds: float
+    logprob_gap_mean: float = float("nan")   # its mean over response tokens
 
 
 def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
@@ -124,10 +130,13 @@ def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
                      else rollout.logps)
         ref_logps = rollout_logps(roles.reference, rollout, temperature, pack)
         values = roles.values(rollout, pack) if roles.value is not None else None
-    gap = (float(((old_logps - rollout.logps).abs() * rollout.response_mask).max())
-           if recompute_logps else float("nan"))
+    gap_max = gap_mean = float("nan")
+    if recompute_logps:
+        gaps = (old_logps - rollout.logps).abs() * rollout.response_mask
+        gap_max = float(gaps.max())
+        gap_mean = float(gaps.sum() / rollout.response_mask.sum().clamp_min(1))
     return Sampled(Experience(rollout, old_logps, ref_logps, values), prompts, responses,
-                   proxy.to(old_logps.device), gold_scores, gap, seconds)
+                   proxy.to(old_logps.device), gold_scores, gap_max, seconds, gap_mean)
 
 
 def encoded_prompts(spec: str, n: int, tokenizer) -> tuple[list[str], list[list[int]]]:
