@@ -20,13 +20,18 @@ from typing import Protocol
 
 import torch
 
-from alignkit.engine.generation import Rollout, generate
+from alignkit.engine.generation import Rollout, generate, row_seeds, seeds_from
 from alignkit.engine.vllm_engine import sample_vllm
 
 
 class SamplingBackend(Protocol):
+    """A sampling engine. ``seeds[i]`` is the seed of prompt row ``i`` (in [0, 2**63)): a row's
+    draw depends only on its prompt, its seed and the weights, never on which rows share its
+    batch or on ``batch_size`` (up to the float rounding of batched arithmetic), so that any split
+    of a call's rows (chunks, workers) samples what the whole call would."""
+
     def __call__(self, model, prompt_ids: list[list[int]], cfg: SamplingConfig, *,
-                 eos_token_id: int, pad_token_id: int, generator: torch.Generator | None,
+                 eos_token_id: int, pad_token_id: int, seeds: list[int],
                  batch_size: int | None) -> Rollout: ...
 
 
@@ -80,17 +85,15 @@ class SamplingConfig:
 
 
 def sample(model, prompt_ids: list[list[int]], cfg: SamplingConfig, *, eos_token_id: int,
-           pad_token_id: int, generator: torch.Generator | None = None,
+           pad_token_id: int, generator: torch.Generator | None = None, seed: int | None = None,
            batch_size: int | None = None) -> Rollout:
-    """One response per prompt (token ids), drawn by the backend ``cfg.engine``."""
-    if cfg.engine != "hf":  # interim until the per-row seeds of main: seeds from one draw
-        base = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return BACKENDS[cfg.engine](model, prompt_ids, cfg, eos_token_id=eos_token_id,
-                                    pad_token_id=pad_token_id, seeds=[base + i for i in range(len(prompt_ids))],
-                                    batch_size=batch_size)
+    """One response per prompt (token ids), drawn by the backend ``cfg.engine``. Row ``i`` is
+    seeded with ``row_seeds(seed, n)[i]``; without ``seed``, the base seed is one draw of
+    ``generator`` (a stage that checkpoints its generator resumes with the same draws)."""
+    n = len(prompt_ids)
+    seeds = row_seeds(seed, n) if seed is not None else seeds_from(generator, n)
     return BACKENDS[cfg.engine](model, prompt_ids, cfg, eos_token_id=eos_token_id,
-                                pad_token_id=pad_token_id, generator=generator,
-                                batch_size=batch_size)
+                                pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size)
 
 
 def encode_prompts(prompts: list[str], tokenizer, chat: bool) -> list[list[int]]:
@@ -104,12 +107,11 @@ def encode_prompts(prompts: list[str], tokenizer, chat: bool) -> list[list[int]]
 @torch.no_grad()
 def sample_texts(model, tokenizer, prompts: list[str], cfg: SamplingConfig, *, chat: bool,
                  seed: int, batch_size: int = 64) -> tuple[Rollout, list[str]]:
-    """One response per prompt text (a user turn with ``chat``), drawn from a generator seeded
-    with ``seed``; returns the rollout and the decoded responses."""
+    """One response per prompt text (a user turn with ``chat``), row ``i`` seeded with
+    ``row_seeds(seed, n)[i]``; returns the rollout and the decoded responses."""
     ids = encode_prompts(prompts, tokenizer, chat)
     rollout = sample(model, ids, cfg, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id,
-                     generator=torch.Generator().manual_seed(seed), batch_size=batch_size)
+                     pad_token_id=tokenizer.pad_token_id, seed=seed, batch_size=batch_size)
     return rollout, rollout.decode(tokenizer)
 
 
