@@ -15,8 +15,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_engine_is_validated_against_the_registry():
     assert SamplingConfig().engine == "hf" and BACKENDS["hf"] is generate
-    with pytest.raises(ValueError, match=r"sampling engine 'nope' is not one of \['hf'\]"):
+    with pytest.raises(ValueError, match=r"sampling engine 'nope' is not one of \['hf', 'vllm'\]"):
         SamplingConfig(engine="nope")
+    from alignkit.engine.vllm_engine import sample_vllm
+
+    assert BACKENDS["vllm"] is sample_vllm and SamplingConfig(engine="vllm").vllm_kv_cache_gib == 1.0
+    for bad in (0, -1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="vllm_kv_cache_gib must be a number > 0"):
+            SamplingConfig(engine="vllm", vllm_kv_cache_gib=bad)
 
 
 def test_hf_backend_gives_the_decoders_samples(tiny_base):

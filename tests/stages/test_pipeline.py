@@ -174,3 +174,38 @@ def test_the_pipeline_composes_the_stage_registry():
 
     assert pipeline.MODULES["label_ai"] == STAGES["label-ai"] == "alignkit.stages.judge"
     assert set(pipeline.MODULES) == {n.replace("-", "_") for n in STAGES} - {"pipeline"}
+
+
+def test_sampling_engine_switch_reaches_every_sampling_section():
+    """``sampling_engine=vllm`` (one key of the demo) sets the engine of every SamplingConfig of
+    every stage and of the local judge; without it every section keeps its own (hf)."""
+    import dataclasses
+
+    from alignkit.engine.judges import JudgeConfig
+    from alignkit.engine.sampling import SamplingConfig
+    from alignkit.stages import pipeline
+
+    def engines(config, path="cfg"):
+        if isinstance(config, (SamplingConfig, JudgeConfig)):
+            yield path, config.engine
+        if dataclasses.is_dataclass(config):
+            for f in dataclasses.fields(config):
+                yield from engines(getattr(config, f.name), f"{path}.{f.name}")
+
+    def all_engines(overrides):
+        cfg = pipeline.load("configs/demo.yaml", overrides)
+        return {(name, path): e for name in cfg.stages
+                for path, e in engines(pipeline.stage_config(name, cfg)[1])}
+
+    switched = all_engines(["sampling_engine=vllm"])
+    default = all_engines([])
+    assert switched.keys() == default.keys()
+    assert set(default.values()) == {"hf"} and set(switched.values()) == {"vllm"}
+    stages = {name.split("@")[0] for name, _ in switched}
+    # every demo stage that samples or judges: label, evaluate, ppo (rollout + eval), rest, the judge
+    assert {"label", "evaluate", "ppo", "rest", "judge_model", "label_ai"} <= stages
+    assert ("ppo", "cfg.rollout.sampling") in switched and ("ppo", "cfg.eval.sampling") in switched
+    from alignkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sampling_engine .nope. is not one of"):
+        pipeline.load("configs/demo.yaml", ["sampling_engine=nope"])

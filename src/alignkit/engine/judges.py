@@ -158,6 +158,9 @@ class JudgeConfig:
     swap: bool = True                # judge both orders and average (position-bias mitigation)
     top_logprobs: int = 20           # http: alternatives asked for at the verdict token
     batch_size: int = 32             # local: rows per forward pass
+    # local: the sampling backend (sampling.engine's registry, BACKENDS) of answers the judge
+    # generates (rationales, free-form verdicts); scored verdicts are one forward pass either way
+    engine: str = "hf"
     pairwise: TemplateConfig = field(default_factory=TemplateConfig)
     pointwise: TemplateConfig = field(default_factory=_pointwise_template)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -172,6 +175,10 @@ class JudgeConfig:
                 "judge.format=text needs http.api=completions")
         require(self.top_logprobs >= 2 and self.batch_size >= 1,
                 "judge.top_logprobs must be >= 2 and judge.batch_size >= 1")
+        from alignkit.engine.sampling import BACKENDS
+
+        require(self.engine in BACKENDS,
+                f"judge.engine {self.engine!r} is not one of {sorted(BACKENDS)}")
 
 
 def template_version(t: TemplateConfig) -> str:
@@ -334,12 +341,14 @@ class RequestFailed(Exception):
 class LocalBackend:
     """A causal LM on this machine, through the same prompt encoding as training and serving."""
 
-    def __init__(self, path: str, batch_size: int = 32, model=None, tokenizer=None):
+    def __init__(self, path: str, batch_size: int = 32, model=None, tokenizer=None,
+                 engine: str = "hf"):
         from alignkit.engine.models import load_causal_lm, load_tokenizer
 
         self.tokenizer = tokenizer or load_tokenizer(path)
         self.model = (model or load_causal_lm(path, tokenizer=self.tokenizer)).eval()
         self.batch_size = batch_size
+        self.engine = engine             # the sampling backend of generated answers
         self.context = getattr(self.model.config, "max_position_embeddings", None) or 10**9
 
     def complete(self, requests: list[Request]) -> list[Answer | RequestFailed]:
@@ -383,7 +392,8 @@ class LocalBackend:
         from alignkit.engine.sampling import SamplingConfig, sample
 
         room = self.context - max(len(p) for p in prompt_ids)
-        cfg = SamplingConfig(max_new_tokens=max(1, min(max_tokens, room)), temperature=0.0)
+        cfg = SamplingConfig(max_new_tokens=max(1, min(max_tokens, room)), temperature=0.0,
+                             engine=self.engine)
         rollout = sample(self.model, prompt_ids, cfg, eos_token_id=self.tokenizer.eos_token_id,
                          pad_token_id=self.tokenizer.pad_token_id, batch_size=self.batch_size)
         texts = rollout.decode(self.tokenizer)
@@ -545,7 +555,7 @@ def _first_token_alternatives(logprobs: dict | None, chat: bool) -> list[tuple[s
 def make_backend(cfg: JudgeConfig):
     if cfg.backend == "http":
         return HttpBackend(cfg.http, cfg.model, cfg.top_logprobs)
-    return LocalBackend(cfg.model, cfg.batch_size)
+    return LocalBackend(cfg.model, cfg.batch_size, engine=cfg.engine)
 
 
 # ----------------------------------------------------------------------------------------------

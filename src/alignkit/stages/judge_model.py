@@ -185,7 +185,8 @@ def main(cfg: Config) -> dict:
     def eval_fn(m) -> dict:
         from alignkit.engine.judges import LocalBackend
 
-        backend = LocalBackend(cfg.model, cfg.judge.batch_size, model=m, tokenizer=tokenizer)
+        backend = LocalBackend(cfg.model, cfg.judge.batch_size, model=m, tokenizer=tokenizer,
+                               engine=cfg.judge.engine)
         return heldout_check(cfg, str(out / "model"), held_pairs, held_points, backend)
 
     result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],

@@ -10,6 +10,7 @@ its own last checkpoint); a done stage whose settings or inputs changed since is
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import time
@@ -34,6 +35,9 @@ class Config:
     task: str = "sentiment"
     stages: list[str] = field(default_factory=lambda: ["base", "sft", "label", "rm", "evaluate@sft"])
     from_run: str | None = None   # take base/sft/labels/rm from this earlier run's folder
+    # The sampling backend of every stage that samples (each sampling section's ``engine`` and
+    # the local judge's ``judge.engine``): hf | vllm; null keeps each section's own.
+    sampling_engine: str | None = None
     sections: dict[str, Any] = field(default_factory=dict)   # stage name -> that stage's config
 
     def __post_init__(self):
@@ -42,6 +46,10 @@ class Config:
         stray = [k for k in self.sections if k.split("@")[0] not in MODULES and k != "judge"]
         require(not stray, f"unknown config section {stray[:1]}: not a stage "
                 f"({sorted(MODULES)}) nor 'judge'")
+        from alignkit.engine.sampling import BACKENDS
+
+        require(self.sampling_engine is None or self.sampling_engine in BACKENDS,
+                f"sampling_engine {self.sampling_engine!r} is not one of {sorted(BACKENDS)}")
         for name, section in self.sections.items():
             require(section is None or isinstance(section, dict), f"config key {name!r}: expected a "
                     f"section (mapping), got {type(section).__name__}")
@@ -117,9 +125,27 @@ def stage_config(name: str, cfg: Config) -> Any:
     label_chat = bool((cfg.sections.get("label") or {}).get("chat", False))
     data = _merge(_wiring(out, src, cfg.task, variant, label_chat)[kind](), given)
     try:
-        return module, build(module.Config, data)
+        built = build(module.Config, data)
+        return module, (built if cfg.sampling_engine is None
+                        else with_sampling_engine(built, cfg.sampling_engine))
     except ConfigError as exc:
         raise ConfigError(f"pipeline stage {name!r}: {exc}") from None
+
+
+def with_sampling_engine(config, engine: str):
+    """``config`` (a stage's frozen dataclass) with every nested sampling section's ``engine`` and
+    every judge's ``engine`` set to ``engine``: the pipeline's ``sampling_engine`` switch."""
+    from alignkit.engine.judges import JudgeConfig
+    from alignkit.engine.sampling import SamplingConfig
+
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return config
+    changes = {f.name: with_sampling_engine(getattr(config, f.name), engine)
+               for f in dataclasses.fields(config) if f.init}
+    if isinstance(config, (SamplingConfig, JudgeConfig)):
+        changes["engine"] = engine
+    changed = {k: v for k, v in changes.items() if v is not getattr(config, k)}
+    return dataclasses.replace(config, **changed) if changed else config
 
 
 def main(cfg: Config) -> dict:
@@ -183,5 +209,6 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
 def load(path: str, overrides: list[str]) -> Config:
     """The pipeline YAML is flat: top-level stage sections sit beside out_dir/task/stages."""
     raw = apply_overrides(load_yaml(path), overrides)
-    top = {k: raw.pop(k) for k in ("out_dir", "task", "stages", "from_run") if k in raw}
+    top = {k: raw.pop(k) for k in ("out_dir", "task", "stages", "from_run", "sampling_engine")
+           if k in raw}
     return build(Config, {**top, "sections": raw})
