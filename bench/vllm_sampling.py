@@ -78,12 +78,6 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def never_eos(tok) -> int:
-    """An id the model never samples as EOS (ids beyond the tokenizer's vocabulary exist in the
-    models' embeddings only): every row runs the full length on both sides, equal work."""
-    return len(tok) + 1
-
-
 def part_engines(names, rounds: int, out: dict) -> None:
     from alignkit.engine import vllm_engine
     from alignkit.engine.generation import generate
@@ -94,7 +88,7 @@ def part_engines(names, rounds: int, out: dict) -> None:
         small = name == "qwen2.5-0.5b"
         rows, new = (8, 16) if small else (64, 48)
         ids = prompts(tok, rows)
-        eos, pad = never_eos(tok), tok.pad_token_id
+        eos, pad = tok.eos_token_id, tok.pad_token_id
         hf_cfg = SamplingConfig(max_new_tokens=new)
         vl_cfg = SamplingConfig(max_new_tokens=new, engine="vllm", vllm_kv_cache_gib=1.0)
         seeds = list(range(rows))
@@ -104,12 +98,14 @@ def part_engines(names, rounds: int, out: dict) -> None:
         start = timed(calls["vllm"])          # engine start + first draw
         for fn in calls.values():
             fn()                               # warm-up
-        times = {k: [] for k in calls}
+        # tokens/s of each call (rows stop at EOS: each side's own count of sampled tokens)
+        rates = {k: [] for k in calls}
         for r in range(1 if small else rounds):
             for k in (("hf", "vllm") if r % 2 == 0 else ("vllm", "hf")):
-                times[k].append(timed(calls[k]))
-        tokens = rows * new
-        res = {k: tokens / statistics.median(v) for k, v in times.items()}
+                start_t = time.perf_counter()
+                rollout = calls[k]()
+                rates[k].append(int(rollout.response_mask.sum()) / (time.perf_counter() - start_t))
+        res = {k: statistics.median(v) for k, v in rates.items()}
         out.setdefault("engines", {})[name] = {
             "rows": rows, "new_tokens": new, "hf_tok_s": res["hf"], "vllm_tok_s": res["vllm"],
             "vllm_over_hf": res["vllm"] / res["hf"], "engine_start_s": start,
