@@ -52,3 +52,28 @@ def test_grpo_advantages_leave_the_kl_to_the_loss():
     advantages, returns = ALGORITHMS["grpo"].advantages(_experience(), torch.tensor([1.0, 3.0]),
                                                         0.5, *_cfg(grpo_scale=False))
     assert advantages.tolist() == [-1.0, 1.0] and returns is None
+
+
+def test_tis_cap_weights_the_policy_loss_against_the_sampler_logps():
+    """ppo.tis_cap = C: each token's clipped-surrogate term times min(pi_old / pi_sampler, C),
+    pi_sampler the log-probs the sampling engine recorded (rollout.logps); 0 leaves it alone."""
+    import math
+
+    import pytest
+
+    from alignkit.config import ConfigError
+    from alignkit.engine.rl.algorithms import PPOConfig
+
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.4, 0.3]]))   # ratios 2, 0.5, 3
+    mb = SimpleNamespace(old_logps=old, ref_logps=old, advantages=torch.tensor([1.0]),
+                         rollout=SimpleNamespace(logps=sampler))
+    for name in ("rloo", "grpo"):
+        loss = ALGORITHMS[name].loss(old.clone(), mb, 0.0, PPOConfig(algo=name, tis_cap=2.5))
+        # ratio 1, A = 1: L = -w with w = (2, 0.5, min(3, 2.5))
+        torch.testing.assert_close(loss, torch.tensor([[-2.0, -0.5, -2.5]]))
+        off = ALGORITHMS[name].loss(old.clone(), mb, 0.0, PPOConfig(algo=name))
+        torch.testing.assert_close(off, torch.tensor([[-1.0, -1.0, -1.0]]))
+    with pytest.raises(ConfigError, match="ppo.tis_cap must be >= 0"):
+        PPOConfig(tis_cap=-1.0)
+    assert math.isclose(PPOConfig().tis_cap, 0.0)
