@@ -78,7 +78,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def part_engines(names, rounds: int, out: dict) -> None:
+def part_engines(names, rounds: int, rows_new: tuple[int, int], out: dict) -> None:
     from alignkit.engine import vllm_engine
     from alignkit.engine.generation import generate
     from alignkit.engine.sampling import SamplingConfig
@@ -86,7 +86,7 @@ def part_engines(names, rounds: int, out: dict) -> None:
     for name in names:
         model, tok = build(name)
         small = name == "qwen2.5-0.5b"
-        rows, new = (8, 16) if small else (64, 48)
+        rows, new = (4, 8) if small else rows_new
         ids = prompts(tok, rows)
         eos, pad = tok.eos_token_id, tok.pad_token_id
         hf_cfg = SamplingConfig(max_new_tokens=new)
@@ -109,7 +109,8 @@ def part_engines(names, rounds: int, out: dict) -> None:
         out.setdefault("engines", {})[name] = {
             "rows": rows, "new_tokens": new, "hf_tok_s": res["hf"], "vllm_tok_s": res["vllm"],
             "vllm_over_hf": res["vllm"] / res["hf"], "engine_start_s": start,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "rounds": len(rates["hf"])}
         print(f"[engines] {name}: hf {res['hf']:.0f} tok/s, vllm {res['vllm']:.0f} tok/s, "
               f"vllm/hf {res['vllm'] / res['hf']:.2f} (engine start + first call {start:.1f} s)",
               flush=True)
@@ -206,6 +207,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--skip-05b", action="store_true")
+    ap.add_argument("--rows", type=int, default=64, help="prompts per call (0.5B: 4)")
+    ap.add_argument("--new-tokens", type=int, default=48, help="tokens per row (0.5B: 8)")
+    ap.add_argument("--models", default="llama-demo,gpt2-40m,qwen2.5-0.5b")
+    ap.add_argument("--grpo-cases", default="gpt2-40m:grpo,llama-demo:grpo,llama-demo:rloo")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     parts = args.only.split(",")
@@ -213,12 +218,11 @@ def main() -> None:
                  "machine": os.uname().machine, "cpus": os.cpu_count()}
     begin = time.perf_counter()
     if "engines" in parts or "wrapper" in parts:
-        names = (["llama-demo", "gpt2-40m"] + ([] if args.skip_05b else ["qwen2.5-0.5b"])
+        names = ([m for m in args.models.split(",") if not (args.skip_05b and "0.5b" in m)]
                  if "engines" in parts else ["gpt2-40m"])
-        part_engines(names, args.rounds, out)
+        part_engines(names, args.rounds, (args.rows, args.new_tokens), out)
     if "grpo" in parts:
-        part_grpo([("gpt2-40m", "grpo"), ("llama-demo", "grpo"), ("llama-demo", "rloo")],
-                  args.iterations, out)
+        part_grpo([tuple(c.split(":")) for c in args.grpo_cases.split(",")], args.iterations, out)
     out["wall_s"] = time.perf_counter() - begin
     print(f"total {out['wall_s']:.0f} s", flush=True)
     if args.out:

@@ -1,19 +1,20 @@
 """vLLM as a sampling backend (``sampling.engine: vllm``), colocated with the trainer, weights synced live.
 
-One in-process vLLM engine per policy model (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine
-core runs in this process, no worker process, no sockets), created on the first draw from that
-model and kept for the run (:func:`engine_for`, a cache keyed weakly by the model object). It is
+One in-process vLLM engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine core runs in this
+process, no worker process), created on the first draw from a model and kept while draws come
+from that model (:func:`engine_for`: one engine at a time, keyed weakly by the model object; a
+draw from another model shuts it down first). It computes with this process's torch threads. It is
 built from the model's config alone (``load_format="dummy"``) and then receives the model's
 current weights through the same call that syncs them later (:meth:`VLLMEngine.sync`): nothing
 is written to disk but ``config.json``, and there is one weight path to test, not two.
 
-Before every draw :func:`sample_vllm` checks whether the policy's weights changed since the last
-sync (:func:`weights_version`: every parameter's ``_version`` counter, which an optimiser step,
-``load_state_dict`` or any other in-place write bumps) and, if so, pushes them into the running
-engine (``collective_rpc("reload_weights", weights_iterator=...)``, vLLM's own loader, which
-also redoes the CPU backend's weight post-processing) and empties its prefix cache. Stages need
-not know that vLLM is there: the RL loop updates the policy in place and the next rollout sees it.
-A LoRA policy (``roles=shared``: PEFT's layers inside the causal LM) is pushed merged, under the
+Before every draw :func:`sample_vllm` checks whether the policy's weights may have changed since
+the last sync (:func:`weights_version`: a count of optimiser steps in the process, which a global
+step hook keeps, and every parameter's version counter and storage) and, if so, pushes them into
+the running engine (``collective_rpc("reload_weights", weights_iterator=...)``, vLLM's own loader,
+which also redoes the CPU backend's weight post-processing) and empties its prefix cache. Stages
+need not know that vLLM is there: the RL loop updates the policy in place and the next rollout
+sees it. A LoRA policy (``roles=shared``: PEFT's layers inside the causal LM) is pushed merged, under the
 plain Hugging Face names vLLM expects (:func:`hf_weights`).
 
 The contract is :func:`alignkit.engine.generation.generate`'s (a :class:`Rollout`): prompts go in
@@ -29,7 +30,7 @@ one), which is the denominator truncated importance sampling needs
 log-probs with the trainer on this engine and logs the gap.
 
 Numerics: vLLM's kernels are not the trainer's, so its log-probs differ by float rounding (fp32:
-~1e-6 on the tests' models; bf16: ~1e-2). ``batch_size`` is not used: vLLM's scheduler batches
+~1e-6 on the tests' models; far more in bf16). ``batch_size`` is not used: vLLM's scheduler batches
 continuously within its KV cache (``sampling.vllm_kv_cache_gib``).
 """
 
