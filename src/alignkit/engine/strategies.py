@@ -182,6 +182,7 @@ class _Sharded(Strategy):
     engine's own sharded checkpoint."""
 
     def check(self) -> None:
+        self.available()
         if self.distributed_type not in _DATA_PARALLEL:
             raise ConfigError(f"train.strategy={self.name}: launch without accelerate's FSDP / "
                               f"DeepSpeed plugin (accelerate configured {self.distributed_type}); "
@@ -190,7 +191,15 @@ class _Sharded(Strategy):
             raise ConfigError(f"train.offload=true moves parameters and optimiser state from the "
                               f"accelerator (GPU) to CPU memory; this run has no accelerator and "
                               f"trains in CPU memory already: set train.offload=false")
+        if not torch.distributed.is_initialized():
+            raise ConfigError(f"train.strategy={self.name} runs over a process group: launch with "
+                              f"torchrun or accelerate launch (one process: --nproc_per_node 1), "
+                              f"or use train.strategy=ddp")
         self._skeletons: dict[int, torch.nn.Module | None] = {}
+
+    def available(self) -> None:
+        """Raise a :class:`ConfigError` naming what is missing where the installed packages or
+        the device cannot provide this strategy (checked first, before anything launches)."""
 
     def _split(self, objects):
         models = [o for o in objects if isinstance(o, torch.nn.Module)]
@@ -231,14 +240,13 @@ class FSDP2(_Sharded):
               "gradients while it computes (offload: parameters, gradients and AdamW state in CPU "
               "memory, the unit on the GPU)")
 
-    def check(self) -> None:
+    def available(self) -> None:
         try:
             from torch.distributed.fsdp import fully_shard  # noqa: F401  (torch >= 2.6)
         except ImportError:
             raise ConfigError(f"train.strategy=fsdp2 needs torch >= 2.6 "
                               f"(torch.distributed.fsdp.fully_shard); this torch is "
                               f"{torch.__version__}") from None
-        super().check()
 
     def describe(self) -> dict:
         return {**super().describe(), "distributed_type": f"FSDP2 over {self.distributed_type}"}
@@ -253,10 +261,6 @@ class FSDP2(_Sharded):
         self._skeletons[id(model)] = _skeleton(model) if self.accelerator.is_main_process else None
         names = {id(p): n for n, p in model.named_parameters()}
         model.to(device)
-        if not torch.distributed.is_initialized():
-            # One process without torchrun: FSDP2 still needs a (one-rank) process group.
-            raise ConfigError("train.strategy=fsdp2 needs a process group: launch with torchrun or "
-                              "accelerate launch (one process: --nproc_per_node 1)")
         mesh = init_device_mesh(device.type, (self.world,))
         kwargs = {"mesh": mesh, "reshard_after_forward": True}
         if self.accelerator.mixed_precision == "bf16":
@@ -335,7 +339,7 @@ class FSDP2(_Sharded):
 # DeepSpeed ZeRO.
 
 
-def _deepspeed():
+def _deepspeed(name: str):
     """Import DeepSpeed for this device (``DS_ACCELERATOR=cpu`` where there is no GPU: its
     auto-detection would pick the CPU too, with a warning), or a :class:`ConfigError`."""
     if not torch.cuda.is_available():
@@ -343,7 +347,7 @@ def _deepspeed():
     try:
         import deepspeed
     except ImportError as exc:
-        raise ConfigError(f"train.strategy=zero2/zero3 needs DeepSpeed, which is not installed "
+        raise ConfigError(f"train.strategy={name} needs DeepSpeed, which is not installed "
                           f"({exc}): pip install 'alignkit[deepspeed]'") from None
     return deepspeed
 
@@ -388,12 +392,10 @@ class ZeRO(_Sharded):
 
     stage: ClassVar[int] = 2
 
-    def check(self) -> None:
-        super().check()
-        ds = _deepspeed()
+    def available(self) -> None:
+        self._ds = _deepspeed(self.name)
         if self.accelerator.device.type == "cpu":
             _check_jit_build(self.name)
-        self._ds = ds
 
     def describe(self) -> dict:
         engine = getattr(self, "_model", None)

@@ -425,7 +425,9 @@ def _optimizer_step(model, optimizer, scheduler, accelerator, items, global_batc
         batch = collate([items[i] for i in idx])
         batch = to_device(batch, accelerator.device)
         sync = k == len(micro) - 1
-        ctx = accelerator.no_sync(model) if (not sync and world > 1) else contextlib.nullcontext()
+        # A sharded strategy marks accumulation in one process too (DeepSpeed's boundary).
+        accumulating = not sync and (world > 1 or getattr(accelerator, "name", "ddp") != "ddp")
+        ctx = accelerator.no_sync(model) if accumulating else contextlib.nullcontext()
         with ctx:
             with accelerator.autocast():
                 out = loss_fn(model, batch)
