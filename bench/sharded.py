@@ -36,6 +36,10 @@ QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                   num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
                   tie_word_embeddings=True)
+# --shape tiny: a smoke run of the harness in seconds.
+TINY = dict(QWEN25_05B, vocab_size=1000, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+SHAPES = {"qwen2.5-0.5b": QWEN25_05B, "tiny": TINY}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +88,8 @@ def worker(args) -> None:
     world = accelerator.num_processes
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B, pad_token_id=0, bos_token_id=1,
+    shape = SHAPES[args.shape]
+    model = Qwen2ForCausalLM(Qwen2Config(**shape, pad_token_id=0, bos_token_id=1,
                                          eos_token_id=2))
     build_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
@@ -94,7 +99,7 @@ def worker(args) -> None:
                       log_every=1, save_every=0, mixed_precision="no", resume="never",
                       strategy=args.strategy)
     optim = OptimConfig(lr=1e-5, schedule="constant", warmup_steps=0, max_grad_norm=1.0)
-    examples = _examples(args.case, batch * steps, args.seq, QWEN25_05B["vocab_size"], seed=1)
+    examples = _examples(args.case, batch * steps, args.seq, shape["vocab_size"], seed=1)
     pairs = args.case == "dpo"
     pack = use_packing(model, loop, accelerator, pairs=pairs)
     after_build_mb = peak_mb()
@@ -163,7 +168,7 @@ def run_one(args, case: str, strategy: str, processes: int) -> dict:
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(Path(__file__)),
            "--worker", "--case", case, "--strategy", strategy, "--seq", str(args.seq),
            "--per-process", str(args.per_process), "--warmup", str(args.warmup),
-           "--steps", str(args.steps)]
+           "--steps", str(args.steps), "--shape", args.shape]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     ranks = [json.loads(line[len(RESULT):]) for line in proc.stdout.splitlines()
@@ -206,6 +211,7 @@ def main() -> None:
     ap.add_argument("--per-process", type=int, default=2, help="sequences (pairs) per process and step")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     ap.add_argument("--timeout", type=int, default=1800, help="s per run")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
@@ -223,7 +229,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    (out / f"sharded-{stamp}.json").write_text(json.dumps({"args": vars(args), "rows": rows},
+    (out / f"sharded-{stamp}{'' if args.shape == 'qwen2.5-0.5b' else '-' + args.shape}.json").write_text(json.dumps({"args": vars(args), "rows": rows},
                                                           indent=1))
     print(table(rows))
 

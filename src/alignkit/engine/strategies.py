@@ -260,6 +260,11 @@ class FSDP2(_Sharded):
         device = self.accelerator.device
         self._skeletons[id(model)] = _skeleton(model) if self.accelerator.is_main_process else None
         names = {id(p): n for n, p in model.named_parameters()}
+        # The optimiser's references would keep every full parameter alive until all are sharded.
+        groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups] \
+            if optimizer is not None else []
+        for group in optimizer.param_groups if optimizer is not None else []:
+            group["params"] = []
         model.to(device)
         mesh = init_device_mesh(device.type, (self.world,))
         kwargs = {"mesh": mesh, "reshard_after_forward": True}
@@ -276,8 +281,8 @@ class FSDP2(_Sharded):
         if optimizer is not None:
             # fully_shard replaced the parameters (DTensor shards): point the optimiser at them.
             new = dict(model.named_parameters())
-            for group in optimizer.param_groups:
-                group["params"] = [new[names[id(p)]] for p in group["params"]]
+            for group, params in zip(optimizer.param_groups, groups):
+                group["params"] = [new[n] for n in params]
         self._model, self._optimizer = model, optimizer
         self._objects = list(objects)
         return objects if len(objects) > 1 else objects[0]
@@ -411,6 +416,14 @@ class ZeRO(_Sharded):
                                       and self.accelerator.is_main_process else None)
         model.to(self.accelerator.device)
         zero: dict = {"stage": self.stage}
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if hidden:
+            # DeepSpeed's default buckets (5e8 elements: 2 GB in fp32 each) dwarf a small model's
+            # shards; these are the sizes Hugging Face's "auto" values give (hidden^2 ...).
+            zero.update(reduce_bucket_size=hidden * hidden, allgather_bucket_size=hidden * hidden)
+            if self.stage == 3:
+                zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                            stage3_param_persistence_threshold=10 * hidden)
         if self.offload:
             zero["offload_optimizer"] = {"device": "cpu"}
             if self.stage == 3:
