@@ -150,6 +150,7 @@ def with_sampling_engine(config, engine: str):
 
 def main(cfg: Config) -> dict:
     from alignkit.data.io import write_json
+    from alignkit.engine import vllm_engine
     from alignkit.report import write_report
     from alignkit.tracking import check_fingerprint
 
@@ -171,6 +172,9 @@ def main(cfg: Config) -> dict:
         print(f"[pipeline] {name}: starting -> {stage_cfg.out_dir}", flush=True)
         start = time.time()
         summary[name] = module.main(stage_cfg)
+        # A stage's vLLM engine (sampling.engine=vllm) goes with the stage: its memory and the
+        # one-rank torch.distributed group it made are not the next stage's.
+        vllm_engine.shutdown()
         timings[name] = time.time() - start
         print(f"[pipeline] {name}: done in {timings[name]:.0f}s", flush=True)
     summary = headline(summary)
