@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from alignkit.engine.generation import Rollout, generate
+from alignkit.engine.workers import WorkersConfig, run as run_workers
 
 
 class SamplingBackend(Protocol):
@@ -29,7 +30,23 @@ class SamplingBackend(Protocol):
                  batch_size: int | None) -> Rollout: ...
 
 
-BACKENDS: dict[str, SamplingBackend] = {"hf": generate}
+def _hf_rows(model, prompt_ids, cfg, *, eos_token_id, pad_token_id, seeds, batch_size):
+    """INTERIM (until main's per-row seeds land): each row alone with its own seed."""
+    from alignkit.engine.workers import concat_rollouts
+
+    return concat_rollouts([generate(model, [row], cfg, eos_token_id=eos_token_id,
+                                     pad_token_id=pad_token_id,
+                                     generator=torch.Generator().manual_seed(s))
+                            for row, s in zip(prompt_ids, seeds)], pad_token_id)
+
+
+def row_seeds(base_seed: int, n: int) -> list[int]:
+    """INTERIM: one seed per row."""
+    g = torch.Generator().manual_seed(base_seed)
+    return torch.randint(0, 2**62, (n,), generator=g).tolist()
+
+
+BACKENDS: dict[str, SamplingBackend] = {"hf": _hf_rows}
 
 
 @dataclass(frozen=True)
@@ -74,11 +91,17 @@ class SamplingConfig:
 
 def sample(model, prompt_ids: list[list[int]], cfg: SamplingConfig, *, eos_token_id: int,
            pad_token_id: int, generator: torch.Generator | None = None,
-           batch_size: int | None = None) -> Rollout:
-    """One response per prompt (token ids), drawn by the backend ``cfg.engine``."""
-    return BACKENDS[cfg.engine](model, prompt_ids, cfg, eos_token_id=eos_token_id,
-                                pad_token_id=pad_token_id, generator=generator,
-                                batch_size=batch_size)
+           batch_size: int | None = None, workers: WorkersConfig | None = None,
+           seed: int | None = None) -> Rollout:
+    """One response per prompt (token ids), drawn by the backend ``cfg.engine``, in this process
+    or on the Ray actors of ``workers`` (:mod:`alignkit.engine.workers`)."""
+    n = len(prompt_ids)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    seeds = row_seeds(seed, n)
+    return run_workers(model, prompt_ids, cfg, eos_token_id=eos_token_id,
+                       pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size,
+                       workers=workers)
 
 
 def encode_prompts(prompts: list[str], tokenizer, chat: bool) -> list[list[int]]:
@@ -91,23 +114,26 @@ def encode_prompts(prompts: list[str], tokenizer, chat: bool) -> list[list[int]]
 
 @torch.no_grad()
 def sample_texts(model, tokenizer, prompts: list[str], cfg: SamplingConfig, *, chat: bool,
-                 seed: int, batch_size: int = 64) -> tuple[Rollout, list[str]]:
+                 seed: int, batch_size: int = 64,
+                 workers: WorkersConfig | None = None) -> tuple[Rollout, list[str]]:
     """One response per prompt text (a user turn with ``chat``), drawn from a generator seeded
     with ``seed``; returns the rollout and the decoded responses."""
     ids = encode_prompts(prompts, tokenizer, chat)
     rollout = sample(model, ids, cfg, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id,
-                     generator=torch.Generator().manual_seed(seed), batch_size=batch_size)
+                     generator=torch.Generator().manual_seed(seed), batch_size=batch_size,
+                     workers=workers)
     return rollout, rollout.decode(tokenizer)
 
 
 def sample_pairs(model, tokenizer, prompts: list[str], cfg: SamplingConfig, *, chat: bool,
-                 seed: int, batch_size: int = 64) -> list[dict]:
+                 seed: int, batch_size: int = 64,
+                 workers: WorkersConfig | None = None) -> list[dict]:
     """Two responses per prompt, ``{"prompt", "response_a", "response_b"}``: the pairs that
     annotators, judges or a reward source then label."""
     doubled = [p for p in prompts for _ in range(2)]
     _, texts = sample_texts(model, tokenizer, doubled, cfg, chat=chat, seed=seed,
-                            batch_size=batch_size)
+                            batch_size=batch_size, workers=workers)
     return [{"prompt": p, "response_a": texts[2 * i], "response_b": texts[2 * i + 1]}
             for i, p in enumerate(prompts)]
 
