@@ -131,10 +131,19 @@ def _unshare_refusal() -> str | None:
     return None
 
 
+def _raylet_failures(out: Path) -> str:
+    """The raylet's failed checks (what a Ray that did not start says about why)."""
+    lines = [line[:400] for log in out.glob("ray/session_*/logs/raylet.out")
+             for line in log.read_text(errors="replace").splitlines() if "Check failed" in line]
+    return "\nraylet: " + "\n".join(lines) if lines else ""
+
+
 @pytest.fixture(scope="module")
 def ray_results(tiny_base, tmp_path_factory):
     """Run ray_session.py once for the module, Ray confined to a loopback-only namespace and to a
-    fresh HOME (token auth writes ~/.ray/auth_token there, as on a new machine)."""
+    fresh HOME (token auth writes ~/.ray/auth_token there, as on a new machine). The raylet
+    waits ``RAY_raylet_start_wait_time_s`` (default 30 s here) for its agents, which start slowly
+    on a loaded 2-core machine."""
     pytest.importorskip("ray")
     reason = _unshare_refusal()
     if reason:
@@ -144,6 +153,7 @@ def ray_results(tiny_base, tmp_path_factory):
     import alignkit
 
     env = {**os.environ, "HOME": str(out / "home"), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_raylet_start_wait_time_s": "120",
            "PYTHONPATH": os.pathsep.join([str(Path(alignkit.__file__).parents[1]),
                                           os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -152,7 +162,7 @@ def ray_results(tiny_base, tmp_path_factory):
     command = f"ip link set lo up; exec {sys.executable} {script} {tiny_base} {out}"
     done = subprocess.run(["unshare", "-n", "sh", "-c", command], env=env, capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + _raylet_failures(out)
     assert (out / "home" / ".ray" / "auth_token").exists()
     return torch.load(out / "results.pt", weights_only=False), out, done.stdout + done.stderr
 

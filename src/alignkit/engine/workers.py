@@ -397,6 +397,10 @@ _POOLS: dict[WorkersConfig, RayPool] = {}
 
 def pool(workers: WorkersConfig) -> RayPool:
     """The process's pool for ``workers`` (started on first use, kept for later calls)."""
+    import ray
+
+    if _POOLS and not ray.is_initialized():   # Ray was shut down: its actors are gone
+        _POOLS.clear()
     if workers not in _POOLS:
         _POOLS[workers] = RayPool(workers)
     return _POOLS[workers]
