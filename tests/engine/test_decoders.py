@@ -125,7 +125,7 @@ def test_generate_draws_the_same_tokens_and_logps_with_and_without_the_decode_st
     prompts = [[BOS] + [3 + (i * 7 + j) % (V - 3) for j in range(n)] for i, n in enumerate((4, 0, 9, 2, 6, 3))]
     cfg = SamplingConfig(max_new_tokens=20, temperature=0.9)
     outs = [generate(model, prompts, cfg, eos_token_id=EOS, pad_token_id=PAD,
-                     generator=torch.Generator(device).manual_seed(3), fast_decode=fast) for fast in (True, False)]
+                     generator=torch.Generator(device).manual_seed(6), fast_decode=fast) for fast in (True, False)]
     fast, ref = outs
     assert torch.equal(fast.response_ids, ref.response_ids)
     assert torch.equal(fast.response_mask, ref.response_mask)

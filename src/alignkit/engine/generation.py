@@ -204,14 +204,57 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def _uniforms(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """The ``[n, 1]`` fp64 uniforms of one sampling step (one draw from ``generator`` per step),
-    drawn on the generator's own device and moved to ``device``: a CPU generator (what the stages
-    checkpoint) drives a model on the GPU, with the same uniforms as on the CPU."""
-    if generator is None:
-        return torch.rand(n, 1, dtype=torch.float64, device=device)
-    return torch.rand(n, 1, generator=generator, dtype=torch.float64,
-                      device=generator.device).to(device, non_blocking=True)
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (xor-shift-multiply, multiplier 0x45D9F3B) of ``x`` int64
+    in [0, 2**32): every product stays below 2**63, so no step relies on integer overflow, and
+    it runs the same on any device and inside a compiled graph."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """The ``[n, 1]`` fp64 uniforms in [0, 1) of sampling step ``step`` for rows with per-row
+    seeds ``seeds`` (``[n]`` int64 in [0, 2**63)): a counter-based draw, a hash of (seed, step)
+    with 53 random bits, so a row's stream depends on nothing but its own seed. Which rows share
+    its batch, the batch size, the worker or the device that samples it change nothing (what a
+    generator shared by the batch cannot give: its draws depend on the row's place in the batch).
+    """
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    key = _mix32(_mix32(lo ^ 0x2545F491) ^ hi)
+    counter = _mix32(torch.tensor((step * 0x9E3779B9 + 0x7F4A7C15) & _M32, device=seeds.device))
+    a = _mix32(key ^ counter)
+    b = _mix32(a ^ 0x68E31DA4)
+    return ((a << 21) + (b >> 11)).double().mul_(2.0 ** -53).unsqueeze(-1)
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's output function (Steele, Lea & Flood 2014) on a Python int."""
+    z = (x + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def row_seeds(seed: int, n: int, start: int = 0) -> list[int]:
+    """The seeds, in [0, 2**63), of rows ``start .. start + n - 1`` of a call seeded with
+    ``seed``: row ``i``'s seed depends only on (``seed``, ``i``), so any split of the rows (into
+    chunks, workers, engines) draws each row as the whole call would."""
+    base = _splitmix64(seed & _M64)
+    return [_splitmix64((base + i) & _M64) >> 1 for i in range(start, start + n)]
+
+
+def seeds_from(generator: torch.Generator | None, n: int) -> list[int]:
+    """``n`` row seeds from one draw of ``generator`` (fresh randomness when None): a stage that
+    checkpoints its generator resumes with the same seeds."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return row_seeds(seed, n)
 
 
 def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -468,7 +511,7 @@ def _distinct_rows(ids: torch.Tensor, mask: torch.Tensor):
 
 
 def _generate_chunk(model, ids, mask, cfg: DrawSettings, eos_token_id: int, pad_token_id: int,
-                    generator, compile_decode: bool, fast_decode: bool) -> tuple[torch.Tensor, ...]:
+                    seeds: torch.Tensor, compile_decode: bool, fast_decode: bool) -> tuple[torch.Tensor, ...]:
     """Sample up to ``cfg.max_new_tokens`` for one left-padded chunk.
 
     Returns ``(tokens, mask, logps, finished)`` shaped ``[b, r]``, ``[b, r]``, ``[b, r]``, ``[b]``.
@@ -501,10 +544,14 @@ def _generate_chunk(model, ids, mask, cfg: DrawSettings, eos_token_id: int, pad_
                     use_cache=True, **{cache_name: cache}, **keep_last)
         cache.batch_select_indices(copies)
         last_logits = out.logits[copies, -1]
-    # The uniforms are drawn here, one [b, 1] draw per step, whether the draw then runs eagerly or
-    # in a compiled graph: the same generator gives the same stream either way.
-    draw = (lambda n: None) if cfg.greedy else (lambda n: _uniforms(n, generator, device))
-    tok, lp = _draw(last_logits, cfg, draw(batch))
+    # The uniforms are drawn here, one [b, 1] draw per step from the rows' own seeds, whether the
+    # draw then runs eagerly or in a compiled graph: the same seeds give the same stream either way.
+    seeds = seeds.to(device)
+
+    def draw(rows, t):
+        return None if cfg.greedy else row_uniforms(seeds[rows], t)
+
+    tok, lp = _draw(last_logits, cfg, draw(slice(None), 0))
     step = _decode_step(model, cache, cfg, compile_decode, fast_decode)
 
     rows = torch.arange(batch, device=device)                # original row of each active row
@@ -525,7 +572,7 @@ def _generate_chunk(model, ids, mask, cfg: DrawSettings, eos_token_id: int, pad_
             keep = alive.nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
             rows, tok, attn, next_pos, alive = rows[keep], tok[keep], attn[keep], next_pos[keep], alive[keep]
-        inputs = (tok, next_pos + t, attn[:, :prompt_len + t + 1], draw(tok.size(0)))
+        inputs = (tok, next_pos + t, attn[:, :prompt_len + t + 1], draw(rows, t + 1))
         try:
             tok, lp = step(*inputs)
         except torch._dynamo.exc.BackendCompilerFailed as error:  # compiling failed: go on eagerly
@@ -543,14 +590,16 @@ def _generate_chunk(model, ids, mask, cfg: DrawSettings, eos_token_id: int, pad_
 
 
 def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: DrawSettings, *,
-             eos_token_id: int, pad_token_id: int, generator: torch.Generator | None = None,
-             prompt_mask: torch.Tensor | None = None, batch_size: int | None = None,
+             eos_token_id: int, pad_token_id: int, seeds: list[int] | None = None,
+             generator: torch.Generator | None = None, prompt_mask: torch.Tensor | None = None, batch_size: int | None = None,
              compile_decode: bool = False, fast_decode: bool = True) -> Rollout:
     """Sample one response per prompt with a KV cache; see :class:`Rollout` for what comes back.
 
     ``prompt_ids``: a list of token-id lists (any lengths) or a ``[B, P]`` tensor with an optional
-    ``prompt_mask`` (left-padded; a right-padded mask is re-packed). ``generator`` (on the CPU or
-    the model's device) makes the sample reproducible. ``batch_size`` bounds memory by generating
+    ``prompt_mask`` (left-padded; a right-padded mask is re-packed). ``seeds``: one per prompt
+    (:func:`row_seeds`); row ``i`` draws from its own counter-based stream (:func:`row_uniforms`),
+    so its sample depends on its prompt, its seed and the model only. Without ``seeds`` they come
+    from one draw of ``generator`` (:func:`seeds_from`; fresh randomness when it is None too). ``batch_size`` bounds memory by generating
     that many prompts at a time. Runs without autograd; the model's train/eval mode is left as it
     is (call ``model.eval()`` first to switch dropout off).
 
@@ -571,6 +620,11 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: DrawSet
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     device = _model_device(model)
     ids, mask = _left_pad(prompt_ids, prompt_mask, pad_token_id, device)
+    if seeds is None:  # greedy draws nothing: it consumes no randomness
+        seeds = [0] * ids.size(0) if cfg.greedy else seeds_from(generator, ids.size(0))
+    if len(seeds) != ids.size(0):
+        raise ValueError(f"{len(seeds)} seeds for {ids.size(0)} prompts: give one seed per prompt")
+    row_seed = torch.as_tensor(seeds, dtype=torch.long)
     step = batch_size or ids.size(0)
     # inference_mode skips autograd bookkeeping on every op (~10% of a small-model step); its
     # tensors cannot enter a later autograd graph, so the outputs are rebuilt outside it (cat/pad).
@@ -580,7 +634,7 @@ def generate(model, prompt_ids: list[list[int]] | torch.LongTensor, cfg: DrawSet
         chunks = []
         for i in range(0, ids.size(0), step):
             chunks.append(_generate_chunk(model, ids[i:i + step], mask[i:i + step], cfg,
-                                          eos_token_id, pad_token_id, generator,
+                                          eos_token_id, pad_token_id, row_seed[i:i + step],
                                           compile_decode or cfg.compile, fast_decode))
             progress.update(min(step, ids.size(0) - i))
     width = max(c[0].size(1) for c in chunks)

@@ -10,6 +10,9 @@ The backend that draws is chosen by ``SamplingConfig.engine`` from :data:`BACKEN
 registry of sampling engines: ``hf``, alignkit's batched KV-cache decoder for any Hugging Face
 causal LM (:func:`alignkit.engine.generation.generate`). Another engine is one entry there with
 the same contract; no stage changes.
+
+Where the backend runs is the ``workers`` argument (a stage's ``workers`` section): in this
+process, or on Ray actors that each sample chunks of the rows (:mod:`alignkit.engine.workers`).
 """
 
 from __future__ import annotations
@@ -20,33 +23,22 @@ from typing import Protocol
 
 import torch
 
-from alignkit.engine.generation import Rollout, generate
+from alignkit.engine.generation import Rollout, generate, row_seeds, seeds_from
 from alignkit.engine.workers import WorkersConfig, run as run_workers
 
 
 class SamplingBackend(Protocol):
+    """A sampling engine. ``seeds[i]`` is the seed of prompt row ``i`` (in [0, 2**63)): a row's
+    draw depends only on its prompt, its seed and the weights, never on which rows share its
+    batch or on ``batch_size`` (up to the float rounding of batched arithmetic), so that any split
+    of a call's rows (chunks, workers) samples what the whole call would."""
+
     def __call__(self, model, prompt_ids: list[list[int]], cfg: SamplingConfig, *,
-                 eos_token_id: int, pad_token_id: int, generator: torch.Generator | None,
+                 eos_token_id: int, pad_token_id: int, seeds: list[int],
                  batch_size: int | None) -> Rollout: ...
 
 
-def _hf_rows(model, prompt_ids, cfg, *, eos_token_id, pad_token_id, seeds, batch_size):
-    """INTERIM (until main's per-row seeds land): each row alone with its own seed."""
-    from alignkit.engine.workers import concat_rollouts
-
-    return concat_rollouts([generate(model, [row], cfg, eos_token_id=eos_token_id,
-                                     pad_token_id=pad_token_id,
-                                     generator=torch.Generator().manual_seed(s))
-                            for row, s in zip(prompt_ids, seeds)], pad_token_id)
-
-
-def row_seeds(base_seed: int, n: int) -> list[int]:
-    """INTERIM: one seed per row."""
-    g = torch.Generator().manual_seed(base_seed)
-    return torch.randint(0, 2**62, (n,), generator=g).tolist()
-
-
-BACKENDS: dict[str, SamplingBackend] = {"hf": _hf_rows}
+BACKENDS: dict[str, SamplingBackend] = {"hf": generate}
 
 
 @dataclass(frozen=True)
@@ -90,15 +82,15 @@ class SamplingConfig:
 
 
 def sample(model, prompt_ids: list[list[int]], cfg: SamplingConfig, *, eos_token_id: int,
-           pad_token_id: int, generator: torch.Generator | None = None,
-           batch_size: int | None = None, workers: WorkersConfig | None = None,
-           seed: int | None = None) -> Rollout:
-    """One response per prompt (token ids), drawn by the backend ``cfg.engine``, in this process
-    or on the Ray actors of ``workers`` (:mod:`alignkit.engine.workers`)."""
+           pad_token_id: int, generator: torch.Generator | None = None, seed: int | None = None,
+           batch_size: int | None = None, workers: WorkersConfig | None = None) -> Rollout:
+    """One response per prompt (token ids), drawn by the backend ``cfg.engine``. Row ``i`` is
+    seeded with ``row_seeds(seed, n)[i]``; without ``seed``, the base seed is one draw of
+    ``generator`` (a stage that checkpoints its generator resumes with the same draws).
+    ``workers``: where the backend runs, in this process (default) or on Ray actors
+    (:mod:`alignkit.engine.workers`); the rows and their seeds are the same either way."""
     n = len(prompt_ids)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    seeds = row_seeds(seed, n)
+    seeds = row_seeds(seed, n) if seed is not None else seeds_from(generator, n)
     return run_workers(model, prompt_ids, cfg, eos_token_id=eos_token_id,
                        pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size,
                        workers=workers)
@@ -116,12 +108,11 @@ def encode_prompts(prompts: list[str], tokenizer, chat: bool) -> list[list[int]]
 def sample_texts(model, tokenizer, prompts: list[str], cfg: SamplingConfig, *, chat: bool,
                  seed: int, batch_size: int = 64,
                  workers: WorkersConfig | None = None) -> tuple[Rollout, list[str]]:
-    """One response per prompt text (a user turn with ``chat``), drawn from a generator seeded
-    with ``seed``; returns the rollout and the decoded responses."""
+    """One response per prompt text (a user turn with ``chat``), row ``i`` seeded with
+    ``row_seeds(seed, n)[i]``; returns the rollout and the decoded responses."""
     ids = encode_prompts(prompts, tokenizer, chat)
     rollout = sample(model, ids, cfg, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id,
-                     generator=torch.Generator().manual_seed(seed), batch_size=batch_size,
+                     pad_token_id=tokenizer.pad_token_id, seed=seed, batch_size=batch_size,
                      workers=workers)
     return rollout, rollout.decode(tokenizer)
 
