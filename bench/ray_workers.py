@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The raylet waits this long for its agents; they start slowly on a loaded 2-core machine.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
     import ray
 

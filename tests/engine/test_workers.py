@@ -21,10 +21,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FIELDS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logps", "finished")
 
 
-def assert_same(a, b):
-    for f in FIELDS:
+def assert_same(a, b, fields=FIELDS):
+    for f in fields:
         x, y = (a[f] if isinstance(a, dict) else getattr(a, f)), (b[f] if isinstance(b, dict) else getattr(b, f))
         assert torch.equal(x, y), f
+
+
+def assert_as_local(remote: dict, draw, model):
+    """``remote`` (what the actors sampled) against ``draw(model)`` (the local backend).
+
+    An actor holds a copy of the weights in memory it allocated (64-byte aligned); a model loaded
+    from safetensors keeps tensors at the file's offsets (here 56 mod 64), and for some shapes
+    (batches of 2 rows) the CPU kernels round differently on them: log-probs differ by up to
+    1e-6 (1 ulp at |logp| ~ 6), tokens do not. So: exactly the local backend on a copy of the
+    model (``copy.deepcopy``, what an actor holds), and the same tokens as on the loaded model
+    with log-probs within 2e-6."""
+    import copy
+
+    assert_same(remote, draw(copy.deepcopy(model)))
+    local = draw(model)
+    assert_same(remote, local, fields=FIELDS[:4] + ("finished",))
+    torch.testing.assert_close(remote["logps"], local.logps, rtol=0, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------- config
@@ -182,10 +199,13 @@ PROMPTS = [f"the film was {w}" for w in ("good", "bad", "long", "odd", "fine", "
 def test_two_ray_workers_sample_what_the_local_backend_samples(ray_results, model_and_tokenizer):
     res, _, _ = ray_results
     model, tok = model_and_tokenizer
-    local, texts = sample_texts(model, tok, PROMPTS, SamplingConfig(max_new_tokens=12), chat=False,
-                                seed=3, batch_size=4)
+    def draw(m):
+        return sample_texts(m, tok, PROMPTS, SamplingConfig(max_new_tokens=12), chat=False,
+                            seed=3, batch_size=4)
+
+    local, texts = draw(model)
     assert res["first"]["sync"] == "module" and res["again_sync"] == ""
-    assert_same(res["first"]["rollout"], local)
+    assert_as_local(res["first"]["rollout"], lambda m: draw(m)[0], model)
     assert res["first"]["texts"] == texts
     assert len(set(texts)) > 6      # sampled, not one response repeated
 
@@ -202,11 +222,14 @@ def test_ray_workers_get_the_updated_weights(ray_results, model_and_tokenizer, t
     with torch.no_grad():   # the update ray_session.py made
         for i, p in enumerate(model.parameters()):
             p.mul_(1.0 + 0.05 * (i % 3))
-    local, texts = sample_texts(model, tok, PROMPTS, SamplingConfig(max_new_tokens=12), chat=False,
-                                seed=3, batch_size=4)
+    def draw(m):
+        return sample_texts(m, tok, PROMPTS, SamplingConfig(max_new_tokens=12), chat=False,
+                            seed=3, batch_size=4)
+
+    local, texts = draw(model)
     assert res["updated"]["sync"] == "weights"
     assert not torch.equal(before.logps, local.logps)
-    assert_same(res["updated"]["rollout"], local)
+    assert_as_local(res["updated"]["rollout"], lambda m: draw(m)[0], model)
     assert res["updated"]["texts"] == texts
 
 
@@ -222,15 +245,18 @@ def test_a_worker_killed_mid_call_loses_and_duplicates_nothing(ray_results, mode
         for i, p in enumerate(model.parameters()):
             p.mul_(1.0 + 0.05 * (i % 3))
     kill = res["kill"]
-    local = sample(model, kill["ids"], SamplingConfig(max_new_tokens=24),
-                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=11,
-                   batch_size=2)
+
+    def draw(m):
+        return sample(m, kill["ids"], SamplingConfig(max_new_tokens=24),
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=11,
+                      batch_size=2)
+
     # The kill landed while the call ran, and the pool noticed it within that call.
     assert kill["restarts"] == 1, (kill, log[-2000:])
     assert res["killed_at_s"] < kill["call_s"]
     assert kill["pids_before"][0] not in kill["pids_after"]
     assert kill["pids_before"][1] in kill["pids_after"]
-    assert_same(kill["rollout"], local)
+    assert_as_local(kill["rollout"], draw, model)    # no row lost, none twice, none changed
 
 
 @pytest.mark.slow
