@@ -21,9 +21,9 @@ the actors of a node from shared memory without a copy) for each actor to load. 
 ``tensor.data`` does not bump the counter: call :func:`weights_changed` after one.
 
 An actor that dies mid-call (its process killed, its node lost) is noticed when its chunk's result
-is collected (``RayActorError``): a replacement is started, loads the current weights, and the
-chunk is dispatched again; every chunk's result is kept once, by its index, so nothing is lost or
-duplicated.
+is collected (``RayActorError``, or ``OutOfMemoryError`` when Ray's memory monitor killed it): a
+replacement is started, loads the current weights, and the chunk is dispatched again; every
+chunk's result is kept once, by its index, so nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -261,6 +261,15 @@ class PoolStats:
     restarts_total: int = 0
 
 
+def _dead_actor_errors() -> tuple[type[Exception], ...]:
+    """What a call on an actor raises when the actor's process is gone: killed or crashed
+    (``RayActorError``, ``WorkerCrashedError``), or killed by Ray's memory monitor
+    (``OutOfMemoryError``)."""
+    from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
+
+    return RayActorError, WorkerCrashedError, OutOfMemoryError
+
+
 class RayPool:
     """``workers.num`` :class:`SamplerActor` s on a Ray cluster (joined or started on first use)."""
 
@@ -300,7 +309,6 @@ class RayPool:
     def _sync(self, model) -> None:
         """Bring every actor to ``model``'s current weights (a no-op when they hold them)."""
         import ray
-        from ray.exceptions import RayActorError
 
         seen = weights_version(model)
         same_model = self._model is not None and self._model() is model
@@ -323,7 +331,7 @@ class RayPool:
         for i, ref in enumerate(loads):
             try:
                 ray.get(ref)
-            except RayActorError:   # died since the last call: a replacement loads the same
+            except _dead_actor_errors():   # died since the last call: a replacement loads the same
                 self._replace(i)
         self.stats.sync_seconds = time.perf_counter() - start
 
@@ -348,7 +356,6 @@ class RayPool:
     def sample(self, model, prompt_ids, cfg, *, eos_token_id: int, pad_token_id: int,
                seeds: list[int], batch_size: int | None) -> Rollout:
         import ray
-        from ray.exceptions import RayActorError
 
         rows = [[int(t) for t in r] for r in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor)
                                                else prompt_ids)]
@@ -375,7 +382,7 @@ class RayPool:
                 a, c = pending.pop(ref)
                 try:
                     results[c] = ray.get(ref)
-                except RayActorError as error:
+                except _dead_actor_errors() as error:
                     restarts += 1
                     if restarts > self.workers.max_restarts:
                         raise RuntimeError(f"sampling workers died {restarts} times in one call "
