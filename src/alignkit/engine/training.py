@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from alignkit.config import require
+from alignkit.config import ConfigError, require
 from alignkit.data.collate import to_device
 from alignkit.math.losses import reduce_loss
 
@@ -67,10 +67,23 @@ class LoopConfig:
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"   # auto: resolve_precision
     resume: str = "auto"        # "auto": latest checkpoint in the output folder; "never"; or a path
+    # How processes share the model (alignkit.engine.strategies): ddp (replicated), fsdp2
+    # (PyTorch FSDP2), zero2 / zero3 (DeepSpeed ZeRO); offload: parameters and optimiser state in
+    # CPU memory while a GPU computes (fsdp2, zero3).
+    strategy: str = "ddp"
+    offload: bool = False
 
     def __post_init__(self):
+        from alignkit.engine.strategies import STRATEGIES
+
         require(self.batch_size > 0 and self.micro_batch_size > 0, "train.batch_size and "
                 "train.micro_batch_size must be > 0")
+        require(self.strategy in STRATEGIES, f"train.strategy must be one of "
+                f"{', '.join(STRATEGIES)}, got {self.strategy!r}")
+        require(not self.offload or STRATEGIES[self.strategy].supports_offload,
+                f"train.offload=true needs a sharded strategy that offloads "
+                f"({', '.join(n for n, s in STRATEGIES.items() if s.supports_offload)}); "
+                f"train.strategy={self.strategy} does not")
         require(self.epochs > 0 or self.max_steps > 0, "train.epochs or train.max_steps must be > 0")
 
 
@@ -103,8 +116,13 @@ def resolve_precision(mixed_precision: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "no"
 
 
-def make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str, strategy: str = "ddp", offload: bool = False):
+    """The run's accelerator: an ``accelerate.Accelerator`` (device, precision, process group)
+    inside the :mod:`~alignkit.engine.strategies` strategy ``strategy`` (``train.strategy``),
+    which checks that it can be had here and what the launch gave."""
     from accelerate import Accelerator
+
+    from alignkit.engine.strategies import STRATEGIES
 
     cuda = torch.cuda.is_available()
     mixed_precision = resolve_precision(mixed_precision)
@@ -119,8 +137,9 @@ def make_accelerator(mixed_precision: str):
         GradientState._reset_state()
     # Our loop steps the scheduler once per optimiser step; accelerate's default would step it
     # once per process (it assumes each rank's dataloader shrank), which would change the LR.
-    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda,
-                       step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda,
+                              step_scheduler_with_optimizer=False)
+    return STRATEGIES[strategy](accelerator, offload=offload)
 
 
 def use_packing(model, loop: LoopConfig, accelerator=None, pairs: bool = False) -> str | None:
@@ -179,8 +198,10 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Op
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    # An empty group (e.g. LoRA: only matrices train) is left out: DeepSpeed drops it, and the
+    # schedule must see the groups the optimiser steps.
+    groups = [g for g in ({"params": decay, "weight_decay": optim.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     # The fused kernel (one pass over all parameters; CPU and CUDA) is the same AdamW update,
     # ~2.6x faster than the per-tensor loop in a microbenchmark of 10M parameters on 2 CPU cores.
     fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
@@ -220,6 +241,8 @@ class TrainResult:
     step: int
     last_metrics: dict[str, float]
     eval_metrics: dict[str, float]
+    # What the run got (train.strategy, the distributed type, processes): stages record it.
+    distribution: dict = field(default_factory=dict)
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -253,7 +276,8 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int,
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({**(state or {}), "step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {**(state or {}), "step": step, **_layout(accelerator)}))
         # A run resumed at this step saves it again; a kill before the rename below leaves no
         # step_<step>, and the run resumes from the checkpoint before it.
         remove_folder(final)
@@ -278,22 +302,38 @@ def resume(accelerator, out_dir: Path, setting: str, tracker,
     if ckpt is None:
         tracker.truncate_after(0)
         return 0, {}
-    accelerator.load_state(str(ckpt))
     state = json.loads((ckpt / "trainer_state.json").read_text())
+    saved = {k: state.pop(k) for k in ("strategy", "processes") if k in state}
+    if saved and saved != _layout(accelerator):
+        raise ConfigError(f"the checkpoint {ckpt} was written by {saved}; this run is "
+                          f"{_layout(accelerator)}: resume with the same train.strategy and number "
+                          f"of processes (or train.resume=never)")
+    accelerator.load_state(str(ckpt))
     step = state.pop("step")
     tracker.truncate_after(step)
     accelerator.print(f"alignkit: resumed from {ckpt} at {where.format(step)}")
     return step, state
 
 
+def _layout(accelerator) -> dict:
+    """How a sharded checkpoint is laid out (the strategy and its number of processes); {} for
+    ddp, whose checkpoints load anywhere."""
+    name = getattr(accelerator, "name", "ddp")
+    return {} if name == "ddp" else {"strategy": name, "processes": accelerator.num_processes}
+
+
 def optimizer_step(accelerator, optimizer, scheduler, params, max_grad_norm: float):
-    """Clip the gradients of ``params`` to ``max_grad_norm`` (0: no clipping), step the optimiser
-    and the schedule, clear the gradients; returns the norm before clipping (None unclipped)."""
-    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    """Clip the gradients of ``params`` to ``max_grad_norm`` (0: no clipping; the global norm
+    over all shards under a sharded strategy), step the optimiser and the schedule, clear the
+    gradients; returns the norm before clipping (None unclipped)."""
+    return accelerator.optimizer_step(optimizer, scheduler, params, max_grad_norm)
+
+
+def final_model(accelerator, model):
+    """The trained ``model`` (as passed to :func:`train`) whole, on the main process, for
+    :func:`alignkit.engine.models.save_model`; call it on every process (a sharded strategy
+    gathers the weights). Other processes get None or their replica."""
+    return accelerator.full_model(model)
 
 
 def train(model: torch.nn.Module, items: Sequence[Any], *, lengths: Sequence[int],
@@ -315,6 +355,7 @@ def train(model: torch.nn.Module, items: Sequence[Any], *, lengths: Sequence[int
     optimizer = make_optimizer(model, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator.announce()
 
     step, saved = resume(accelerator, out_dir, loop.resume, tracker, f"step {{}}/{total_steps}")
 
@@ -358,7 +399,8 @@ def train(model: torch.nn.Module, items: Sequence[Any], *, lengths: Sequence[int
         evals = _run_eval(model, accelerator, eval_fn, tracker, step)
     final_state = {"last_metrics": last, **({"eval_metrics": evals} if eval_fn is not None else {})}
     save_checkpoint(accelerator, out_dir, step, loop.keep_checkpoints, final_state)
-    return TrainResult(step=step, last_metrics=last, eval_metrics=evals)
+    return TrainResult(step=step, last_metrics=last, eval_metrics=evals,
+                       distribution=accelerator.describe())
 
 
 def _run_eval(model, accelerator, eval_fn, tracker, step) -> dict:
@@ -383,7 +425,9 @@ def _optimizer_step(model, optimizer, scheduler, accelerator, items, global_batc
         batch = collate([items[i] for i in idx])
         batch = to_device(batch, accelerator.device)
         sync = k == len(micro) - 1
-        ctx = accelerator.no_sync(model) if (not sync and world > 1) else contextlib.nullcontext()
+        # A sharded strategy marks accumulation in one process too (DeepSpeed's boundary).
+        accumulating = not sync and (world > 1 or getattr(accelerator, "name", "ddp") != "ddp")
+        ctx = accelerator.no_sync(model) if accumulating else contextlib.nullcontext()
         with ctx:
             with accelerator.autocast():
                 out = loss_fn(model, batch)

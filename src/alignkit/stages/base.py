@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from alignkit.config import require
-from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.engine.training import (LoopConfig, OptimConfig, final_model, make_accelerator, train,
+                                      use_packing)
 from alignkit.tracking import TrackingConfig
 
 
@@ -86,7 +87,7 @@ def main(cfg: Config) -> dict:
     from alignkit.engine.tokenizer import train_tokenizer
     from alignkit.tracking import Tracker
 
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.strategy, cfg.train.offload)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage="base")
     task = get_task(cfg.task, chat=cfg.chat)
@@ -101,7 +102,8 @@ def main(cfg: Config) -> dict:
                    collate=lambda b: lm_collate(b, pad, pack),
                    weight_of=lambda s: len(s) - 1, loss_fn=causal_lm_loss, loop=cfg.train,
                    optim=cfg.optim, out_dir=out, tracker=tracker, accelerator=accelerator)
+    trained = final_model(accelerator, model)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+        save_model(trained, tokenizer, out / "model")
     return tracker.finish({"loss": result.last_metrics.get("loss"), "steps": result.step,
-                           "model": str(out / "model")})
+                           "model": str(out / "model"), **result.distribution})

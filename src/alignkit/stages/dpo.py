@@ -25,8 +25,9 @@ from alignkit.engine.dap_loss import (LossConfig, add_kto_mismatch, cache_refere
                                       make_loss, unpair)
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.sampling import SamplingConfig
+from alignkit.engine.training import (LoopConfig, OptimConfig, final_model, make_accelerator, train,
+                                      use_packing)
 from alignkit.engine.workers import WorkersConfig
-from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
 from alignkit.tracking import TrackingConfig
 
 
@@ -86,6 +87,9 @@ class Config(TrackingConfig):
             # Each round resumes from its own checkpoints; one checkpoint path fits no round.
             require(self.train.resume in ("auto", "never"),
                     "online DPO resumes round by round: train.resume must be auto or never")
+            # Each round samples with the trained policy in this process, in one piece.
+            require(self.train.strategy == "ddp", f"online DPO (online.rounds > 0) trains with "
+                    f"train.strategy=ddp; {self.train.strategy} is for offline DPO")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ def main(cfg: Config) -> dict:
 
     if cfg.online.rounds > 0:
         return run_online(cfg)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.strategy, cfg.train.offload)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage=f"dpo/{cfg.loss.name}")
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template, key="data.chat_template",
@@ -167,13 +171,14 @@ def main(cfg: Config) -> dict:
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)
     result = fit(model, examples, cfg, tokenizer, out, tracker, accelerator,
                  make_eval(cfg, tokenizer, reference))
+    trained = final_model(accelerator, model)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out / "model",
+        save_model(trained, tokenizer, out / "model",
                    adapter_dir=out / "adapter")
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"), "steps": result.step,
              "pairs": stats.kept, "model": str(out / "model"), "loss": cfg.loss.name,
-             "beta": cfg.loss.beta}
+             "beta": cfg.loss.beta, **result.distribution}
     final.update({k: v for k, v in result.last_metrics.items() if k.startswith(("rewards/", "kl"))})
     if not cfg.loss.paired:
         final["desirable"] = sum(bool(e["label"]) for e in examples)

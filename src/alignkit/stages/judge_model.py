@@ -23,7 +23,8 @@ from pathlib import Path
 
 from alignkit.config import require
 from alignkit.engine.judges import JudgeConfig, render, render_messages
-from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.engine.training import (LoopConfig, OptimConfig, final_model, make_accelerator, train,
+                                      use_packing)
 from alignkit.tracking import TrackingConfig
 
 
@@ -156,7 +157,7 @@ def main(cfg: Config) -> dict:
     from alignkit.engine.models import load_causal_lm, load_tokenizer, save_model
     from alignkit.tracking import Tracker
 
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.strategy, cfg.train.offload)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage="judge-model")
     tokenizer = load_tokenizer(cfg.model)
@@ -193,12 +194,13 @@ def main(cfg: Config) -> dict:
                    loss_fn=loss_for(model, pack), loop=cfg.train, optim=cfg.optim, out_dir=out,
                    tracker=tracker, accelerator=accelerator,
                    eval_fn=eval_fn if cfg.eval_examples else None)
+    trained = final_model(accelerator, model)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out / "model")
+        save_model(trained, tokenizer, out / "model")
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"), "steps": result.step,
              "examples": kept, "dropped": dropped, "model": str(out / "model"),
-             **result.eval_metrics}
+             **result.eval_metrics, **result.distribution}
     return tracker.finish(final)
 
 

@@ -214,13 +214,14 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
     """Fine-tune ``policy`` on ``examples``; save ``step_dir/model``; return the loop's metrics."""
     from alignkit.engine.lm_loss import collate_weighted, loss_for, n_targets, weighted_causal_lm_loss
     from alignkit.engine.models import apply_lora, save_model
-    from alignkit.engine.training import make_accelerator, remove_folder, train, use_packing
+    from alignkit.engine.training import (final_model, make_accelerator, remove_folder, train,
+                                          use_packing)
     from alignkit.tracking import Tracker
 
     imp = cfg.improve
     optim = replace(imp.optim, lr=imp.optim.lr * imp.lr_decay ** i)
     loop = replace(imp.train, seed=imp.train.seed + k)
-    accelerator = make_accelerator(loop.mixed_precision)
+    accelerator = make_accelerator(loop.mixed_precision, loop.strategy, loop.offload)
     tracker = Tracker(step_dir, enabled=accelerator.is_main_process, stage=f"rest improve {k}")
     model = apply_lora(policy.train(), cfg.lora)
     pad, pack = tokenizer.pad_token_id, use_packing(model, loop, accelerator)
@@ -229,12 +230,14 @@ def improve(policy, examples: list[dict], cfg: Config, i: int, k: int, step_dir:
                    loss_fn=loss_for(model, pack, weighted_causal_lm_loss),
                    loop=loop, optim=optim, out_dir=step_dir,
                    tracker=tracker, accelerator=accelerator)
+    trained = final_model(accelerator, model)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, step_dir / "model",
+        save_model(trained, tokenizer, step_dir / "model",
                    adapter_dir=step_dir / "adapter")
         remove_folder(step_dir / "checkpoints")  # the model + marker suffice
     accelerator.wait_for_everyone()
-    return {"lr": optim.lr, "train_steps": result.step, "train_loss": result.last_metrics.get("loss")}
+    return {"lr": optim.lr, "train_steps": result.step, "train_loss": result.last_metrics.get("loss"),
+            **result.distribution}
 
 
 # ----------------------------------------------------------------------------------------------

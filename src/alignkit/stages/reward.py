@@ -17,7 +17,8 @@ from alignkit.config import require
 from alignkit.data.sources import DataConfig, eval_source, train_source
 from alignkit.engine.models import LoraSpec
 from alignkit.engine.rm_loss import evaluate_pairs, make_loss, score_head, supports_last_rows_only
-from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.engine.training import (LoopConfig, OptimConfig, final_model, make_accelerator, train,
+                                      use_packing)
 from alignkit.tracking import TrackingConfig
 
 
@@ -55,7 +56,7 @@ def main(cfg: Config) -> dict:
     from alignkit.engine.models import apply_lora, load_scalar_model, load_tokenizer, save_model
     from alignkit.tracking import Tracker
 
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.strategy, cfg.train.offload)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage="rm")
     d = cfg.data
@@ -85,13 +86,14 @@ def main(cfg: Config) -> dict:
                    loss_fn=make_loss(cfg.margin, last_rows_only), loop=cfg.train,
                    optim=cfg.optim, out_dir=out, tracker=tracker, accelerator=accelerator,
                    eval_fn=eval_fn)
+    trained = final_model(accelerator, model)
     if accelerator.is_main_process:
         # PPO's shared placement serves the adapter from its base.
-        save_model(accelerator.unwrap_model(model), tokenizer, out / "model",
+        save_model(trained, tokenizer, out / "model",
                    adapter_dir=out / "adapter" if cfg.save_adapter else None)
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"),
              "train_accuracy": result.last_metrics.get("accuracy"), "steps": result.step,
-             "pairs": stats.kept, "model": str(out / "model")}
+             "pairs": stats.kept, "model": str(out / "model"), **result.distribution}
     final.update(result.eval_metrics)
     return tracker.finish(final)

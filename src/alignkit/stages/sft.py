@@ -15,7 +15,8 @@ from alignkit.config import require
 from alignkit.data.sources import DataConfig, eval_source, train_source
 from alignkit.engine.lm_loss import eval_loss, loss_for, n_targets
 from alignkit.engine.models import LoraSpec
-from alignkit.engine.training import LoopConfig, OptimConfig, make_accelerator, train, use_packing
+from alignkit.engine.training import (LoopConfig, OptimConfig, final_model, make_accelerator, train,
+                                      use_packing)
 from alignkit.tracking import TrackingConfig
 
 
@@ -43,7 +44,7 @@ def main(cfg: Config) -> dict:
     from alignkit.engine.models import apply_lora, load_causal_lm, load_tokenizer, save_model
     from alignkit.tracking import Tracker
 
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.strategy, cfg.train.offload)
     out = Path(cfg.out_dir)
     tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage="sft")
     d = cfg.data
@@ -64,12 +65,13 @@ def main(cfg: Config) -> dict:
                    loss_fn=loss_for(model, pack), loop=cfg.train, optim=cfg.optim, out_dir=out,
                    tracker=tracker, accelerator=accelerator,
                    eval_fn=(lambda m: eval_loss(m, eval_examples, pad)) if eval_examples else None)
+    trained = final_model(accelerator, model)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out / "model",
+        save_model(trained, tokenizer, out / "model",
                    adapter_dir=out / "adapter")
     accelerator.wait_for_everyone()
     final = {"train_loss": result.last_metrics.get("loss"), "steps": result.step,
              "examples": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped,
-             "model": str(out / "model")}
+             "model": str(out / "model"), **result.distribution}
     final.update({f"eval_{k}": v for k, v in result.eval_metrics.items()})
     return tracker.finish(final)
