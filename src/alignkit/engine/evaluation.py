@@ -14,6 +14,7 @@ import torch
 
 from alignkit.engine.generation import rollout_logps
 from alignkit.engine.sampling import SamplingConfig, sample_texts
+from alignkit.engine.workers import WorkersConfig
 from alignkit.math.advantages import sequence_kl
 
 
@@ -50,15 +51,17 @@ def temperature_of(sampling: SamplingConfig) -> float:
 
 def evaluate_policy(policy, tokenizer, prompts: list[str], sampling: SamplingConfig, *,
                     chat: bool, seed: int, batch_size: int = 64, sources: dict | None = None,
-                    success_at: float | None = None, reference=None) -> tuple[dict, list[dict]]:
+                    success_at: float | None = None, reference=None,
+                    workers: WorkersConfig | None = None) -> tuple[dict, list[dict]]:
     """Sample one response per prompt and measure it; returns ``(metrics, rows)``.
 
     ``sources``: metric name -> reward source (``gold_reward``, ``proxy_reward``, ...), each
     summarised by :func:`summarize` and written into every row; the success share is of
-    ``gold_reward``. ``reference``: KL to it (``kl_to_ref``), else ``kl_to_ref`` is 0."""
+    ``gold_reward``. ``reference``: KL to it (``kl_to_ref``), else ``kl_to_ref`` is 0.
+    ``workers``: where the sampling runs (:mod:`alignkit.engine.workers`)."""
     policy.eval()
     rollout, responses = sample_texts(policy, tokenizer, prompts, sampling, chat=chat, seed=seed,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, workers=workers)
     rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
     metrics = {"response_length": float(rollout.response_mask.sum(-1).float().mean()),
                "finished_fraction": float(rollout.finished.float().mean())}
@@ -81,7 +84,8 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], sampling: SamplingCon
 def evaluate_on_task(policy, tokenizer, task: str, sampling: SamplingConfig, *, chat: bool = False,
                      split: str = "test", num_prompts: int = 200, samples_per_prompt: int = 1,
                      seed: int = 1234, batch_size: int = 64, success_at: float | None = None,
-                     reference=None, proxy=None) -> tuple[dict, list[dict]]:
+                     reference=None, proxy=None,
+                     workers: WorkersConfig | None = None) -> tuple[dict, list[dict]]:
     """:func:`evaluate_policy` on the first ``num_prompts`` prompts of a built-in task's
     ``split`` (each ``samples_per_prompt`` times), scored by its gold reward and ``proxy``."""
     from alignkit.engine.scoring import GoldReward
@@ -91,11 +95,12 @@ def evaluate_on_task(policy, tokenizer, task: str, sampling: SamplingConfig, *, 
     sources = {"gold_reward": gold, **({"proxy_reward": proxy} if proxy is not None else {})}
     return evaluate_policy(policy, tokenizer, prompts, sampling, chat=chat, seed=seed,
                            batch_size=batch_size, sources=sources, success_at=success_at,
-                           reference=reference)
+                           reference=reference, workers=workers)
 
 
 def win_rate(judge_cfg, baseline, tokenizer, rows: list[dict], sampling: SamplingConfig, *,
-             chat: bool, seed: int, batch_size: int = 64) -> dict:
+             chat: bool, seed: int, batch_size: int = 64,
+             workers: WorkersConfig | None = None) -> dict:
     """The win rate of the responses in ``rows`` (``prompt``, ``response``) against a baseline
     policy's on the same prompts (same seed), judged pairwise by the judge of ``judge_cfg``
     (AlpacaEval-style, Li et al. 2023): ``win_rate_{mean,std,sem}`` of the judge's probability
@@ -107,7 +112,7 @@ def win_rate(judge_cfg, baseline, tokenizer, rows: list[dict], sampling: Samplin
     prompts = [r["prompt"] for r in rows]
     baseline.eval()
     _, theirs = sample_texts(baseline, tokenizer, prompts, sampling, chat=chat, seed=seed,
-                             batch_size=batch_size)
+                             batch_size=batch_size, workers=workers)
     judgements = PairwiseJudge(judge_cfg).judge(prompts, [r["response"] for r in rows], theirs)
     for row, other, j in zip(rows, theirs, judgements):
         row["baseline_response"], row["win_prob"] = other, j.prob_a

@@ -10,6 +10,9 @@ The backend that draws is chosen by ``SamplingConfig.engine`` from :data:`BACKEN
 registry of sampling engines: ``hf``, alignkit's batched KV-cache decoder for any Hugging Face
 causal LM (:func:`alignkit.engine.generation.generate`). Another engine is one entry there with
 the same contract; no stage changes.
+
+Where the backend runs is the ``workers`` argument (a stage's ``workers`` section): in this
+process, or on Ray actors that each sample chunks of the rows (:mod:`alignkit.engine.workers`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from alignkit.engine.generation import Rollout, generate, row_seeds, seeds_from
 from alignkit.engine.vllm_engine import sample_vllm
+from alignkit.engine.workers import WorkersConfig, run as run_workers
 
 
 class SamplingBackend(Protocol):
@@ -86,14 +90,17 @@ class SamplingConfig:
 
 def sample(model, prompt_ids: list[list[int]], cfg: SamplingConfig, *, eos_token_id: int,
            pad_token_id: int, generator: torch.Generator | None = None, seed: int | None = None,
-           batch_size: int | None = None) -> Rollout:
+           batch_size: int | None = None, workers: WorkersConfig | None = None) -> Rollout:
     """One response per prompt (token ids), drawn by the backend ``cfg.engine``. Row ``i`` is
     seeded with ``row_seeds(seed, n)[i]``; without ``seed``, the base seed is one draw of
-    ``generator`` (a stage that checkpoints its generator resumes with the same draws)."""
+    ``generator`` (a stage that checkpoints its generator resumes with the same draws).
+    ``workers``: where the backend runs, in this process (default) or on Ray actors
+    (:mod:`alignkit.engine.workers`); the rows and their seeds are the same either way."""
     n = len(prompt_ids)
     seeds = row_seeds(seed, n) if seed is not None else seeds_from(generator, n)
-    return BACKENDS[cfg.engine](model, prompt_ids, cfg, eos_token_id=eos_token_id,
-                                pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size)
+    return run_workers(model, prompt_ids, cfg, eos_token_id=eos_token_id,
+                       pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size,
+                       workers=workers)
 
 
 def encode_prompts(prompts: list[str], tokenizer, chat: bool) -> list[list[int]]:
@@ -106,22 +113,25 @@ def encode_prompts(prompts: list[str], tokenizer, chat: bool) -> list[list[int]]
 
 @torch.no_grad()
 def sample_texts(model, tokenizer, prompts: list[str], cfg: SamplingConfig, *, chat: bool,
-                 seed: int, batch_size: int = 64) -> tuple[Rollout, list[str]]:
+                 seed: int, batch_size: int = 64,
+                 workers: WorkersConfig | None = None) -> tuple[Rollout, list[str]]:
     """One response per prompt text (a user turn with ``chat``), row ``i`` seeded with
     ``row_seeds(seed, n)[i]``; returns the rollout and the decoded responses."""
     ids = encode_prompts(prompts, tokenizer, chat)
     rollout = sample(model, ids, cfg, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id, seed=seed, batch_size=batch_size)
+                     pad_token_id=tokenizer.pad_token_id, seed=seed, batch_size=batch_size,
+                     workers=workers)
     return rollout, rollout.decode(tokenizer)
 
 
 def sample_pairs(model, tokenizer, prompts: list[str], cfg: SamplingConfig, *, chat: bool,
-                 seed: int, batch_size: int = 64) -> list[dict]:
+                 seed: int, batch_size: int = 64,
+                 workers: WorkersConfig | None = None) -> list[dict]:
     """Two responses per prompt, ``{"prompt", "response_a", "response_b"}``: the pairs that
     annotators, judges or a reward source then label."""
     doubled = [p for p in prompts for _ in range(2)]
     _, texts = sample_texts(model, tokenizer, doubled, cfg, chat=chat, seed=seed,
-                            batch_size=batch_size)
+                            batch_size=batch_size, workers=workers)
     return [{"prompt": p, "response_a": texts[2 * i], "response_b": texts[2 * i + 1]}
             for i, p in enumerate(prompts)]
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from alignkit.config import require
 from alignkit.engine.sampling import SamplingConfig
+from alignkit.engine.workers import WorkersConfig
 from alignkit.tracking import TrackingConfig
 
 
@@ -44,6 +45,7 @@ class Config(TrackingConfig):
     seed: int = 1234
     out_dir: str = "runs/bon"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling runs: local | ray
 
     def __post_init__(self):
         require(bool(self.policy), "policy is required (path of a causal LM)")
@@ -148,7 +150,7 @@ def main(cfg: Config) -> dict:
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval()
     repeated = [p for p in prompts for _ in range(m)]
     _, responses = sample_texts(policy, tokenizer, repeated, cfg.sampling, chat=cfg.chat,
-                                seed=cfg.seed, batch_size=cfg.batch_size)
+                                seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers)
     flat = score_samples(repeated, responses, cfg)
     scores = {k: np.asarray(v, dtype=np.float64).reshape(len(prompts), m) for k, v in flat.items()}
 

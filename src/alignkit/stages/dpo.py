@@ -27,6 +27,7 @@ from alignkit.engine.models import LoraSpec
 from alignkit.engine.sampling import SamplingConfig
 from alignkit.engine.training import (LoopConfig, OptimConfig, final_model, make_accelerator, train,
                                       use_packing)
+from alignkit.engine.workers import WorkersConfig
 from alignkit.tracking import TrackingConfig
 
 
@@ -69,6 +70,7 @@ class Config(TrackingConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=10))
     train: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling runs: local | ray
     online: OnlineConfig = field(default_factory=OnlineConfig)
 
     def __post_init__(self):
@@ -103,7 +105,7 @@ def make_eval(cfg: Config, tokenizer, reference):
     def eval_fn(model) -> dict:
         metrics, _ = evaluate_on_task(model, tokenizer, cfg.eval.task, cfg.eval.sampling,
                                       chat=cfg.eval.chat, num_prompts=cfg.eval.num_prompts,
-                                      reference=reference)
+                                      reference=reference, workers=cfg.workers)
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     return eval_fn
@@ -213,12 +215,14 @@ def round_prompts(prompts: list[str], r: int, n: int) -> list[str]:
 
 
 def sample_and_label(policy, tokenizer, prompts: list[str], labeler, sampling, chat: bool,
-                     seed: int, model_name: str) -> tuple[list[dict], int]:
+                     seed: int, model_name: str,
+                     workers: WorkersConfig | None = None) -> tuple[list[dict], int]:
     """Two samples per prompt, labelled; returns the preference records and the number of pairs
     sampled. A pair with an empty or duplicated response carries no preference and is skipped."""
     from alignkit.engine.sampling import informative_pairs, sample_pairs
 
-    pairs = sample_pairs(policy, tokenizer, prompts, sampling, chat=chat, seed=seed)
+    pairs = sample_pairs(policy, tokenizer, prompts, sampling, chat=chat, seed=seed,
+                         workers=workers)
     kept = informative_pairs(pairs)
     records = labeler([p["prompt"] for p in kept], [p["response_a"] for p in kept],
                       [p["response_b"] for p in kept])
@@ -263,7 +267,7 @@ def run_online(cfg: Config) -> dict:
         else:
             records, n_sampled = sample_and_label(
                 policy, tokenizer, round_prompts(prompts, r, on.prompts_per_round), labeler,
-                on.sampling, cfg.eval.chat, cfg.train.seed + 1000 * r, policy_path)
+                on.sampling, cfg.eval.chat, cfg.train.seed + 1000 * r, policy_path, cfg.workers)
             if not records:
                 raise ValueError(f"online round {r}: none of {n_sampled} sampled pairs was labelled "
                                  "(empty, identical or tied responses); sample longer responses "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from alignkit.config import require
 from alignkit.engine.sampling import SamplingConfig
+from alignkit.engine.workers import WorkersConfig
 from alignkit.tracking import TrackingConfig
 
 
@@ -42,6 +43,7 @@ class Config(TrackingConfig):
     success_at: float | None = None   # also report gold_success: the share of gold >= this
     out_dir: str = "runs/eval"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling runs: local | ray
 
     def __post_init__(self):
         require(bool(self.policy), "policy is required (path of a causal LM)")
@@ -87,14 +89,15 @@ def main(cfg: Config) -> dict:
                for _ in range(cfg.samples_per_prompt)]
     metrics, rows = evaluate_policy(policy, tokenizer, prompts, cfg.sampling, chat=cfg.chat,
                                     seed=cfg.seed, batch_size=cfg.batch_size, sources=sources,
-                                    success_at=cfg.success_at, reference=reference)
+                                    success_at=cfg.success_at, reference=reference,
+                                    workers=cfg.workers)
     if cfg.baseline:
         from alignkit.engine.judges import load_judge_config
 
         baseline = load_causal_lm(cfg.baseline, tokenizer=tokenizer)
         metrics.update(win_rate(load_judge_config(cfg.judge), baseline, tokenizer, rows,
                                 cfg.sampling, chat=cfg.chat, seed=cfg.seed,
-                                batch_size=cfg.batch_size))
+                                batch_size=cfg.batch_size, workers=cfg.workers))
     write_jsonl(Path(cfg.out_dir) / "samples.jsonl", rows)
     tracker.log(0, {k: v for k, v in metrics.items() if not isinstance(v, str)})
     return tracker.finish(metrics)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from alignkit.config import require
 from alignkit.engine.sampling import SamplingConfig
+from alignkit.engine.workers import WorkersConfig
 from alignkit.tracking import TrackingConfig
 
 
@@ -46,6 +47,7 @@ class Config(TrackingConfig):
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling runs: local | ray
 
     def __post_init__(self):
         require(bool(self.policy), "policy is required (path of a causal LM)")
@@ -73,7 +75,7 @@ def main(cfg: Config) -> dict:
         prompts = [p for p in task.prompts("train" if split == "train" else "test", n)
                    for _ in range(cfg.pairs_per_prompt)]
         sampled = sample_pairs(policy, tokenizer, prompts, cfg.sampling, chat=cfg.chat, seed=seed,
-                               batch_size=cfg.batch_size)
+                               batch_size=cfg.batch_size, workers=cfg.workers)
         # A pair with an empty or duplicated response carries no preference; data files refuse it.
         pairs = informative_pairs(sampled)
         summary[f"{split}_skipped_pairs"] = len(sampled) - len(pairs)

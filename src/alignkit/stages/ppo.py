@@ -40,6 +40,7 @@ from alignkit.engine.rl.rollout import (GeneratorState, RolloutConfig, RunningMo
                                         training_scores)
 from alignkit.engine.rl.update import explained_variance, make_optimizers, masked_mean, optimise
 from alignkit.engine.sampling import SamplingConfig
+from alignkit.engine.workers import WorkersConfig
 from alignkit.engine.training import OptimConfig
 from alignkit.math.advantages import AdaptiveKLController, FixedKLController, sequence_kl
 from alignkit.tracking import TrackingConfig
@@ -71,6 +72,7 @@ class Config(TrackingConfig):
     value_init: Literal["policy", "reward"] = "policy"
     lora: LoraSpec = field(default_factory=LoraSpec)  # the adapters of roles=shared
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling runs: local | ray
     kl: KLConfig = field(default_factory=KLConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -115,7 +117,7 @@ def _evaluate(roles, tokenizer, cfg: Config) -> tuple[dict, list[dict]]:
                             split=e.split, num_prompts=e.num_prompts,
                             samples_per_prompt=e.samples_per_prompt, seed=e.seed,
                             batch_size=e.batch_size, success_at=e.success_at,
-                            reference=roles.reference, proxy=roles.reward)
+                            reference=roles.reference, proxy=roles.reward, workers=cfg.workers)
 
 
 def _initial_eval(roles, tokenizer, cfg: Config, out: Path) -> dict:
@@ -155,7 +157,8 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
     rows = [i for i in chosen for _ in range(k)]   # k consecutive samples per prompt
     sampled = collect(roles, [ids[i] for i in rows], [texts[i] for i in rows], tokenizer,
                       cfg.rollout.sampling, state.rng.generator, batch_size=cfg.rollout.batch_size,
-                      gold=gold, recompute_logps=not cfg.rollout.reuse_sampling_logps, pack=pack)
+                      gold=gold, recompute_logps=not cfg.rollout.reuse_sampling_logps, pack=pack,
+                      workers=cfg.workers)
     exp = sampled.experience
     finished = exp.rollout.finished
     scores = training_scores(sampled.proxy, finished, cfg.score, state.moments)

@@ -43,6 +43,7 @@ from alignkit.engine.rl.filtering import FilterConfig, select
 from alignkit.engine.rl.guard import GuardConfig, GuardDecision, HackingGuard
 from alignkit.engine.sampling import SamplingConfig, sample_texts
 from alignkit.engine.training import LoopConfig, OptimConfig
+from alignkit.engine.workers import WorkersConfig
 from alignkit.tracking import TrackingConfig
 
 
@@ -111,6 +112,7 @@ class Config(TrackingConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling runs: local | ray
 
     def __post_init__(self):
         require(bool(self.model), "model is required (path of the SFT policy)")
@@ -129,13 +131,13 @@ class Config(TrackingConfig):
 
 
 def grow(policy, tokenizer, prompts: list[str], cfg: GrowConfig, *, chat: bool, seed: int,
-         reward, inspect: dict | None = None) -> list[dict]:
+         reward, inspect: dict | None = None, workers: WorkersConfig | None = None) -> list[dict]:
     """The grown set: one record per sample, ``N`` consecutive samples per prompt, with the
     ``reward`` that filtering reads and, for inspection only, the scores of ``inspect`` sources."""
     repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     policy.eval()
     rollout, responses = sample_texts(policy, tokenizer, repeated, cfg.sampling, chat=chat,
-                                      seed=seed, batch_size=cfg.batch_size)
+                                      seed=seed, batch_size=cfg.batch_size, workers=workers)
     rows = [{"prompt": p, "response": r, "reward": s, "finished": bool(f),
              "sample": j % cfg.samples_per_prompt}
             for j, (p, r, s, f) in enumerate(zip(repeated, responses, reward(repeated, responses),
@@ -277,7 +279,8 @@ def evaluate(policy, reference, tokenizer, prompts: list[str], cfg: Config,
                            batch_size=e.batch_size,
                            sources={k: v for k, v in sources.items() if v is not None},
                            success_at=e.success_at,
-                           reference=reference if policy is not reference else None)
+                           reference=reference if policy is not reference else None,
+                           workers=cfg.workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,7 +410,7 @@ def _grown(cfg: Config, g: int, policy_path: str, tokenizer, prompts: list[str],
     inspect = {name: src for name, src in (("gold_reward", judges.gold), ("heldout_reward", judges.heldout))
                if src is not None and src.name != judges.proxy.name}
     rows = grow(policy, tokenizer, prompts, cfg.grow, chat=cfg.chat, seed=cfg.grow.seed + g,
-                reward=judges.proxy, inspect=inspect)
+                reward=judges.proxy, inspect=inspect, workers=cfg.workers)
     for r in rows:
         r["grow"] = g
     save_grown(rows, path)

@@ -26,6 +26,7 @@ import torch
 from alignkit.config import require
 from alignkit.engine.generation import Rollout, rollout_logps
 from alignkit.engine.sampling import SamplingConfig, sample
+from alignkit.engine.workers import WorkersConfig
 
 
 @dataclass(frozen=True)
@@ -108,18 +109,20 @@ class Sampled:
 
 def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
             sampling: SamplingConfig, generator: torch.Generator, *, batch_size: int,
-            gold=None, recompute_logps: bool = True, pack: bool | str = False) -> Sampled:
+            gold=None, recompute_logps: bool = True, pack: bool | str = False,
+            workers: WorkersConfig | None = None) -> Sampled:
     """Sample one response per prompt row, score it, and run the no-grad forwards.
 
     ``recompute_logps=False`` takes the log-probs recorded while sampling as the old policy's
     (one policy forward fewer); ``logprob_gap_max`` is then NaN here and the caller measures the
     gap on its first training forward. ``pack``: the forwards on the real tokens only
-    (:func:`~alignkit.engine.generation.rollout_logps`)."""
+    (:func:`~alignkit.engine.generation.rollout_logps`). ``workers``: where the sampling runs
+    (the policy's current weights are sent to the actors when they changed)."""
     roles.train(False)
     start = time.perf_counter()
     rollout = sample(roles.policy, prompt_ids, sampling, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id, generator=generator,
-                     batch_size=batch_size)
+                     batch_size=batch_size, workers=workers)
     seconds = time.perf_counter() - start
     responses = rollout.decode(tokenizer)
     proxy = torch.tensor(roles.reward(prompts, responses), dtype=torch.float32)

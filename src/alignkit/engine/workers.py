@@ -1,0 +1,419 @@
+"""Where sampling runs: in this process (``local``) or on a pool of Ray actors (``ray``).
+
+Every stage samples through :func:`alignkit.engine.sampling.sample` (or ``sample_texts`` /
+``sample_pairs`` on top of it), which derives one seed per prompt row and hands the call to the
+backend of :data:`WORKER_BACKENDS` named by ``WorkersConfig.backend``. Stages pass their
+``workers`` section down as a value and never see Ray.
+
+``ray``: the rows of a call are cut into the chunks the local backend makes (``batch_size`` rows
+each, in order); each chunk goes to a free actor, which runs the sampling backend
+``BACKENDS[sampling.engine]`` on its own copy of the model, and the results are put back in chunk
+order. A row's draw depends only on its prompt, its seed and the weights (the contract of
+:data:`~alignkit.engine.sampling.BACKENDS`), and every chunk holds the same rows as locally, so a
+run on N actors returns the same tensors as the local backend.
+
+The learner stays in the driver; actors hold copies of its model. The first call with a model
+sends the whole module through the object store (one ``ray.put``; each actor deserialises its
+own copy); later calls compare the parameters' and buffers' version counters (every in-place
+update, e.g. an optimiser step or ``load_state_dict``, bumps them) with those of the last sync
+and, when they changed, broadcast the state dict once (one ``ray.put`` of numpy arrays, read by
+the actors of a node from shared memory without a copy) for each actor to load. A write through
+``tensor.data`` does not bump the counter: call :func:`weights_changed` after one.
+
+An actor that dies mid-call (its process killed, its node lost) is noticed when its chunk's result
+is collected (``RayActorError``, or ``OutOfMemoryError`` when Ray's memory monitor killed it): a
+replacement is started, loads the current weights, and the chunk is dispatched again; every
+chunk's result is kept once, by its index, so nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from alignkit.config import require
+from alignkit.engine.generation import Rollout
+
+_ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5})$")
+
+
+class WorkerBackend(Protocol):
+    def __call__(self, model, prompt_ids: list[list[int]], cfg, *, eos_token_id: int,
+                 pad_token_id: int, seeds: list[int], batch_size: int | None,
+                 workers: WorkersConfig) -> Rollout: ...
+
+
+def _local(model, prompt_ids, cfg, *, eos_token_id, pad_token_id, seeds, batch_size, workers):
+    """The sampling backend in this process, on all rows at once (it chunks by ``batch_size``)."""
+    from alignkit.engine.sampling import BACKENDS
+
+    return BACKENDS[cfg.engine](model, prompt_ids, cfg, eos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size)
+
+
+def _ray(model, prompt_ids, cfg, *, eos_token_id, pad_token_id, seeds, batch_size, workers):
+    """The rows' chunks on the actors of the Ray pool of ``workers``."""
+    return pool(workers).sample(model, prompt_ids, cfg, eos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size)
+
+
+WORKER_BACKENDS: dict[str, WorkerBackend] = {"local": _local, "ray": _ray}
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """Where sampling runs (see the module docstring).
+
+    ``address`` (ray): ``auto`` joins the cluster named by ``RAY_ADDRESS`` or the one ``ray start``
+    runs on this machine, else starts one in this process; ``local`` always starts one in this
+    process; ``HOST:PORT`` (or ``ray://HOST:PORT``, Ray Client) joins that cluster's head.
+    """
+
+    backend: str = "local"
+    num: int = 2                    # actors (ray)
+    address: str = "auto"
+    cpus_per_worker: float = 1.0    # Ray CPUs each actor reserves
+    threads: int = 1                # torch threads in each actor
+    gpus_per_worker: float = 0.0    # > 0: each actor reserves that share of a GPU and samples on it
+    max_restarts: int = 4           # actors replaced within one call before it fails
+
+    def __post_init__(self):
+        require(self.backend in WORKER_BACKENDS,
+                f"workers.backend must be one of {sorted(WORKER_BACKENDS)}, got {self.backend!r}")
+        require(_is_int(self.num) and self.num >= 1, f"workers.num must be an int >= 1, got {self.num!r}")
+        require(isinstance(self.address, str) and bool(_ADDRESS.match(self.address)),
+                f"workers.address must be auto, local or HOST:PORT, got {self.address!r}")
+        require(_is_num(self.cpus_per_worker) and self.cpus_per_worker >= 0,
+                f"workers.cpus_per_worker must be a number >= 0, got {self.cpus_per_worker!r}")
+        require(_is_int(self.threads) and self.threads >= 1,
+                f"workers.threads must be an int >= 1, got {self.threads!r}")
+        require(_is_num(self.gpus_per_worker) and self.gpus_per_worker >= 0,
+                f"workers.gpus_per_worker must be a number >= 0, got {self.gpus_per_worker!r}")
+        require(_is_int(self.max_restarts) and self.max_restarts >= 0,
+                f"workers.max_restarts must be an int >= 0, got {self.max_restarts!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
+def run(model, prompt_ids: list[list[int]], cfg, *, eos_token_id: int, pad_token_id: int,
+        seeds: list[int], batch_size: int | None, workers: WorkersConfig | None) -> Rollout:
+    """Sample ``prompt_ids`` (row ``i`` with seed ``seeds[i]``) where ``workers`` says."""
+    workers = workers or WorkersConfig()
+    return WORKER_BACKENDS[workers.backend](model, prompt_ids, cfg, eos_token_id=eos_token_id,
+                                            pad_token_id=pad_token_id, seeds=seeds,
+                                            batch_size=batch_size, workers=workers)
+
+
+# ----------------------------------------------------------------------------- chunks
+
+
+def chunk_bounds(n: int, batch_size: int | None) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each chunk of ``n`` rows: ``batch_size`` rows each, in order (one
+    chunk of all rows without a ``batch_size``), as the local backend cuts them."""
+    step = batch_size or n
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout of ``parts`` in order, as the local backend builds it from its chunks:
+    prompts left-padded to the widest, responses right-padded to the longest."""
+    width = max(p.prompt_ids.size(1) for p in parts)
+    length = max(p.response_ids.size(1) for p in parts)
+    F = torch.nn.functional
+
+    def cat(name, value, left):
+        return torch.cat([F.pad(t := getattr(p, name),
+                                (width - t.size(1), 0) if left else (0, length - t.size(1)),
+                                value=value) for p in parts])
+
+    return Rollout(prompt_ids=cat("prompt_ids", pad_token_id, True),
+                   prompt_mask=cat("prompt_mask", 0, True),
+                   response_ids=cat("response_ids", pad_token_id, False),
+                   response_mask=cat("response_mask", 0, False), logps=cat("logps", 0.0, False),
+                   finished=torch.cat([p.finished for p in parts]))
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def weights_version(model) -> tuple[int, ...]:
+    """The version counters of ``model``'s parameters and buffers: any in-place write through
+    autograd-visible ops (optimiser steps, ``copy_``, ``load_state_dict``) changes them."""
+    return tuple(t._version for t in (*model.parameters(), *model.buffers()))
+
+
+def weights_changed(model) -> None:
+    """Tell the pools that ``model``'s weights changed by a write they cannot see (``.data``)."""
+    with torch.no_grad():
+        for t in model.parameters():
+            t.add_(0)   # bumps the version counter, values unchanged
+
+
+def state_arrays(model) -> dict[str, tuple[str, object]]:
+    """``name -> (dtype, numpy array)`` of ``model``'s state dict on the CPU; dtypes numpy lacks
+    (bfloat16) travel as the same bits in an integer array. Numpy arrays go through Ray's object
+    store without a copy on the reading side."""
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        try:
+            out[name] = (str(t.dtype), t.numpy())
+        except TypeError:
+            out[name] = (str(t.dtype), t.view(_same_width_int(t.dtype)).numpy())
+    return out
+
+
+def _same_width_int(dtype: torch.dtype) -> torch.dtype:
+    return {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+
+
+def load_state_arrays(model, arrays: dict[str, tuple[str, object]]) -> None:
+    """Load what :func:`state_arrays` made into ``model`` (in place, strict)."""
+    import warnings
+
+    state = {}
+    with warnings.catch_warnings():   # object-store arrays are read-only; load_state_dict copies
+        warnings.simplefilter("ignore", UserWarning)
+        for name, (dtype, array) in arrays.items():
+            t = torch.from_numpy(array)
+            want = getattr(torch, dtype.removeprefix("torch."))
+            state[name] = t if t.dtype == want else t.view(want)
+        model.load_state_dict(state, strict=True)
+
+
+def _cpu_module(model):
+    """What the first sync sends: the module itself, or a CPU copy of one on another device."""
+    devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
+    if devices <= {"cpu"}:
+        return model
+    import copy
+
+    return copy.deepcopy(model).cpu()
+
+
+# ----------------------------------------------------------------------------- the actor
+
+
+class SamplerActor:
+    """One Ray actor: a copy of the policy and the sampling backends (its methods run remotely)."""
+
+    def __init__(self, threads: int, use_gpu: bool):
+        torch.set_num_threads(threads)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = None
+        self.version = -1
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def ping(self) -> int:
+        return self.version
+
+    def load_module(self, module, version: int) -> int:
+        self.model = module.to(self.device)
+        self.version = version
+        return version
+
+    def load_weights(self, arrays, version: int) -> int:
+        load_state_arrays(self.model, arrays)
+        self.version = version
+        return version
+
+    def sample(self, version: int, training: bool, prompt_ids, cfg, eos_token_id: int,
+               pad_token_id: int, seeds: list[int], batch_size: int | None) -> Rollout:
+        from alignkit.engine.sampling import BACKENDS
+
+        if version != self.version:
+            raise RuntimeError(f"sampler actor holds weights v{self.version}, the call needs v{version}")
+        self.model.train(training)
+        rollout = BACKENDS[cfg.engine](self.model, prompt_ids, cfg, eos_token_id=eos_token_id,
+                                       pad_token_id=pad_token_id, seeds=seeds,
+                                       batch_size=batch_size)
+        return Rollout(**{f: getattr(rollout, f).cpu() for f in (
+            "prompt_ids", "prompt_mask", "response_ids", "response_mask", "logps", "finished")})
+
+
+# ----------------------------------------------------------------------------- the pool
+
+
+@dataclass
+class PoolStats:
+    """What the last call cost (seconds) and did; read by the benchmarks."""
+
+    chunks: int = 0
+    restarts: int = 0
+    sync_seconds: float = 0.0       # ray.put + every actor loaded (0 when the weights were current)
+    sync_kind: str = ""             # "module", "weights" or "" (none)
+    sample_seconds: float = 0.0     # dispatch to the last chunk's result deserialised
+    restarts_total: int = 0
+
+
+def _dead_actor_errors() -> tuple[type[Exception], ...]:
+    """What a call on an actor raises when the actor's process is gone: killed or crashed
+    (``RayActorError``, ``WorkerCrashedError``), or killed by Ray's memory monitor
+    (``OutOfMemoryError``)."""
+    from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
+
+    return RayActorError, WorkerCrashedError, OutOfMemoryError
+
+
+class RayPool:
+    """``workers.num`` :class:`SamplerActor` s on a Ray cluster (joined or started on first use)."""
+
+    def __init__(self, workers: WorkersConfig):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=None if workers.address == "auto" else workers.address,
+                     include_dashboard=False, log_to_driver=False)
+        self.workers = workers
+        self._remote = ray.remote(SamplerActor).options(
+            num_cpus=workers.cpus_per_worker, num_gpus=workers.gpus_per_worker)
+        self.actors = [self._start() for _ in range(workers.num)]
+        self._model = None            # weakref to the model the actors hold
+        self._seen: tuple[int, ...] | None = None
+        self.version = -1
+        self._module_ref = self._weights_ref = None
+        self.stats = PoolStats()
+
+    def _start(self):
+        return self._remote.remote(self.workers.threads, self.workers.gpus_per_worker > 0)
+
+    def pids(self) -> list[int]:
+        import ray
+
+        return ray.get([a.pid.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+    # -- weights
+
+    def _sync(self, model) -> None:
+        """Bring every actor to ``model``'s current weights (a no-op when they hold them)."""
+        import ray
+
+        seen = weights_version(model)
+        same_model = self._model is not None and self._model() is model
+        if same_model and seen == self._seen:
+            self.stats.sync_kind = ""
+            self.stats.sync_seconds = 0.0
+            return
+        start = time.perf_counter()
+        self.version += 1
+        if same_model:
+            self._weights_ref = ray.put(state_arrays(model))
+            loads = [a.load_weights.remote(self._weights_ref, self.version) for a in self.actors]
+            self.stats.sync_kind = "weights"
+        else:
+            self._module_ref, self._weights_ref = ray.put(_cpu_module(model)), None
+            loads = [a.load_module.remote(self._module_ref, self.version) for a in self.actors]
+            self._model = weakref.ref(model)
+            self.stats.sync_kind = "module"
+        self._seen = seen
+        for i, ref in enumerate(loads):
+            try:
+                ray.get(ref)
+            except _dead_actor_errors():   # died since the last call: a replacement loads the same
+                self._replace(i)
+        self.stats.sync_seconds = time.perf_counter() - start
+
+    def _replace(self, i: int) -> None:
+        """A new actor in slot ``i`` holding the current weights (its calls queue behind the loads)."""
+        import ray
+
+        try:
+            ray.kill(self.actors[i], no_restart=True)
+        except Exception:   # already gone
+            pass
+        actor = self._start()
+        if self._weights_ref is None:
+            actor.load_module.remote(self._module_ref, self.version)
+        else:
+            actor.load_module.remote(self._module_ref, -1)
+            actor.load_weights.remote(self._weights_ref, self.version)
+        self.actors[i] = actor
+
+    # -- sampling
+
+    def sample(self, model, prompt_ids, cfg, *, eos_token_id: int, pad_token_id: int,
+               seeds: list[int], batch_size: int | None) -> Rollout:
+        import ray
+
+        rows = [[int(t) for t in r] for r in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor)
+                                               else prompt_ids)]
+        if len(seeds) != len(rows):
+            raise ValueError(f"{len(seeds)} seeds for {len(rows)} prompt rows")
+        self._sync(model)
+        bounds = chunk_bounds(len(rows), batch_size)
+        start = time.perf_counter()
+        results: list[Rollout | None] = [None] * len(bounds)
+        queue = collections.deque(range(len(bounds)))
+        idle = collections.deque(range(len(self.actors)))
+        pending = {}
+        restarts = 0
+        while queue or pending:
+            while queue and idle:
+                a, c = idle.popleft(), queue.popleft()
+                lo, hi = bounds[c]
+                ref = self.actors[a].sample.remote(self.version, model.training, rows[lo:hi], cfg,
+                                                   eos_token_id, pad_token_id, seeds[lo:hi],
+                                                   batch_size)
+                pending[ref] = (a, c)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                a, c = pending.pop(ref)
+                try:
+                    results[c] = ray.get(ref)
+                except _dead_actor_errors() as error:
+                    restarts += 1
+                    if restarts > self.workers.max_restarts:
+                        raise RuntimeError(f"sampling workers died {restarts} times in one call "
+                                           f"(workers.max_restarts={self.workers.max_restarts}); "
+                                           f"last: {error}") from error
+                    print(f"[workers] actor {a} died ({type(error).__name__}); starting a "
+                          f"replacement and sampling its chunk {c} again", flush=True)
+                    self._replace(a)
+                    queue.appendleft(c)
+                idle.append(a)
+        self.stats.chunks, self.stats.restarts = len(bounds), restarts
+        self.stats.restarts_total += restarts
+        self.stats.sample_seconds = time.perf_counter() - start
+        return concat_rollouts(results, pad_token_id)
+
+
+_POOLS: dict[WorkersConfig, RayPool] = {}
+
+
+def pool(workers: WorkersConfig) -> RayPool:
+    """The process's pool for ``workers`` (started on first use, kept for later calls)."""
+    import ray
+
+    if _POOLS and not ray.is_initialized():   # Ray was shut down: its actors are gone
+        _POOLS.clear()
+    if workers not in _POOLS:
+        _POOLS[workers] = RayPool(workers)
+    return _POOLS[workers]
+
+
+def shutdown_pools() -> None:
+    """Stop the actors of every pool of this process (Ray itself stays up)."""
+    while _POOLS:
+        _POOLS.popitem()[1].shutdown()
