@@ -36,8 +36,14 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
+# The harness against TRL, then the engines: sampling on vLLM (in-process engine) and Ray workers
+# (Ray listens on every interface: it runs in a loopback-only network namespace, as root).
+# bench/sharded.py (0.5B model, ~12 GB per process, ~35 min) runs on its own: bench/README.md.
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+	$(PY) bench/vllm_sampling.py --out bench/results/vllm-sampling-latest.json
+	unshare -n sh -c 'ip link set lo up; exec $(PY) bench/ray_workers.py --out bench/results/ray-workers-latest.json'
+
 
 clean:
 	rm -rf $(VENV) runs
