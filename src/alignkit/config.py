@@ -27,7 +27,7 @@ def _parse_scalar(text: str, key: str) -> Any:
     try:
         value = yaml.safe_load(text)
         cyclic = _cyclic(value)
-    except (yaml.YAMLError, ValueError):
+    except (yaml.YAMLError, ValueError, KeyError):  # KeyError: "!!bool maybe" (no such boolean)
         return text
     except RecursionError:
         raise ConfigError(f"override {key!r}: the value is nested too deeply") from None

@@ -48,6 +48,11 @@ def trainer_prompt_logps(model, ids):
 
 @pytest.fixture(scope="module")
 def policy():
+    # Flask (imported by `alignkit serve` and the annotation app) holds proxies whose attribute
+    # lookups raise outside an app context; vLLM's start-up probes every module global, and the
+    # engine must start all the same (_unprobeable_globals_hidden).
+    import flask  # noqa: F401
+
     threads = torch.get_num_threads()
     affinity = os.sched_getaffinity(0)
     set_num_threads = torch.set_num_threads
@@ -244,3 +249,25 @@ def test_an_engine_that_cannot_start_names_the_setting_and_the_next_one_starts(p
     engine = ve.engine_for(model, kv_cache_gib=0.25)
     seq = [1, 5, 6, 7, 8, 9]
     assert (engine.prompt_logps(seq) - trainer_prompt_logps(model, seq)).abs().max() <= TOL
+
+
+def test_globals_that_cannot_be_probed_are_hidden_only_while_the_engine_starts():
+    import sys
+    import types
+
+    class Unbound:
+        def __getattribute__(self, name):
+            raise RuntimeError("working outside of a context")
+
+    module = types.ModuleType("alignkit_test_unprobeable")
+    module.proxy, module.plain = Unbound(), 3
+    sys.modules[module.__name__] = module
+    try:
+        proxy = module.__dict__["proxy"]
+        with ve._unprobeable_globals_hidden():
+            assert module.__dict__["proxy"] is None and module.plain == 3
+            for value in vars(module).values():
+                hasattr(value, "__dict__")          # what vLLM's kernel scan does: no error
+        assert module.__dict__["proxy"] is proxy and module.plain == 3
+    finally:
+        del sys.modules[module.__name__]

