@@ -98,7 +98,7 @@ def sample(model, prompt_ids: list[list[int]], cfg: SamplingConfig, *, eos_token
     (:mod:`alignkit.engine.workers`); the rows and their seeds are the same either way."""
     n = len(prompt_ids)
     seeds = row_seeds(seed, n) if seed is not None else seeds_from(generator, n)
-    return run_workers(model, prompt_ids, cfg, eos_token_id=eos_token_id,
+    return run_workers(BACKENDS[cfg.engine], model, prompt_ids, cfg, eos_token_id=eos_token_id,
                        pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size,
                        workers=workers)
 

@@ -45,22 +45,25 @@ _ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5})$")
 
 
 class WorkerBackend(Protocol):
-    def __call__(self, model, prompt_ids: list[list[int]], cfg, *, eos_token_id: int,
+    """Runs ``backend`` (a sampling backend, e.g. ``sampling.BACKENDS[cfg.engine]``, handed down by
+    the sampling entry point so that this layer never looks sampling up) on the rows."""
+
+    def __call__(self, backend, model, prompt_ids: list[list[int]], cfg, *, eos_token_id: int,
                  pad_token_id: int, seeds: list[int], batch_size: int | None,
                  workers: WorkersConfig) -> Rollout: ...
 
 
-def _local(model, prompt_ids, cfg, *, eos_token_id, pad_token_id, seeds, batch_size, workers):
+def _local(backend, model, prompt_ids, cfg, *, eos_token_id, pad_token_id, seeds, batch_size,
+           workers):
     """The sampling backend in this process, on all rows at once (it chunks by ``batch_size``)."""
-    from alignkit.engine.sampling import BACKENDS
-
-    return BACKENDS[cfg.engine](model, prompt_ids, cfg, eos_token_id=eos_token_id,
-                                pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size)
+    return backend(model, prompt_ids, cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                   seeds=seeds, batch_size=batch_size)
 
 
-def _ray(model, prompt_ids, cfg, *, eos_token_id, pad_token_id, seeds, batch_size, workers):
+def _ray(backend, model, prompt_ids, cfg, *, eos_token_id, pad_token_id, seeds, batch_size,
+         workers):
     """The rows' chunks on the actors of the Ray pool of ``workers``."""
-    return pool(workers).sample(model, prompt_ids, cfg, eos_token_id=eos_token_id,
+    return pool(workers).sample(backend, model, prompt_ids, cfg, eos_token_id=eos_token_id,
                                 pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size)
 
 
@@ -108,11 +111,13 @@ def _is_num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
 
 
-def run(model, prompt_ids: list[list[int]], cfg, *, eos_token_id: int, pad_token_id: int,
-        seeds: list[int], batch_size: int | None, workers: WorkersConfig | None) -> Rollout:
-    """Sample ``prompt_ids`` (row ``i`` with seed ``seeds[i]``) where ``workers`` says."""
+def run(backend, model, prompt_ids: list[list[int]], cfg, *, eos_token_id: int,
+        pad_token_id: int, seeds: list[int], batch_size: int | None,
+        workers: WorkersConfig | None) -> Rollout:
+    """Sample ``prompt_ids`` (row ``i`` with seed ``seeds[i]``) with the sampling backend
+    ``backend`` where ``workers`` says."""
     workers = workers or WorkersConfig()
-    return WORKER_BACKENDS[workers.backend](model, prompt_ids, cfg, eos_token_id=eos_token_id,
+    return WORKER_BACKENDS[workers.backend](backend, model, prompt_ids, cfg, eos_token_id=eos_token_id,
                                             pad_token_id=pad_token_id, seeds=seeds,
                                             batch_size=batch_size, workers=workers)
 
@@ -232,16 +237,13 @@ class SamplerActor:
         self.version = version
         return version
 
-    def sample(self, version: int, training: bool, prompt_ids, cfg, eos_token_id: int,
+    def sample(self, backend, version: int, training: bool, prompt_ids, cfg, eos_token_id: int,
                pad_token_id: int, seeds: list[int], batch_size: int | None) -> Rollout:
-        from alignkit.engine.sampling import BACKENDS
-
         if version != self.version:
             raise RuntimeError(f"sampler actor holds weights v{self.version}, the call needs v{version}")
         self.model.train(training)
-        rollout = BACKENDS[cfg.engine](self.model, prompt_ids, cfg, eos_token_id=eos_token_id,
-                                       pad_token_id=pad_token_id, seeds=seeds,
-                                       batch_size=batch_size)
+        rollout = backend(self.model, prompt_ids, cfg, eos_token_id=eos_token_id,
+                          pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size)
         return Rollout(**{f: getattr(rollout, f).cpu() for f in (
             "prompt_ids", "prompt_mask", "response_ids", "response_mask", "logps", "finished")})
 
@@ -353,7 +355,7 @@ class RayPool:
 
     # -- sampling
 
-    def sample(self, model, prompt_ids, cfg, *, eos_token_id: int, pad_token_id: int,
+    def sample(self, backend, model, prompt_ids, cfg, *, eos_token_id: int, pad_token_id: int,
                seeds: list[int], batch_size: int | None) -> Rollout:
         import ray
 
@@ -373,7 +375,7 @@ class RayPool:
             while queue and idle:
                 a, c = idle.popleft(), queue.popleft()
                 lo, hi = bounds[c]
-                ref = self.actors[a].sample.remote(self.version, model.training, rows[lo:hi], cfg,
+                ref = self.actors[a].sample.remote(backend, self.version, model.training, rows[lo:hi], cfg,
                                                    eos_token_id, pad_token_id, seeds[lo:hi],
                                                    batch_size)
                 pending[ref] = (a, c)
