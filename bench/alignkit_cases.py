@@ -19,7 +19,8 @@ from common import (CountingCollate, StepClock, load_jsonl, rl_result, sampling_
 
 class ClockTracker:
     """Stands in for ``alignkit.tracking.Tracker``: ``train`` calls ``log`` after every step
-    (``log_every=1``)."""
+    (``log_every=1``). It offers every method a stage calls on a tracker
+    (tests/bench/test_bench_scripts.py checks that against the package's calls)."""
 
     def __init__(self, clock: StepClock):
         self.clock = clock
@@ -29,6 +30,28 @@ class ClockTracker:
 
     def truncate_after(self, step):
         pass
+
+    def progress(self, total, done=0, unit="step"):
+        from alignkit.tracking import Progress
+
+        return Progress(total, "bench", unit, done=done, enabled=False, lines=False)
+
+    def finish(self, metrics):
+        return metrics
+
+
+class ClockRLTracker(ClockTracker):
+    """The RL loop's stand-in (``ppo.main`` makes it as ``Tracker(out, cfg, stage=...)``): one
+    mark per iteration, and the tokens each iteration generated."""
+
+    def __init__(self, clock: StepClock, rows: int):
+        super().__init__(clock)
+        self.rows = rows
+        self.gen_tokens: list[int] = []
+
+    def log(self, step, metrics, echo=True):
+        super().log(step, metrics, echo)
+        self.gen_tokens.append(round(metrics["response_length"] * self.rows))
 
 
 def _loop(spec: dict):
@@ -199,23 +222,8 @@ def _rl(spec, algo: str, roles: str = "separate"):
     p = spec["prompts_per_iter"]
     rows = p * k
     beta = {"grpo": 0.04, "rloo": 0.05, "ppo": 0.05}[algo]
-    clock, gen_tokens = StepClock(), []
-
-    class ClockRLTracker:
-        def __init__(self, *a, **kw):
-            pass
-
-        def log(self, step, metrics, echo=True):
-            clock.mark()
-            gen_tokens.append(round(metrics["response_length"] * rows))
-
-        def truncate_after(self, step):
-            pass
-
-        def finish(self, metrics):
-            return metrics
-
-    tracking.Tracker = ClockRLTracker  # ppo.main imports it from alignkit.tracking at call time
+    tracker = ClockRLTracker(StepClock(), rows)
+    tracking.Tracker = lambda *a, **kw: tracker  # ppo.main imports it from alignkit.tracking at call time
     optim = {"lr": 1e-5, "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0}
     # PPO with separate roles scores with a reward model, as the peer does (the model folder with
     # a fresh score head: a fourth model in memory and a forward per rollout); the shared
@@ -232,7 +240,8 @@ def _rl(spec, algo: str, roles: str = "separate"):
                         "reuse_sampling_logps": spec.get("reuse_logps", False),
                         "sampling": {"max_new_tokens": spec["new_tokens"], "temperature": 1.0,
                                      "top_p": 1.0, "top_k": 0,
-                                     "compile": spec.get("compile", False)}},
+                                     "compile": spec.get("compile", False),
+                                     "engine": spec.get("engine", "hf")}},
             "kl": {"beta": beta},
             "ppo": {"algo": algo, "epochs": spec.get("ppo_epochs", 1), "minibatch_size": rows,
                     "micro_batch_size": spec.get("micro_batch", rows),
@@ -241,7 +250,7 @@ def _rl(spec, algo: str, roles: str = "separate"):
             "seed": spec["seed"], "resume": "never", "tensorboard": False,
             "mixed_precision": "bf16" if spec["precision"] == "bf16" else "no"})
         final = ppo.main(cfg)
-    return {**rl_result(spec, clock, gen_tokens, rows), "roles": roles,
+    return {**rl_result(spec, tracker.clock, tracker.gen_tokens, rows), "roles": roles,
             **{k: v for k, v in final.items() if "memory" in k or "params" in k}}
 
 
@@ -263,4 +272,6 @@ def ppo_shared(spec):
 
 
 CASES = {"sft": sft, "rm": rm, "dpo": dpo, "sample": sample, "grpo": grpo, "rloo": rloo, "ppo": ppo,
-         "ppo_shared": ppo_shared}
+         "ppo_shared": ppo_shared,
+         # the same iterations with rollouts on the vLLM backend (the spec's engine="vllm")
+         "grpo_vllm": grpo, "rloo_vllm": rloo}

@@ -38,7 +38,7 @@ PEERS = {
 }
 PEER_OF_CASE = {"ppo": "trl-ppo"}
 TRAINING = ("sft", "rm", "dpo")
-RL = ("grpo", "rloo", "ppo", "ppo_shared")
+RL = ("grpo", "rloo", "ppo", "ppo_shared", "grpo_vllm", "rloo_vllm")
 ALIGNKIT_ONLY = ("ppo_shared",)  # PPO with roles="shared": compared with alignkit's own `ppo` row
 
 # Per-case sizes. "batch": items per optimiser step (SFT sequences, RM/DPO pairs) or prompts per
@@ -67,6 +67,12 @@ FULL = {
     # glibc's fixed MALLOC_MMAP_THRESHOLD_ for these processes (both sides), so that freed
     # activation buffers go back to the OS and peak RSS tracks live memory; with the default
     # dynamic threshold the heap keeps them and the peak says more about the allocator.
+    # *_vllm: alignkit's rollouts on its vLLM backend (sampling.engine=vllm; the old log-probs
+    # recomputed by the trainer, the gap logged), against TRL's default rows: TRL's own vLLM modes
+    # need CUDA and pin vLLM 0.10.2 (bench/README.md "Sampling on vLLM" (d)). The warm-up
+    # iteration pays the engine's start.
+    "grpo_vllm": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2, engine="vllm"),
+    "rloo_vllm": dict(prompts_per_iter=8, k=4, new_tokens=64, warmup=1, steps=2, engine="vllm"),
     "ppo": dict(prompts_per_iter=16, new_tokens=64, warmup=1, steps=2, ppo_epochs=1, micro_batch=4,
                 mmap_threshold=131072),
     "ppo_shared": dict(prompts_per_iter=16, new_tokens=64, warmup=1, steps=2, ppo_epochs=1,
@@ -79,6 +85,8 @@ QUICK = {
     "sample": dict(batch=4, new_tokens=8, warmup=1, steps=1),
     "grpo": dict(prompts_per_iter=2, k=2, new_tokens=8, warmup=1, steps=1),
     "rloo": dict(prompts_per_iter=2, k=2, new_tokens=8, warmup=1, steps=1),
+    "grpo_vllm": dict(prompts_per_iter=2, k=2, new_tokens=8, warmup=1, steps=1, engine="vllm"),
+    "rloo_vllm": dict(prompts_per_iter=2, k=2, new_tokens=8, warmup=1, steps=1, engine="vllm"),
     "ppo": dict(prompts_per_iter=2, new_tokens=8, warmup=1, steps=1, ppo_epochs=1),
     "ppo_shared": dict(prompts_per_iter=2, new_tokens=8, warmup=1, steps=1, ppo_epochs=1),
 }
@@ -87,11 +95,14 @@ QUICK = {
 FULL_MODELS = {"sft": ["gpt2-40m", "llama-demo"], "rm": ["gpt2-40m", "llama-demo"],
                "dpo": ["gpt2-40m", "llama-demo"], "sample": ["gpt2-40m", "llama-demo"],
                "grpo": ["llama-demo"], "rloo": ["llama-demo"], "ppo": ["llama-demo"],
-               "ppo_shared": ["llama-demo"]}
+               "ppo_shared": ["llama-demo"],
+               # vLLM pays off from the 40M model up on this CPU (its own sampling rows)
+               "grpo_vllm": ["llama-demo", "gpt2-40m"], "rloo_vllm": ["llama-demo", "gpt2-40m"]}
 QUICK_MODELS = {c: ["gpt2-tiny"] if c in TRAINING + ("sample",) else ["llama-demo"] for c in FULL}
 
 TARGETS = {  # from the issue; "ratio" is alignkit / peer throughput at equal precision
     "sft": 1.5, "rm": 1.5, "dpo": 1.5, "grpo": 2.0, "rloo": 2.0, "sample": 3.0,
+    "grpo_vllm": 1.5, "rloo_vllm": 1.5,   # issue #25: against TRL on vLLM (here TRL's default)
 }
 MFU_TARGET = {"fp32": 0.60, "bf16": 0.40}
 

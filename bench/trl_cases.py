@@ -282,4 +282,7 @@ def ppo(spec):
     return rl_result(spec, clock, gen_tokens, p)
 
 
-CASES = {"sft": sft, "rm": rm, "dpo": dpo, "sample": sample, "grpo": grpo, "rloo": rloo, "ppo": ppo}
+CASES = {"sft": sft, "rm": rm, "dpo": dpo, "sample": sample, "grpo": grpo, "rloo": rloo, "ppo": ppo,
+         # alignkit on vLLM against TRL's default: TRL's use_vllm modes need CUDA and vLLM 0.10.2,
+         # which has no CPU build (bench/README.md "Sampling on vLLM" (d))
+         "grpo_vllm": grpo, "rloo_vllm": rloo}

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -195,6 +196,10 @@ class EngineSettings:
     seed: int = 0
 
 
+def _no_chat_warmup_traceback(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Chat template warmup failed")
+
+
 class VLLMEngine:
     """A running ``vllm.LLM`` for one policy model and the version of the weights it holds."""
 
@@ -232,6 +237,9 @@ class VLLMEngine:
         if not _first_threads:
             _first_threads.append(threads)
         set_num_threads(_first_threads[0])
+        # With no tokenizer (token ids in, token ids out) vLLM's chat-template warm-up fails and
+        # logs a full traceback at every start; nothing here renders chat through vLLM.
+        logging.getLogger("vllm.renderers.base").addFilter(_no_chat_warmup_traceback)
         try:
             with _unprobeable_globals_hidden():
                 self.llm = vllm.LLM(
