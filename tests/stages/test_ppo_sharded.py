@@ -143,6 +143,9 @@ def _config(tiny_base, prompt_file, **overrides):
      r"rollout.prompts_per_iteration \(3\) must be a multiple of the number of processes \(2\)"),
     ({"rollout.prompts_per_iteration": 2, "rollout.samples_per_prompt": 3, "ppo.minibatch_size": 3},
      r"ppo.minibatch_size \(3\) must be a multiple of the number of processes \(2\)"),
+    ({"rollout.sampling.engine": "vllm"}, r"2 processes sample with rollout.sampling.engine=hf "
+     r"and workers.backend=local .* got engine=vllm, workers.backend=local"),
+    ({"workers.backend": "ray"}, r"got engine=hf, workers.backend=ray"),
 ])
 def test_rows_that_do_not_split_evenly_are_refused(tiny_base, prompt_file, overrides, match):
     from alignkit.stages import ppo

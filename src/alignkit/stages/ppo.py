@@ -137,8 +137,9 @@ class Config(TrackingConfig):
 
 def check_processes(cfg: Config, world: int) -> None:
     """What a run on ``world`` processes needs: equal shares of whole prompts per process and of
-    every minibatch's rows (sharded forwards run in lockstep), and separate roles (the shared
-    placement's adapters are not wrapped per model)."""
+    every minibatch's rows (sharded forwards run in lockstep), separate roles (the shared
+    placement's adapters are not wrapped per model), and sampling in each process with the hf
+    engine."""
     if world == 1:
         return
     if cfg.roles != "separate":
@@ -148,6 +149,12 @@ def check_processes(cfg: Config, world: int) -> None:
         raise ConfigError(f"rollout.prompts_per_iteration ({cfg.rollout.prompts_per_iteration}) "
                           f"must be a multiple of the number of processes ({world}): each samples "
                           f"an equal share of whole prompts")
+    if cfg.rollout.sampling.engine != "hf" or cfg.workers.backend != "local":
+        # Each process would start its own engine or Ray pool beside its trainer: untested.
+        raise ConfigError(f"{world} processes sample with rollout.sampling.engine=hf and "
+                          f"workers.backend=local (each from its rollout copy); got "
+                          f"engine={cfg.rollout.sampling.engine}, workers.backend="
+                          f"{cfg.workers.backend}: run those in one process")
     if cfg.ppo.minibatch_size % world:
         raise ConfigError(f"ppo.minibatch_size ({cfg.ppo.minibatch_size}) must be a multiple of "
                           f"the number of processes ({world}): each trains an equal share of "
