@@ -169,7 +169,8 @@ def _evaluate(roles, tokenizer, cfg: Config, policy=None) -> tuple[dict, list[di
     from alignkit.engine.evaluation import evaluate_on_task
 
     e = cfg.eval
-    return evaluate_on_task(roles.policy if policy is None else policy, tokenizer, cfg.task, e.sampling, chat=cfg.chat,
+    policy = roles.policy if policy is None else policy
+    return evaluate_on_task(policy, tokenizer, cfg.task, e.sampling, chat=cfg.chat,
                             split=e.split, num_prompts=e.num_prompts,
                             samples_per_prompt=e.samples_per_prompt, seed=e.seed,
                             batch_size=e.batch_size, success_at=e.success_at,
@@ -334,11 +335,12 @@ def main(cfg: Config) -> dict:
     else:   # gathered on every process, saved by the main one; the critic beside the policy
         policy = accelerator.full_model(roles.policy)
         value = accelerator.full_model(roles.value_model) if roles.value is not None else None
+        if value is not None:
+            final["value_model"] = str(out / "value")
         if accelerator.is_main_process:
             save_model(policy, tokenizer, out / "model")
             if value is not None:
                 save_model(value.model, tokenizer, out / "value")
-                final["value_model"] = str(out / "value")
         accelerator.wait_for_everyone()
     return tracker.finish(final)
 

@@ -188,11 +188,6 @@ class SeparateRoles:
         for m in self.modules().values():
             m.train(mode)
 
-    def save_policy(self, out_dir, tokenizer) -> Path:
-        from alignkit.engine.models import save_model
-
-        return save_model(self.policy, tokenizer, out_dir)
-
 
 class _AdapterOff(torch.nn.Module):
     """The shared base with every adapter switched off, callable like a causal LM: the reference
