@@ -51,14 +51,16 @@ def _extensions_dir() -> str:
     return str(Path(tempfile.gettempdir()) / "alignkit-torch-extensions")
 
 
-def launch(runs: list[dict], log: Path) -> None:
+def launch(runs: list[dict], log: Path, worker: Path = HERE / "sharded_worker.py") -> None:
+    """Run ``worker`` (a script taking the runs as JSON) on 2 processes; also the PPO stage's
+    (tests/stages/test_ppo_sharded.py)."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "TORCH_EXTENSIONS_DIR": _extensions_dir(),
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(HERE / "sharded_worker.py"), json.dumps(runs)]
+           str(worker), json.dumps(runs)]
     with log.open("w") as fh:
         proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=1500)
     assert proc.returncode == 0, log.read_text()[-6000:]

@@ -253,8 +253,12 @@ def row_seeds(seed: int, n: int, start: int = 0) -> list[int]:
 def seeds_from(generator: torch.Generator | None, n: int) -> list[int]:
     """``n`` row seeds from one draw of ``generator`` (fresh randomness when None): a stage that
     checkpoints its generator resumes with the same seeds."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return row_seeds(seed, n)
+    return row_seeds(base_seed(generator), n)
+
+
+def base_seed(generator: torch.Generator | None) -> int:
+    """One draw of ``generator``: the seed of a call's rows (:func:`row_seeds`)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
 def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

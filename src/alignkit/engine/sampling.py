@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from alignkit.engine.generation import Rollout, generate, row_seeds, seeds_from
+from alignkit.engine.generation import Rollout, base_seed, generate, row_seeds
 from alignkit.engine.vllm_engine import sample_vllm
 from alignkit.engine.workers import WorkersConfig, run as run_workers
 
@@ -90,14 +90,17 @@ class SamplingConfig:
 
 def sample(model, prompt_ids: list[list[int]], cfg: SamplingConfig, *, eos_token_id: int,
            pad_token_id: int, generator: torch.Generator | None = None, seed: int | None = None,
-           batch_size: int | None = None, workers: WorkersConfig | None = None) -> Rollout:
+           batch_size: int | None = None, workers: WorkersConfig | None = None,
+           first_row: int = 0) -> Rollout:
     """One response per prompt (token ids), drawn by the backend ``cfg.engine``. Row ``i`` is
-    seeded with ``row_seeds(seed, n)[i]``; without ``seed``, the base seed is one draw of
-    ``generator`` (a stage that checkpoints its generator resumes with the same draws).
+    seeded with ``row_seeds(seed, n, first_row)[i]``; without ``seed``, the base seed is one draw
+    of ``generator`` (a stage that checkpoints its generator resumes with the same draws).
+    ``first_row``: these rows are rows ``first_row ..`` of a larger call (a process's share of
+    it), so each samples what the whole call would give it.
     ``workers``: where the backend runs, in this process (default) or on Ray actors
     (:mod:`alignkit.engine.workers`); the rows and their seeds are the same either way."""
     n = len(prompt_ids)
-    seeds = row_seeds(seed, n) if seed is not None else seeds_from(generator, n)
+    seeds = row_seeds(seed if seed is not None else base_seed(generator), n, first_row)
     return run_workers(BACKENDS[cfg.engine], model, prompt_ids, cfg, eos_token_id=eos_token_id,
                        pad_token_id=pad_token_id, seeds=seeds, batch_size=batch_size,
                        workers=workers)

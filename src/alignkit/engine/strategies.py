@@ -96,7 +96,9 @@ class Strategy:
     def prepare(self, *objects):
         return self.accelerator.prepare(*objects)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, model=None) -> None:
+        """Backpropagate ``loss``; ``model``: the prepared model it came from, where a run trains
+        several (PPO's policy and value; DeepSpeed has one engine per model)."""
         self.accelerator.backward(loss)
 
     def no_sync(self, model):
@@ -122,6 +124,19 @@ class Strategy:
         """The trained model as a plain module (LoRA still attached, weights complete) on the
         main process, for ``save_pretrained``; called on every process (sharded strategies gather
         the weights there). Other processes get whatever the strategy has (None when sharded)."""
+        return self.unwrap_model(model)
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        """The prepared ``model``'s whole weights (its ``state_dict`` keys) on every process;
+        called on every process (sharded strategies all-gather them)."""
+        return self.unwrap_model(model).state_dict()
+
+    def rollout_model(self, model):
+        """A plain, unsharded module with ``model``'s current weights on every process, to sample
+        from (a sampler reads whole weights, as verl and OpenRLHF feed their inference engine);
+        call it on every process after each update. Data parallelism: the replica itself. Sharded
+        strategies keep one copy per model and write the gathered weights into it in place (its
+        parameters' version counters move, so the vLLM and Ray backends resend them)."""
         return self.unwrap_model(model)
 
     def save_state(self, folder: str) -> None:
@@ -176,10 +191,22 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _Unit:
+    """One trained model of a sharded run: the module as built, what ``prepare`` made of it (the
+    same module sharded in place, or DeepSpeed's engine), its optimiser, its skeleton (the
+    structure on the meta device) and its unsharded rollout copy (made on first use)."""
+
+    def __init__(self, module, model, optimizer, skeleton):
+        self.module, self.model, self.optimizer, self.skeleton = module, model, optimizer, skeleton
+        self.rollout = None
+
+
 class _Sharded(Strategy):
-    """What FSDP2 and ZeRO share: one model (and its optimiser and schedule) per run, its
-    skeleton for the final save, the schedule and RNG states saved per process beside the
-    engine's own sharded checkpoint."""
+    """What FSDP2 and ZeRO share: each ``prepare`` call takes one model (with its optimiser and
+    schedule): a run may prepare several (PPO: policy and value), each its own sharded unit; its
+    skeleton for the final save and the rollout copy; the schedules, RNG states and the objects
+    registered with ``register_for_checkpointing`` saved per process beside the engine's own
+    sharded checkpoints."""
 
     def check(self) -> None:
         self.available()
@@ -195,7 +222,7 @@ class _Sharded(Strategy):
             raise ConfigError(f"train.strategy={self.name} runs over a process group: launch with "
                               f"torchrun or accelerate launch (one process: --nproc_per_node 1), "
                               f"or use train.strategy=ddp")
-        self._skeletons: dict[int, torch.nn.Module | None] = {}
+        self._units: list[_Unit] = []
 
     def available(self) -> None:
         """Raise a :class:`ConfigError` naming what is missing where the installed packages or
@@ -209,18 +236,65 @@ class _Sharded(Strategy):
                               f"per run (got {len(models)} models, {len(optimizers)} optimisers)")
         return models[0], (optimizers[0] if optimizers else None)
 
+    def _unit(self, model=None, optimizer=None) -> _Unit:
+        """The unit of a prepared ``model`` (or of its ``optimizer``); with neither, the only one."""
+        for u in self._units:
+            if (model is not None and (model is u.model or model is u.module)) or \
+                    (optimizer is not None and optimizer is u.optimizer):
+                return u
+        if model is None and optimizer is None and len(self._units) == 1:
+            return self._units[0]
+        raise ValueError(f"train.strategy={self.name}: not a model or optimiser it prepared "
+                         f"({len(self._units)} prepared; name the model where there are several)")
+
+    @property
+    def _model(self):
+        return self._units[-1].model if self._units else None
+
+    def _tag(self, i: int) -> str:
+        # The first unit keeps the name of a one-model run's checkpoint.
+        return "" if i == 0 else str(i)
+
+    def full_model(self, model):
+        unit = self._unit(model)
+        sd = self._gathered(unit, main_only=True)
+        if not self.accelerator.is_main_process or sd is None:
+            return None
+        return _fill(copy.deepcopy(unit.skeleton), sd)
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        return self._gathered(self._unit(model), main_only=False)
+
+    def rollout_model(self, model):
+        unit = self._unit(model)
+        sd = self._gathered(unit, main_only=False)
+        if unit.rollout is None:
+            unit.rollout = _fill(copy.deepcopy(unit.skeleton), {k: v.clone() for k, v in sd.items()})
+            unit.rollout.requires_grad_(False)
+        else:
+            with torch.no_grad():   # in place: the same parameters, their versions moved
+                unit.rollout.load_state_dict(sd)
+        return unit.rollout
+
+    def _gathered(self, unit: _Unit, main_only: bool) -> dict | None:
+        raise NotImplementedError
+
     def _extra_path(self, folder: str) -> Path:
         return Path(folder) / f"loop_state_rank{self.rank}.pt"
 
     def _save_extra(self, folder: str) -> None:
         scheds = [o.state_dict() for o in self._objects if hasattr(o, "get_last_lr")]
-        torch.save({"schedulers": scheds, "rng": _rng_state()}, self._extra_path(folder))
+        custom = [o.state_dict() for o in self.accelerator._custom_objects]
+        torch.save({"schedulers": scheds, "rng": _rng_state(), "custom": custom},
+                   self._extra_path(folder))
 
     def _load_extra(self, folder: str) -> None:
         state = torch.load(self._extra_path(folder), weights_only=False)
         for sched, sd in zip([o for o in self._objects if hasattr(o, "get_last_lr")],
                              state["schedulers"]):
             sched.load_state_dict(sd)
+        for obj, sd in zip(self.accelerator._custom_objects, state.get("custom", [])):
+            obj.load_state_dict(sd)
         _set_rng_state(state["rng"])
 
 
@@ -258,7 +332,7 @@ class FSDP2(_Sharded):
 
         model, optimizer = self._split(objects)
         device = self.accelerator.device
-        self._skeletons[id(model)] = _skeleton(model) if self.accelerator.is_main_process else None
+        skeleton = _skeleton(model)
         names = {id(p): n for n, p in model.named_parameters()}
         # The optimiser's references would keep every full parameter alive until all are sharded.
         groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups] \
@@ -283,11 +357,11 @@ class FSDP2(_Sharded):
             new = dict(model.named_parameters())
             for group, params in zip(optimizer.param_groups, groups):
                 group["params"] = [new[n] for n in params]
-        self._model, self._optimizer = model, optimizer
-        self._objects = list(objects)
+        self._units.append(_Unit(model, model, optimizer, skeleton))
+        self._objects += list(objects)
         return objects if len(objects) > 1 else objects[0]
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, model=None) -> None:
         loss.backward()
 
     @contextlib.contextmanager
@@ -312,31 +386,37 @@ class FSDP2(_Sharded):
     def unwrap_model(self, model):
         return model
 
-    def full_model(self, model):
+    def _gathered(self, unit: _Unit, main_only: bool) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                   cpu_offload=True))
-        skeleton = self._skeletons.get(id(model))
-        return _fill(skeleton, sd) if skeleton is not None else None
+        # cpu_offload=True leaves the full tensors on rank 0 only; without it every rank has them.
+        return get_model_state_dict(unit.model, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=main_only))
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        state = {}
+        for i, u in enumerate(self._units):
+            msd, osd = get_state_dict(u.model, u.optimizer)
+            state[f"model{self._tag(i)}"], state[f"optim{self._tag(i)}"] = msd, osd
+        return state
 
     def save_state(self, folder: str) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        msd, osd = get_state_dict(self._model, self._optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(folder) / "fsdp2"))
+        dcp.save(self._state(), checkpoint_id=str(Path(folder) / "fsdp2"))
         self._save_extra(folder)
 
     def load_state(self, folder: str) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        msd, osd = get_state_dict(self._model, self._optimizer)
-        state = {"model": msd, "optim": osd}
+        state = self._state()
         dcp.load(state, checkpoint_id=str(Path(folder) / "fsdp2"))
-        set_state_dict(self._model, self._optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        for i, u in enumerate(self._units):
+            set_state_dict(u.model, u.optimizer, model_state_dict=state[f"model{self._tag(i)}"],
+                           optim_state_dict=state[f"optim{self._tag(i)}"])
         self._load_extra(folder)
 
 
@@ -412,8 +492,7 @@ class ZeRO(_Sharded):
         model, optimizer = self._split(objects)
         if optimizer is None:
             raise ConfigError(f"train.strategy={self.name} needs the optimiser with the model")
-        self._skeletons[id(model)] = (_skeleton(model) if self.stage == 3
-                                      and self.accelerator.is_main_process else None)
+        skeleton = _skeleton(model)
         model.to(self.accelerator.device)
         zero: dict = {"stage": self.stage}
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
@@ -443,27 +522,28 @@ class ZeRO(_Sharded):
         if got != (self.stage, self.world):
             raise ConfigError(f"train.strategy={self.name}: DeepSpeed runs ZeRO stage {got[0]} on "
                               f"{got[1]} processes, not stage {self.stage} on {self.world}")
-        self._module = model
-        self._model, self._optimizer = engine, ds_optimizer
-        self._objects = [engine if o is model else ds_optimizer if o is optimizer else o
-                         for o in objects]
-        return tuple(self._objects) if len(objects) > 1 else self._objects[0]
+        self._units.append(_Unit(model, engine, ds_optimizer, skeleton))
+        prepared = [engine if o is model else ds_optimizer if o is optimizer else o
+                    for o in objects]
+        self._objects += prepared
+        return tuple(prepared) if len(objects) > 1 else prepared[0]
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self._model.backward(loss, scale_wrt_gas=False)
+    def backward(self, loss: torch.Tensor, model=None) -> None:
+        self._unit(model).model.backward(loss, scale_wrt_gas=False)
 
     @contextlib.contextmanager
     def no_sync(self, model):
         # Not a gradient-accumulation boundary: DeepSpeed accumulates into its partitioned
         # gradients; the last micro-batch of the step (outside this context) is one.
-        self._model.set_gradient_accumulation_boundary(False)
+        engine = self._unit(model).model
+        engine.set_gradient_accumulation_boundary(False)
         try:
             yield
         finally:
-            self._model.set_gradient_accumulation_boundary(True)
+            engine.set_gradient_accumulation_boundary(True)
 
     def optimizer_step(self, optimizer, scheduler, params, max_grad_norm: float):
-        engine = self._model
+        engine = self._unit(optimizer=optimizer).model
         engine.optimizer.clip_grad = float(max_grad_norm)   # 0: none, as alignkit's setting
         engine.step()          # reduce, clip to the global norm, AdamW step, zero the gradients
         scheduler.step()
@@ -471,23 +551,48 @@ class ZeRO(_Sharded):
         return None if max_grad_norm <= 0 or norm is None else torch.tensor(float(norm))
 
     def unwrap_model(self, model):
-        return model.module if model is self._model else model
+        for u in self._units:
+            if model is u.model:
+                return u.module
+        return model
 
     def full_model(self, model):
-        engine = self._model
         if self.stage < 3:   # parameters are replicated: every process has them whole
-            return engine.module
-        sd = engine._zero3_consolidated_16bit_state_dict()   # every process; rank 0 gets it
-        skeleton = self._skeletons.get(id(self._module))
-        return _fill(skeleton, sd) if skeleton is not None and sd is not None else None
+            return self._unit(model).module
+        return super().full_model(model)
+
+    def rollout_model(self, model):
+        if self.stage < 3:   # the replica itself, stepped in place
+            return self._unit(model).module
+        return super().rollout_model(model)
+
+    def _gathered(self, unit: _Unit, main_only: bool) -> dict:
+        if self.stage < 3:
+            return unit.module.state_dict()
+        if main_only:
+            return unit.model._zero3_consolidated_16bit_state_dict()   # every process; rank 0's
+        # Every process: one parameter gathered at a time (tied weights once), in the same order.
+        out: dict[str, torch.Tensor] = {}
+        full: dict[int, torch.Tensor] = {}
+        for name, t in unit.module.state_dict(keep_vars=True).items():
+            if isinstance(t, torch.nn.Parameter) and hasattr(t, "ds_id"):
+                if id(t) not in full:
+                    with self._ds.zero.GatheredParameters([t]):
+                        full[id(t)] = t.detach().clone()
+                out[name] = full[id(t)]
+            else:
+                out[name] = t.detach()
+        return out
 
     def save_state(self, folder: str) -> None:
-        self._model.save_checkpoint(folder, tag="deepspeed", save_latest=False)
+        for i, u in enumerate(self._units):
+            u.model.save_checkpoint(folder, tag=f"deepspeed{self._tag(i)}", save_latest=False)
         self._save_extra(folder)
 
     def load_state(self, folder: str) -> None:
-        self._model.load_checkpoint(folder, tag="deepspeed", load_optimizer_states=True,
-                                    load_lr_scheduler_states=False)
+        for i, u in enumerate(self._units):
+            u.model.load_checkpoint(folder, tag=f"deepspeed{self._tag(i)}",
+                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         self._load_extra(folder)
 
 

@@ -19,6 +19,19 @@ tasks are computed on the same rollouts for reporting and never enter training u
 reward source itself is ``gold:TASK``. A checkpoint after an iteration holds the policy, the
 value, the optimisers, schedulers, KL controller, reward normaliser and every RNG, so a resumed
 run continues the same trajectory.
+
+Multi-process runs (``torchrun`` / ``accelerate launch``) train the policy and the value model
+with ``strategy`` (``ddp | fsdp2 | zero2 | zero3``, :mod:`alignkit.engine.strategies`), each
+model its own sharded unit. The reference and the reward model are frozen and replicated: a
+plain copy on every process. Each process samples its equal share of the iteration's prompts
+from an unsharded rollout copy of the policy (the strategy gathers the updated weights into it
+after each update) with each row's own seed, runs the no-grad forwards of that share in
+lockstep (sharded forwards all-gather), and the shares are then all-gathered: every process
+holds the whole experience, computes the same advantages, normaliser, KL controller and
+minibatch order, and trains on its share of each minibatch with the whole minibatch's
+normalisers (:mod:`alignkit.engine.rl.update`). So N processes give one process's run up to
+float summation order. Evaluation runs on every process (the same samples), the files are
+written by the main one.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from alignkit.config import require
+from alignkit.config import ConfigError, require
 from alignkit.data.io import write_json, write_jsonl
 from alignkit.engine.evaluation import success_metrics
 from alignkit.engine.models import LoraSpec
@@ -43,7 +56,7 @@ from alignkit.engine.sampling import SamplingConfig
 from alignkit.engine.workers import WorkersConfig
 from alignkit.engine.training import OptimConfig
 from alignkit.math.advantages import AdaptiveKLController, FixedKLController, sequence_kl
-from alignkit.tracking import TrackingConfig
+from alignkit.tracking import TrackingConfig, is_main_process
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,11 @@ class Config(TrackingConfig):
     keep_checkpoints: int = 2
     resume: str = "auto"               # "auto" | "never" | a checkpoint path
     mixed_precision: Literal["no", "bf16"] = "no"
+    # How processes share the trained policy and value (alignkit.engine.strategies): ddp
+    # (replicated), fsdp2, zero2, zero3; offload (fsdp2, zero3 on a GPU): their weights and
+    # optimiser state in CPU memory. The frozen reference and reward are replicated.
+    strategy: str = "ddp"
+    offload: bool = False
     report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"], kw_only=True)
     tensorboard: bool | None = None    # deprecated: report_to (true adds tensorboard, false drops it)
 
@@ -103,17 +121,56 @@ class Config(TrackingConfig):
                 f"({self.ppo.minibatch_size})")
         require(self.value_init == "policy" or self.reward.startswith("model:"),
                 "value_init=reward needs reward: model:PATH")
+        from alignkit.engine.strategies import STRATEGIES
+
+        require(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, "
+                f"got {self.strategy!r}")
+        require(not self.offload or STRATEGIES[self.strategy].supports_offload,
+                f"offload=true needs a sharded strategy that offloads "
+                f"({', '.join(n for n, s in STRATEGIES.items() if s.supports_offload)}); "
+                f"strategy={self.strategy} does not")
+        require(self.roles == "separate" or self.strategy == "ddp",
+                f"roles=shared (LoRA adapters on one base) trains in one process with "
+                f"strategy=ddp; strategy={self.strategy} shards separate models: set "
+                f"roles=separate")
+
+
+def check_processes(cfg: Config, world: int) -> None:
+    """What a run on ``world`` processes needs: equal shares of whole prompts per process and of
+    every minibatch's rows (sharded forwards run in lockstep), separate roles (the shared
+    placement's adapters are not wrapped per model), and sampling in each process with the hf
+    engine."""
+    if world == 1:
+        return
+    if cfg.roles != "separate":
+        raise ConfigError(f"roles=shared runs in one process; {world} processes need "
+                          f"roles=separate")
+    if cfg.rollout.prompts_per_iteration % world:
+        raise ConfigError(f"rollout.prompts_per_iteration ({cfg.rollout.prompts_per_iteration}) "
+                          f"must be a multiple of the number of processes ({world}): each samples "
+                          f"an equal share of whole prompts")
+    if cfg.rollout.sampling.engine != "hf" or cfg.workers.backend != "local":
+        # Each process would start its own engine or Ray pool beside its trainer: untested.
+        raise ConfigError(f"{world} processes sample with rollout.sampling.engine=hf and "
+                          f"workers.backend=local (each from its rollout copy); got "
+                          f"engine={cfg.rollout.sampling.engine}, workers.backend="
+                          f"{cfg.workers.backend}: run those in one process")
+    if cfg.ppo.minibatch_size % world:
+        raise ConfigError(f"ppo.minibatch_size ({cfg.ppo.minibatch_size}) must be a multiple of "
+                          f"the number of processes ({world}): each trains an equal share of "
+                          f"every minibatch")
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation on held-out prompts of the task.
 
 
-def _evaluate(roles, tokenizer, cfg: Config) -> tuple[dict, list[dict]]:
+def _evaluate(roles, tokenizer, cfg: Config, policy=None) -> tuple[dict, list[dict]]:
     from alignkit.engine.evaluation import evaluate_on_task
 
     e = cfg.eval
-    return evaluate_on_task(roles.policy, tokenizer, cfg.task, e.sampling, chat=cfg.chat,
+    policy = roles.policy if policy is None else policy
+    return evaluate_on_task(policy, tokenizer, cfg.task, e.sampling, chat=cfg.chat,
                             split=e.split, num_prompts=e.num_prompts,
                             samples_per_prompt=e.samples_per_prompt, seed=e.seed,
                             batch_size=e.batch_size, success_at=e.success_at,
@@ -128,7 +185,8 @@ def _initial_eval(roles, tokenizer, cfg: Config, out: Path) -> dict:
     metrics, _ = _evaluate(roles, tokenizer, cfg)
     initial = {f"initial_{k}": v for k, v in metrics.items()
                if k.startswith(("gold_reward", "gold_success", "proxy_reward", "response_length"))}
-    write_json(path, initial)
+    if is_main_process():
+        write_json(path, initial)
     return initial
 
 
@@ -147,9 +205,9 @@ class LoopState:
 
 def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cfg: Config,
                   state: LoopState, opt: dict, accelerator, gold,
-                  pack: bool | str) -> tuple[dict, list[dict]]:
+                  pack: bool | str, sampler=None) -> tuple[dict, list[dict]]:
     """Sample, score and update once; the iteration's metrics and its samples with their
-    scores."""
+    scores. ``sampler``: the unsharded policy to sample from (default ``roles.policy``)."""
     start = time.perf_counter()
     texts, ids = prompts
     k = cfg.rollout.samples_per_prompt
@@ -158,7 +216,8 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
     sampled = collect(roles, [ids[i] for i in rows], [texts[i] for i in rows], tokenizer,
                       cfg.rollout.sampling, state.rng.generator, batch_size=cfg.rollout.batch_size,
                       gold=gold, recompute_logps=not cfg.rollout.reuse_sampling_logps, pack=pack,
-                      workers=cfg.workers)
+                      workers=cfg.workers, sampler=sampler, rank=accelerator.process_index,
+                      world=accelerator.num_processes)
     exp = sampled.experience
     finished = exp.rollout.finished
     scores = training_scores(sampled.proxy, finished, cfg.score, state.moments)
@@ -201,18 +260,18 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
 def main(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
-    from alignkit.engine.models import load_tokenizer
+    from alignkit.engine.models import load_tokenizer, save_model
     from alignkit.engine.rl.roles import RoleSpec, build_roles, memory_report
     from alignkit.engine.scoring import GoldReward
     from alignkit.engine.training import make_accelerator, resume, save_checkpoint
     from alignkit.tracking import Tracker
 
-    accelerator = make_accelerator(cfg.mixed_precision)
-    require(accelerator.num_processes == 1, "alignkit ppo runs in one process")
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.strategy, cfg.offload)
+    check_processes(cfg, accelerator.num_processes)
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
     algo = ALGORITHMS[cfg.ppo.algo]
-    tracker = Tracker(out, cfg, stage=cfg.ppo.algo)
+    tracker = Tracker(out, cfg, enabled=accelerator.is_main_process, stage=cfg.ppo.algo)
     tokenizer = load_tokenizer(cfg.model, cfg.chat_template, chat=cfg.chat)
     spec = RoleSpec(model=cfg.model, reference=cfg.reference, reward=cfg.reward,
                     value_init=cfg.value_init, chat=cfg.chat, lora=cfg.lora)
@@ -231,9 +290,17 @@ def main(cfg: Config) -> dict:
     kl = (AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
           else FixedKLController(cfg.kl.beta))
     state = LoopState(kl, RunningMoments(), GeneratorState(cfg.seed))
-    names = sorted(opt)
-    prepared = accelerator.prepare(*roles.modules().values(), *(opt[n] for n in names))
-    opt = dict(zip(names, prepared[len(roles.modules()):]))
+    if cfg.roles == "shared":   # one process: the adapters' optimisers span both modules
+        names = sorted(opt)
+        prepared = accelerator.prepare(*roles.modules().values(), *(opt[n] for n in names))
+        opt = dict(zip(names, prepared[len(roles.modules()):]))
+    else:   # each trained model with its optimiser and schedule: one unit of the strategy each
+        models = {}
+        for name, module in roles.modules().items():
+            models[name], opt[name], opt[f"{name}_sched"] = accelerator.prepare(
+                module, opt[name], opt[f"{name}_sched"])
+        roles.use_prepared(models)
+    accelerator.announce()
     accelerator.register_for_checkpointing(state.kl, state.moments, state.rng)
     start, saved = resume(accelerator, out, cfg.resume, tracker,
                           f"iteration {{}}/{cfg.iterations}")
@@ -242,8 +309,9 @@ def main(cfg: Config) -> dict:
     rows: list[dict] = []
     tracker.progress(cfg.iterations, done=start, unit="iteration")
     for it in range(start, cfg.iterations):
+        sampler = accelerator.rollout_model(roles.policy)   # the weights after the last update
         metrics, rows = run_iteration(it, roles, prompts, tokenizer, algo, cfg, state, opt,
-                                      accelerator, gold, pack)
+                                      accelerator, gold, pack, sampler)
         tracker.log(it + 1, metrics)
         if cfg.save_every > 0 and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
             save_checkpoint(accelerator, out, it + 1, cfg.keep_checkpoints,
@@ -254,13 +322,26 @@ def main(cfg: Config) -> dict:
 
     final = {"algo": cfg.ppo.algo, "roles": cfg.roles, "iterations": cfg.iterations,
              "beta": state.kl.value, "packing": pack,
-             **{f"last_{k}": v for k, v in metrics.items()}, **memory_report(roles), **initial}
+             **{f"last_{k}": v for k, v in metrics.items()}, **memory_report(roles), **initial,
+             **accelerator.describe()}
     if evaluating:   # samples of the held-out evaluation, else of the last iteration
-        evaluated, rows = _evaluate(roles, tokenizer, cfg)
+        evaluated, rows = _evaluate(roles, tokenizer, cfg, accelerator.rollout_model(roles.policy))
         final.update(evaluated)
-    if rows:
+    if rows and accelerator.is_main_process:
         write_jsonl(out / "samples.jsonl", rows)
-    final["model"] = str(roles.save_policy(out / "model", tokenizer))
+    final["model"] = str(out / "model")
+    if cfg.roles == "shared":
+        roles.save_policy(out / "model", tokenizer)
+    else:   # gathered on every process, saved by the main one; the critic beside the policy
+        policy = accelerator.full_model(roles.policy)
+        value = accelerator.full_model(roles.value_model) if roles.value is not None else None
+        if value is not None:
+            final["value_model"] = str(out / "value")
+        if accelerator.is_main_process:
+            save_model(policy, tokenizer, out / "model")
+            if value is not None:
+                save_model(value.model, tokenizer, out / "value")
+        accelerator.wait_for_everyone()
     return tracker.finish(final)
 
 

@@ -76,6 +76,24 @@ def token_values(body, head: torch.nn.Module, rollout: Rollout,
     return values * rollout.response_mask
 
 
+class TokenValueModel(torch.nn.Module):
+    """A scalar-head model (``AutoModelForSequenceClassification``) read per token, as one
+    module whose forward is :func:`token_values`: a sharded strategy wraps a model's forward
+    (FSDP2 gathers the root's parameters, the embeddings and the head, in the root's forward;
+    DeepSpeed's engine runs the module), so the value forward must be the forward of the module
+    it prepared."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        # What a sharded strategy splits into units (the decoder layers), as the model names it.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+    def forward(self, rollout: Rollout, pack: bool | str = False) -> torch.Tensor:
+        return token_values(backbone(self.model), self.model.score, rollout, pack)
+
+
 def params_in_memory(modules, adapters: bool = True) -> int:
     """Parameters held by ``modules``, each tensor counted once (a shared base, tied weights);
     ``adapters=False`` leaves LoRA adapter weights out."""
@@ -121,14 +139,25 @@ class SeparateRoles:
         self.reference = load_causal_lm(spec.reference or spec.model, tokenizer=tokenizer)
         self.reference.eval().requires_grad_(False)
         self.reward = _reward_source(spec)
-        self.value = None
+        self.value = self.value_model = None
         if needs_value:
             source = _reward_path(spec) if spec.value_init == "reward" else spec.model
             self.value = load_scalar_model(source, tokenizer=tokenizer)
+            self.value_model = TokenValueModel(self.value)
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """Trainable modules (what a checkpoint must hold)."""
-        return {"policy": self.policy, **({"value": self.value} if self.value is not None else {})}
+        """Trainable modules (what a checkpoint must hold): ``policy`` and, with a critic,
+        ``value`` (its :class:`TokenValueModel`)."""
+        return {"policy": self.policy,
+                **({"value": self.value_model} if self.value_model is not None else {})}
+
+    def use_prepared(self, prepared: dict[str, torch.nn.Module]) -> None:
+        """Run the trained models' forwards through what the strategy made of them (``prepare``
+        of each module of :meth:`modules`: the same module sharded in place, a DDP wrapper or
+        DeepSpeed's engine)."""
+        self.policy = prepared["policy"]
+        if "value" in prepared:
+            self.value_model = prepared["value"]
 
     def held(self) -> list[torch.nn.Module]:
         reward_model = getattr(self.reward, "model", None)
@@ -153,16 +182,11 @@ class SeparateRoles:
         return [p for p in self.value.parameters() if p.requires_grad]
 
     def values(self, rollout: Rollout, pack: bool | str = False) -> torch.Tensor:
-        return token_values(backbone(self.value), self.value.score, rollout, pack)
+        return self.value_model(rollout, pack)
 
     def train(self, mode: bool = True) -> None:
         for m in self.modules().values():
             m.train(mode)
-
-    def save_policy(self, out_dir, tokenizer) -> Path:
-        from alignkit.engine.models import save_model
-
-        return save_model(self.policy, tokenizer, out_dir)
 
 
 class _AdapterOff(torch.nn.Module):
@@ -311,6 +335,10 @@ class SharedRoles:
 
     @property
     def value(self):
+        return self.value_head
+
+    @property
+    def value_model(self):   # what the value loss backpropagates through (one process only)
         return self.value_head
 
     def modules(self) -> dict[str, torch.nn.Module]:

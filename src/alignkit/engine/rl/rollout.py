@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from alignkit.config import require
-from alignkit.engine.generation import Rollout, rollout_logps
+from alignkit.engine.generation import Rollout, base_seed, rollout_logps
 from alignkit.engine.sampling import SamplingConfig, sample
 from alignkit.engine.workers import WorkersConfig
 
@@ -110,8 +110,16 @@ class Sampled:
 def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
             sampling: SamplingConfig, generator: torch.Generator, *, batch_size: int,
             gold=None, recompute_logps: bool = True, pack: bool | str = False,
-            workers: WorkersConfig | None = None) -> Sampled:
+            workers: WorkersConfig | None = None, sampler=None, rank: int = 0,
+            world: int = 1) -> Sampled:
     """Sample one response per prompt row, score it, and run the no-grad forwards.
+
+    ``sampler``: the unsharded policy to sample from and to compute the old log-probs with (the
+    strategy's rollout copy; default ``roles.policy``). With ``world`` > 1 processes, process
+    ``rank`` takes rows ``rank * n / world ..`` (equal shares: the forwards of sharded models
+    run in lockstep), each row seeded as the whole call would seed it, and the shares are then
+    all-gathered: every process returns the whole iteration's experience, equal to one
+    process's up to the float rounding of differently padded batches.
 
     ``recompute_logps=False`` takes the log-probs recorded while sampling as the old policy's
     (one policy forward fewer); ``logprob_gap_max`` is then NaN here and the caller measures the
@@ -119,9 +127,14 @@ def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
     (:func:`~alignkit.engine.generation.rollout_logps`). ``workers``: where the sampling runs
     (the policy's current weights are sent to the actors when they changed)."""
     roles.train(False)
+    sampler = roles.policy if sampler is None else sampler
     start = time.perf_counter()
-    rollout = sample(roles.policy, prompt_ids, sampling, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id, generator=generator,
+    seed = base_seed(generator)       # one draw on every process: the generators stay equal
+    share = len(prompt_ids) // world
+    lo, hi = rank * share, (rank + 1) * share
+    prompt_ids, prompts = prompt_ids[lo:hi], prompts[lo:hi]
+    rollout = sample(sampler, prompt_ids, sampling, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, seed=seed, first_row=lo,
                      batch_size=batch_size, workers=workers)
     seconds = time.perf_counter() - start
     responses = rollout.decode(tokenizer)
@@ -129,10 +142,14 @@ def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
     gold_scores = torch.tensor(gold(prompts, responses), dtype=torch.float32) if gold else None
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     with torch.no_grad():
-        old_logps = (rollout_logps(roles.policy, rollout, temperature, pack) if recompute_logps
+        old_logps = (rollout_logps(sampler, rollout, temperature, pack) if recompute_logps
                      else rollout.logps)
         ref_logps = rollout_logps(roles.reference, rollout, temperature, pack)
         values = roles.values(rollout, pack) if roles.value is not None else None
+    if world > 1:
+        rollout, old_logps, ref_logps, values, proxy, gold_scores, prompts, responses, seconds = \
+            _all_gather(world, tokenizer.pad_token_id, rollout, old_logps, ref_logps, values,
+                        proxy, gold_scores, prompts, responses, seconds)
     gap_max = gap_mean = float("nan")
     if recompute_logps:
         gaps = (old_logps - rollout.logps).abs() * rollout.response_mask
@@ -140,6 +157,46 @@ def collect(roles, prompt_ids: list[list[int]], prompts: list[str], tokenizer,
         gap_mean = float(gaps.sum() / rollout.response_mask.sum().clamp_min(1))
     return Sampled(Experience(rollout, old_logps, ref_logps, values), prompts, responses,
                    proxy.to(old_logps.device), gold_scores, gap_max, seconds, gap_mean)
+
+
+def _all_gather(world: int, pad_token_id: int, rollout: Rollout, old_logps, ref_logps, values,
+                proxy, gold, prompts, responses, seconds):
+    """Every process's share of the rows, concatenated in rank order (the rows' order in one
+    process); prompts padded on the left, responses and per-token tensors on the right, to the
+    widest share."""
+    import torch.distributed as dist
+
+    local = {"rollout": {k: v.cpu() for k, v in vars(rollout).items() if torch.is_tensor(v)},
+             "old": old_logps.cpu(), "ref": ref_logps.cpu(),
+             "values": None if values is None else values.cpu(), "proxy": proxy.cpu(),
+             "gold": gold, "prompts": prompts, "responses": responses, "seconds": seconds}
+    shares: list = [None] * world
+    dist.all_gather_object(shares, local)
+    device = old_logps.device
+    width_p = max(s["rollout"]["prompt_ids"].size(1) for s in shares)
+    width_r = max(s["rollout"]["response_ids"].size(1) for s in shares)
+
+    def cat(get, width, left=False, value=0):
+        parts = []
+        for s in shares:
+            x = get(s)
+            pad = (width - x.size(1), 0) if left else (0, width - x.size(1))
+            parts.append(torch.nn.functional.pad(x, pad, value=value))
+        return torch.cat(parts).to(device)
+
+    r = lambda k: (lambda s: s["rollout"][k])   # noqa: E731
+    gathered = Rollout(prompt_ids=cat(r("prompt_ids"), width_p, True, pad_token_id),
+                       prompt_mask=cat(r("prompt_mask"), width_p, True),
+                       response_ids=cat(r("response_ids"), width_r, value=pad_token_id),
+                       response_mask=cat(r("response_mask"), width_r),
+                       logps=cat(r("logps"), width_r),
+                       finished=torch.cat([s["rollout"]["finished"] for s in shares]).to(device))
+    return (gathered, cat(lambda s: s["old"], width_r), cat(lambda s: s["ref"], width_r),
+            None if values is None else cat(lambda s: s["values"], width_r),
+            torch.cat([s["proxy"] for s in shares]),
+            None if gold is None else torch.cat([s["gold"] for s in shares]),
+            [p for s in shares for p in s["prompts"]], [t for s in shares for t in s["responses"]],
+            max(s["seconds"] for s in shares))
 
 
 def encoded_prompts(spec: str, n: int, tokenizer) -> tuple[list[str], list[list[int]]]:

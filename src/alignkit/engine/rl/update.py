@@ -5,9 +5,18 @@ through the training loop's :func:`~alignkit.engine.training.optimizer_step`.
 The algorithm (:mod:`alignkit.engine.rl.algorithms`) gives the per-token loss and how it reduces;
 the normalisers are those of the whole minibatch (:func:`alignkit.math.losses.reduce_loss`), so
 the gradient does not depend on ``ppo.micro_batch_size``.
+
+On ``N`` processes every process holds the whole experience (:func:`~alignkit.engine.rl.rollout.collect`
+gathers it) and draws the same minibatches; process ``r`` computes rows ``r * m / N ..`` of each
+minibatch of ``m`` rows. The normalisers are still the whole minibatch's, and
+:func:`~alignkit.math.losses.reduce_loss`'s ``world_size`` factor undoes the strategy's average
+of the gradients over processes (the one reduction, as the training loop's), so the step equals
+one process's up to float summation order.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -30,17 +39,26 @@ def accumulate(roles, mb: Experience, algo: Algorithm, ppo: PPOConfig, beta: flo
     """
     _, policy_norm = loss_weights(algo.reduction, mb.mask)
     value_norm = float(mb.mask.sum())
-    stats = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0,
-             "tokens": value_norm}
-    for start in range(0, len(mb), ppo.micro_batch_size):
+    world, rank = accelerator.num_processes, accelerator.process_index
+    stats = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+    share = len(mb) // world
+    if world > 1:   # this process's rows of the minibatch (the normalisers stay the whole's)
+        mb = mb.take(range(rank * share, (rank + 1) * share))
+    starts = range(0, len(mb), ppo.micro_batch_size)
+    # As the training loop: a sharded strategy marks accumulation in one process too.
+    defer = world > 1 or getattr(accelerator, "name", "ddp") != "ddp"
+    for start in starts:
         sub = mb.take(range(start, min(start + ppo.micro_batch_size, len(mb))))
         mask = sub.mask.float()
-        with accelerator.autocast():
-            new_logps = rollout_logps(roles.policy, sub.rollout, temperature, pack)
-        weights, _ = loss_weights(algo.reduction, mask)
-        loss = reduce_loss(algo.loss(new_logps, sub, beta, ppo).float(), weights, policy_norm)
-        accelerator.backward(loss)
-        stats["policy_loss"] += float(loss.detach())
+        last = start == starts[-1]
+        with _accumulating(accelerator, roles.policy, defer and not last):
+            with accelerator.autocast():
+                new_logps = rollout_logps(roles.policy, sub.rollout, temperature, pack)
+            weights, _ = loss_weights(algo.reduction, mask)
+            loss = reduce_loss(algo.loss(new_logps, sub, beta, ppo).float(), weights, policy_norm,
+                               world)
+            accelerator.backward(loss, model=roles.policy)
+        stats["policy_loss"] += float(loss.detach()) / world
         # Diagnostics, per token whatever the loss's weighting. approx_kl: k3 with samples from
         # the old policy, r = new / old, an estimate of KL(old || new) (Schulman 2020).
         stats["clipfrac"] += float((ppo_clipped(new_logps, sub.old_logps, sub.advantages,
@@ -50,13 +68,30 @@ def accumulate(roles, mb: Experience, algo: Algorithm, ppo: PPOConfig, beta: flo
             gap = float(((new_logps.detach() - sub.old_logps).abs() * mask).max())
             stats["logprob_gap_max"] = max(stats.get("logprob_gap_max", 0.0), gap)
         if algo.uses_value:
-            with accelerator.autocast():
-                values = roles.values(sub.rollout, pack)
-            vloss = reduce_loss(ppo_value_loss(values, sub.values, sub.returns, ppo.value_clip_eps),
-                                mask, value_norm)
-            accelerator.backward(vloss)
-            stats["value_loss"] += float(vloss.detach())
+            with _accumulating(accelerator, roles.value_model, defer and not last):
+                with accelerator.autocast():
+                    values = roles.values(sub.rollout, pack)
+                vloss = reduce_loss(ppo_value_loss(values, sub.values, sub.returns,
+                                                   ppo.value_clip_eps), mask, value_norm, world)
+                accelerator.backward(vloss, model=roles.value_model)
+            stats["value_loss"] += float(vloss.detach()) / world
+    if world > 1:   # sums over every process's rows; the gap's maximum
+        names = sorted(k for k in stats if k != "logprob_gap_max")
+        total = accelerator.reduce(torch.tensor([stats[k] for k in names], dtype=torch.float64,
+                                                device=accelerator.device), reduction="sum")
+        stats.update(zip(names, total.tolist()))
+        if "logprob_gap_max" in stats:
+            gap = torch.tensor([stats["logprob_gap_max"]], device=accelerator.device)
+            torch.distributed.all_reduce(gap, op=torch.distributed.ReduceOp.MAX)
+            stats["logprob_gap_max"] = float(gap)
+    stats["tokens"] = value_norm
     return stats
+
+
+def _accumulating(accelerator, model, defer: bool):
+    """Inside: gradients accumulate without the strategy's reduction (not the step's last
+    micro-batch)."""
+    return accelerator.no_sync(model) if defer else contextlib.nullcontext()
 
 
 def _step(accelerator, optimizer, scheduler, params, max_grad_norm) -> float:
