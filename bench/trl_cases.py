@@ -10,6 +10,7 @@ for DPO. Timing and token counting are identical to the alignkit side (bench/com
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 
@@ -212,13 +213,25 @@ def _group_rl(spec, trainer_cls, config_cls, extra_args):
     return rl_result(spec, clock, gen_tokens, p * k)
 
 
+def _vllm_args(spec) -> dict:
+    """TRL's own vLLM rollouts for the *_vllm cases: ``use_vllm=True``, ``vllm_mode="colocate"``
+    (an engine in the trainer's process, weights pushed after each step), as alignkit's cells
+    run theirs. On CPUs vLLM's KV cache is sized by ``VLLM_CPU_KVCACHE_SPACE`` (GiB), not by
+    ``vllm_gpu_memory_utilization``: 1 GiB, as alignkit's ``sampling.vllm_kv_cache_gib``."""
+    if spec.get("engine") != "vllm":
+        return {}
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return dict(use_vllm=True, vllm_mode="colocate")
+
+
 def grpo(spec):
     from trl import GRPOConfig, GRPOTrainer
 
     # DeepSeekMath GRPO: group-normalised advantages, k3 KL to the reference (beta 0.04),
     # clip 0.2, per-sequence token mean ("grpo" aggregation), one update per rollout.
     return _group_rl(spec, GRPOTrainer, GRPOConfig,
-                     dict(beta=0.04, epsilon=0.2, loss_type="grpo", scale_rewards="group"))
+                     dict(beta=0.04, epsilon=0.2, loss_type="grpo", scale_rewards="group",
+                          **_vllm_args(spec)))
 
 
 def rloo(spec):
@@ -226,7 +239,7 @@ def rloo(spec):
 
     # RLOO (Ahmadian et al. 2024): leave-one-out baseline, sequence KL penalty in the reward
     # (beta 0.05, TRL's default), clip 0.2, one update per rollout.
-    return _group_rl(spec, RLOOTrainer, RLOOConfig, dict(beta=0.05, epsilon=0.2))
+    return _group_rl(spec, RLOOTrainer, RLOOConfig, dict(beta=0.05, epsilon=0.2, **_vllm_args(spec)))
 
 
 def ppo(spec):
@@ -283,6 +296,5 @@ def ppo(spec):
 
 
 CASES = {"sft": sft, "rm": rm, "dpo": dpo, "sample": sample, "grpo": grpo, "rloo": rloo, "ppo": ppo,
-         # alignkit on vLLM against TRL's default: TRL's use_vllm modes need CUDA and vLLM 0.10.2,
-         # which has no CPU build (bench/README.md "Sampling on vLLM" (d))
+         # both sides' rollouts on vLLM (the spec's engine="vllm"; the peer venv .venv-trl-vllm)
          "grpo_vllm": grpo, "rloo_vllm": rloo}
