@@ -14,11 +14,17 @@ run on N actors returns the same tensors as the local backend.
 
 The learner stays in the driver; actors hold copies of its model. The first call with a model
 sends the whole module through the object store (one ``ray.put``; each actor deserialises its
-own copy); later calls compare the parameters' and buffers' version counters (every in-place
-update, e.g. an optimiser step or ``load_state_dict``, bumps them) with those of the last sync
-and, when they changed, broadcast the state dict once (one ``ray.put`` of numpy arrays, read by
-the actors of a node from shared memory without a copy) for each actor to load. A write through
-``tensor.data`` does not bump the counter: call :func:`weights_changed` after one.
+own copy); later calls compare :func:`weights_version` (per parameter and buffer: its version
+counter, which in-place writes such as ``load_state_dict`` or ``copy_`` bump; its storage; and
+the optimiser steps that updated it, counted by a global step hook, because torch's fused AdamW,
+what the training loop uses, writes parameters without bumping their counters) with that of the
+last sync and, when it changed, broadcast the state dict once (one ``ray.put`` of numpy arrays,
+read by the actors of a node from shared memory without a copy) for each actor to load. A write
+through ``tensor.data`` changes none of these: call :func:`weights_changed` after one.
+
+Reward models and judge models go the same way (:func:`map_chunks`): the actors hold each module
+the driver sends in a slot of its own, so a policy, a reward model and a judge model are each sent
+once and re-sent only when their own weights change.
 
 An actor that dies mid-call (its process killed, its node lost) is noticed when its chunk's result
 is collected (``RayActorError``, or ``OutOfMemoryError`` when Ray's memory monitor killed it): a
@@ -29,6 +35,7 @@ chunk's result is kept once, by its index, so nothing is lost or duplicated.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import time
@@ -183,10 +190,33 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
 # ----------------------------------------------------------------------------- weights
 
 
-def weights_version(model) -> tuple[int, ...]:
-    """The version counters of ``model``'s parameters and buffers: any in-place write through
-    autograd-visible ops (optimiser steps, ``copy_``, ``load_state_dict``) changes them."""
-    return tuple(t._version for t in (*model.parameters(), *model.buffers()))
+_STEPS = "_alignkit_optimizer_steps"
+_watching: list[bool] = []
+
+
+def _count_steps(optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            setattr(p, _STEPS, getattr(p, _STEPS, 0) + 1)
+
+
+def watch_optimizer_steps() -> None:
+    """Count, on each parameter, the optimiser steps that updated it (a global step hook,
+    registered once): torch's fused AdamW writes parameters without bumping their version
+    counters, so the counters alone miss a training step."""
+    if not _watching:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(_count_steps)
+        _watching.append(True)
+
+
+def weights_version(model) -> tuple[tuple[int, int, int], ...]:
+    """Per parameter and buffer of ``model``: its version counter (any in-place write through
+    autograd-visible ops: ``copy_``, ``load_state_dict``, non-fused optimiser steps), its storage
+    (``p.data = ...``) and the optimiser steps that updated it (:func:`watch_optimizer_steps`)."""
+    return tuple((t.data_ptr(), t._version, getattr(t, _STEPS, 0))
+                 for t in (*model.parameters(), *model.buffers()))
 
 
 def weights_changed(model) -> None:
@@ -238,6 +268,33 @@ def _cpu_module(model):
     return copy.deepcopy(model).cpu()
 
 
+_CAPTURING_HOOK = "install_output_capuring_hook.<locals>.output_capturing_hook"
+
+
+@contextlib.contextmanager
+def _without_capturing_hooks(model):
+    """``model`` without the forward hooks transformers installs on the first forward that asks
+    for hidden states or attentions (closures over a ``ContextVar``, which no pickler can send),
+    and without the flag that says they are installed, so that a copy made meanwhile installs
+    its own when it needs them; both are put back on exit."""
+    hooked, flags = [], []
+    for module in model.modules():
+        hooks = module._forward_hooks
+        if any(getattr(h, "__qualname__", "") == _CAPTURING_HOOK for h in hooks.values()):
+            hooked.append((module, hooks))
+            module._forward_hooks = collections.OrderedDict(
+                (k, h) for k, h in hooks.items() if getattr(h, "__qualname__", "") != _CAPTURING_HOOK)
+        if module.__dict__.pop("_output_capturing_hooks_installed", None) is not None:
+            flags.append(module)
+    try:
+        yield model
+    finally:
+        for module, hooks in hooked:
+            module._forward_hooks = hooks
+        for module in flags:
+            module._output_capturing_hooks_installed = True
+
+
 # ----------------------------------------------------------------------------- the actor
 
 
@@ -247,7 +304,12 @@ class WorkerActor:
     runs a function of one of them over a chunk of rows (its methods run remotely)."""
 
     def __init__(self, threads: int, use_gpu: bool):
+        from alignkit.engine.attention import register
+
         torch.set_num_threads(threads)
+        # A module may name alignkit's attention (packed training switches the policy to it);
+        # transformers looks it up by name in a registry of this process, so register it here.
+        register()
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.models: dict[int, torch.nn.Module] = {}
         self.versions: dict[int, int] = {}
@@ -306,6 +368,7 @@ class PoolStats:
     sync_kind: str = ""             # "module", "weights" or "" (none)
     call_seconds: float = 0.0       # dispatch to the last chunk's result deserialised
     restarts_total: int = 0
+    broadcasts: int = 0             # weight broadcasts ("weights" syncs) since the pool started
 
 
 @dataclass
@@ -314,7 +377,7 @@ class _Held:
 
     model: weakref.ref
     slot: int
-    seen: tuple[int, ...]
+    seen: tuple
     version: int
     module_ref: object
     weights_ref: object = None
@@ -342,6 +405,7 @@ class RayPool:
         if not ray.is_initialized():
             ray.init(address=None if workers.address == "auto" else workers.address,
                      include_dashboard=False, log_to_driver=False)
+        watch_optimizer_steps()
         self.workers = workers
         self._remote = ray.remote(WorkerActor).options(
             num_cpus=workers.cpus_per_worker, num_gpus=workers.gpus_per_worker)
@@ -390,9 +454,11 @@ class RayPool:
             loads = [a.load_weights.remote(held.slot, held.weights_ref, self.version)
                      for a in self.actors]
             self.stats.sync_kind = "weights"
+            self.stats.broadcasts += 1
         else:
-            held = _Held(weakref.ref(model), self._slots, seen, self.version,
-                         ray.put(_cpu_module(model)))
+            with _without_capturing_hooks(_cpu_module(model)) as module:
+                module_ref = ray.put(module)
+            held = _Held(weakref.ref(model), self._slots, seen, self.version, module_ref)
             self._slots += 1
             self._held.append(held)
             loads = [a.load_module.remote(held.slot, held.module_ref, self.version)
