@@ -1,4 +1,5 @@
-"""Ray sampling workers against local sampling, and what each Ray call costs.
+"""Ray workers (sampling, reward-model scoring, AI judging) against local, and what each Ray call
+costs.
 
     unshare -n sh -c 'ip link set lo up; exec python bench/ray_workers.py'
 
@@ -11,6 +12,10 @@ Measured, in one process, each configuration in turn for ``--rounds`` rounds (me
   ``--batch``) and of ``label``'s sampling (``sample_pairs``, two responses per prompt) on the
   demo model: local with 2 torch threads, local with 1, and Ray with 1 and 2 actors (1 torch
   thread each); response tokens per second.
+* **throughput** of ``label-ai`` with a local judge (the demo model as the judge, text format,
+  verdicts scored in batches of ``--batch``, both orders: ``2 x --prompts x --k / 2`` requests on
+  pairs of sampled responses; pairs per second) and of reward-model scoring (the demo model with a
+  scalar head on the Grow rows; rows per second), in the same four configurations.
 * **per-call costs**: an empty actor round trip; the weight broadcast (``ray.put`` of the state
   dict, then every actor loads it) for the demo model and the 40M GPT-2, and the first sync that
   ships the whole module; the transfer of a chunk's result (a ``Rollout`` of ``--batch`` rows).
@@ -50,7 +55,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: --prompts 8 --k 2 --batch 4 --new-tokens 8 --rounds 1, no "
+                         "per-call costs")
     args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.k, args.batch, args.new_tokens, args.rounds = 8, 2, 4, 8, 1
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # The raylet waits this long for its agents; they start slowly on a loaded 2-core machine.
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
@@ -58,6 +68,9 @@ def main() -> None:
     import ray
 
     from alignkit.engine.generation import Rollout
+    from alignkit.engine.judges import JudgeConfig, LocalBackend, PairwiseJudge
+    from alignkit.engine.models import load_scalar_model
+    from alignkit.engine.scoring import RewardModel
     from alignkit.engine.models import load_causal_lm, load_tokenizer
     from alignkit.engine.sampling import SamplingConfig, sample_pairs, sample_texts
     from alignkit.engine.workers import WorkersConfig, pool, state_arrays
@@ -89,6 +102,23 @@ def main() -> None:
 
     configs = {"local, 2 threads": (2, None), "local, 1 thread": (1, None),
                "ray, 1 actor x 1 thread": (1, one), "ray, 2 actors x 1 thread": (1, two)}
+    demo = f"{args.work}/models/llama-demo"
+    judge_cfg = JudgeConfig(model=demo, format="text", batch_size=args.batch)
+    judges = {w: PairwiseJudge(judge_cfg, backend=LocalBackend(demo, args.batch, model=model,
+                                                               tokenizer=tok, workers=w))
+              for _, w in configs.values()}
+    torch.manual_seed(0)
+    rm_model = load_scalar_model(demo, tokenizer=tok).eval()
+    scorers = {w: RewardModel(demo, batch_size=args.batch, model=rm_model, tokenizer=tok, workers=w)
+               for _, w in configs.values()}
+    pair_prompts = prompts * (args.k // 2)
+    pairs = sample_pairs(model, tok, pair_prompts, cfg, chat=False, seed=1, batch_size=args.batch)
+    pair_a, pair_b = [p["response_a"] for p in pairs], [p["response_b"] for p in pairs]
+    grow_texts = sample_texts(model, tok, grow_rows, cfg, chat=False, seed=2,
+                              batch_size=args.batch)[1]
+    for w in (one, two):   # ship the judge's and the reward model's modules once
+        judges[w].judge(pair_prompts[:2], pair_a[:2], pair_b[:2])
+        scorers[w](grow_rows[:2], grow_texts[:2])
 
     def grow(workers):
         rollout, _ = sample_texts(model, tok, grow_rows, cfg, chat=False, seed=0,
@@ -99,22 +129,36 @@ def main() -> None:
         sample_pairs(model, tok, prompts * (args.k // 2), cfg, chat=False, seed=0,
                      batch_size=args.batch, workers=workers)
 
+    def label_ai(workers):
+        judges[workers].judge(pair_prompts, pair_a, pair_b)
+
+    def rm_scores(workers):
+        scorers[workers](grow_rows, grow_texts)
+
     tokens = grow(None)
-    times = {("grow", name): [] for name in configs} | {("label", name): [] for name in configs}
+    work = {"grow": grow, "label": label, "label-ai": label_ai, "rm scoring": rm_scores}
+    times = {(what, name): [] for what in work for name in configs}
     for _ in range(args.rounds):
         for name, (threads, workers) in configs.items():
             torch.set_num_threads(threads)
-            for what, fn in (("grow", grow), ("label", label)):
+            for what, fn in work.items():
                 start = time.perf_counter()
                 fn(workers)
                 times[(what, name)].append(time.perf_counter() - start)
     torch.set_num_threads(2)
     result["rows"] = len(grow_rows)
     result["response_tokens"] = tokens
+    result["judged_pairs"] = len(pair_prompts)
+    units = {"grow": ("tokens_per_s", tokens), "label": ("tokens_per_s", tokens),
+             "label-ai": ("pairs_per_s", len(pair_prompts)), "rm scoring": ("rows_per_s", len(grow_rows))}
     result["throughput"] = {
-        f"{what}: {name}": {"seconds": statistics.median(t), "tokens_per_s": tokens / statistics.median(t),
-                            "all_seconds": t}
+        f"{what}: {name}": {"seconds": statistics.median(t),
+                            units[what][0]: units[what][1] / statistics.median(t), "all_seconds": t}
         for (what, name), t in times.items()}
+    if args.quick:
+        ray.shutdown()
+        print(json.dumps(result, indent=1))
+        return
 
     # --- per-call costs
     actor = pool(two).actors[0]

@@ -115,15 +115,18 @@ def test_store_source_of_each_labeler():
 def test_pairwise_judge_spec_routes_to_the_pairwise_labeler(monkeypatch):
     import alignkit.engine.judges as judges
 
+    from alignkit.engine.workers import WorkersConfig
+
     seen = []
 
-    def fake(spec):
-        seen.append(spec)
+    def fake(spec, workers=None):
+        seen.append((spec, workers))
         return lambda p, a, b: [{"prompt": p[0], "chosen": b[0], "rejected": a[0]}]
 
     monkeypatch.setattr(judges, "make_judge_labeler", fake)
-    label = label_with("pairwise-judge:configs/judge.yaml", None, 0.2, 0)
-    assert seen == ["configs/judge.yaml"]
+    workers = WorkersConfig(backend="ray", num=3)    # the stage's workers reach the judge
+    label = label_with("pairwise-judge:configs/judge.yaml", None, 0.2, 0, workers=workers)
+    assert seen == [("configs/judge.yaml", workers)]
     assert label(["p"], ["a"], ["b"]) == [{"prompt": "p", "chosen": "b", "rejected": "a"}]
 
 

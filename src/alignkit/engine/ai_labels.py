@@ -5,7 +5,8 @@ a pairwise AI judge (:mod:`alignkit.engine.judges`) label them, both orders aver
 chunk. Every judgement goes to the preference store, which also answers repeated requests (a
 re-run pays for nothing twice). Where ``<pairs_dir>/<split>.jsonl`` holds other labels of the same
 pairs (simulated annotators or people), they are imported too and the judge's agreement with
-them is measured on the shared pairs.
+them is measured on the shared pairs. The judge runs where ``workers`` say (in this process, or
+its batches / requests on Ray actors: :mod:`alignkit.engine.workers`), with the same labels.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from alignkit.data.io import read_jsonl, write_jsonl
 from alignkit.data.store import PreferenceStore
-from alignkit.engine.judges import (JudgeConfig, PairwiseJudge, agreement, position_bias_rate,
-                                    preference_record)
+from alignkit.engine.judges import (JudgeConfig, PairwiseJudge, agreement, make_backend,
+                                    position_bias_rate, preference_record)
 from alignkit.tracking import Progress
 
 
@@ -46,14 +47,15 @@ def label_split(judge, pairs: list[dict], chunk: int) -> tuple[list, list[dict],
 
 def label_pair_files(judge_cfg: JudgeConfig, pairs_dir: str | Path, out_dir: str | Path, *,
                      splits: list[str], store: str | Path, reference_source: str,
-                     chunk: int = 256, limit: int = 0) -> dict:
+                     chunk: int = 256, limit: int = 0, workers=None) -> dict:
     """Label every split's pairs into ``<out_dir>/<split>.jsonl`` (preference records with the
     judge's soft label) and ``unlabelled.jsonl`` (failed or unparseable pairs, with the reason);
     returns the summary: agreement and kappa with ``reference_source``, position-bias rate, cost
-    per label, labels per second, request and token counts. ``limit`` > 0: the first pairs only."""
+    per label, labels per second, request and token counts. ``limit`` > 0: the first pairs only;
+    ``workers`` (a ``WorkersConfig``, None: this process): where the judge runs."""
     out, pairs_dir = Path(out_dir), Path(pairs_dir)
     with PreferenceStore(store) as db:
-        judge = PairwiseJudge(judge_cfg, store=db)
+        judge = PairwiseJudge(judge_cfg, backend=make_backend(judge_cfg, workers), store=db)
         summary: dict = {"judge": judge.id, "template_version": judge.template_version}
         everything, unlabelled = [], []
         start = time.perf_counter()

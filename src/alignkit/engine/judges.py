@@ -23,7 +23,10 @@ token probabilities, ``s = sum_k k p(k)``, is rescaled to ``r = (s - 5.5) / 4.5`
 Backends: a local causal LM (:class:`LocalBackend`: one forward pass for the verdict log-probs,
 :func:`alignkit.engine.generation.generate` for rationales) and any OpenAI-compatible endpoint
 (:class:`HttpBackend`: stdlib ``urllib``, a concurrency limit, timeouts, retries with exponential
-backoff on 429 / 5xx / connection errors). Every request is cached in the preference store
+backoff on 429 / 5xx / connection errors). Either runs where its ``workers`` say (a stage's
+``workers`` section, :mod:`alignkit.engine.workers`): in this process, or on Ray actors, the local
+model's batches (the same batches, so the same answers) or the endpoint's requests in chunks.
+Every request is cached in the preference store
 (:meth:`~alignkit.data.store.PreferenceStore.request_key`), so a re-run or a resumed run never
 pays twice, and every pairwise judgement is recorded there with source ``ai``.
 """
@@ -342,13 +345,14 @@ class LocalBackend:
     """A causal LM on this machine, through the same prompt encoding as training and serving."""
 
     def __init__(self, path: str, batch_size: int = 32, model=None, tokenizer=None,
-                 engine: str = "hf"):
+                 engine: str = "hf", workers=None):
         from alignkit.engine.models import load_causal_lm, load_tokenizer
 
         self.tokenizer = tokenizer or load_tokenizer(path)
         self.model = (model or load_causal_lm(path, tokenizer=self.tokenizer)).eval()
         self.batch_size = batch_size
         self.engine = engine             # the sampling backend of generated answers
+        self.workers = workers           # WorkersConfig | None: where the batches run
         self.context = getattr(self.model.config, "max_position_embeddings", None) or 10**9
 
     def complete(self, requests: list[Request]) -> list[Answer | RequestFailed]:
@@ -377,12 +381,15 @@ class LocalBackend:
         # Batches of similar lengths (the answers go back in the requests' order): on the demo's
         # judge prompts, padding to each batch's longest took 22% more tokens in request order,
         # 3% sorted.
+        from alignkit.engine.workers import map_chunks
+
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        chunks = [([prompt_ids[i] for i in idx], cand, self.tokenizer.pad_token_id)
+                  for idx in batches]
         rows: list = [None] * len(prompt_ids)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            logps, greedy = candidate_logps(self.model, [prompt_ids[i] for i in idx], cand,
-                                            self.tokenizer.pad_token_id)
+        for idx, (logps, greedy) in zip(batches, map_chunks(candidate_logps, self.model, chunks,
+                                                            self.workers)):
             for i, lp, g in zip(idx, logps.tolist(), greedy.tolist()):
                 rows[i] = (self.tokenizer.decode([g], skip_special_tokens=True),
                            dict(zip(labels, lp)), 1)
@@ -395,14 +402,15 @@ class LocalBackend:
         cfg = SamplingConfig(max_new_tokens=max(1, min(max_tokens, room)), temperature=0.0,
                              engine=self.engine)
         rollout = sample(self.model, prompt_ids, cfg, eos_token_id=self.tokenizer.eos_token_id,
-                         pad_token_id=self.tokenizer.pad_token_id, batch_size=self.batch_size)
+                         pad_token_id=self.tokenizer.pad_token_id, batch_size=self.batch_size,
+                         workers=self.workers)
         texts = rollout.decode(self.tokenizer)
         return [(t.strip(), None, int(n)) for t, n in zip(texts, rollout.response_lengths())]
 
 
 def candidate_logps(model, prompt_ids: list[list[int]], candidates: list[list[int]], pad_id: int):
     """Log-probability that the answer to each prompt is each candidate, ``[B, K]``, and the
-    greedy first answer token ``[B]``.
+    greedy first answer token ``[B]`` (CPU tensors).
 
     Single-token candidates with distinct tokens (the usual "1"/"2"): one forward pass over the
     prompts, the next-token log-probs of the candidates. Otherwise (e.g. "10" tokenised as "1",
@@ -462,14 +470,30 @@ def _logps_at(model, rows: list[list[int]], positions: list[list[int]], pad_id: 
 class HttpBackend:
     """An OpenAI-compatible endpoint: ``/chat/completions`` or ``/completions`` with log-probs."""
 
-    def __init__(self, cfg: HttpConfig, model: str, top_logprobs: int = 20):
+    def __init__(self, cfg: HttpConfig, model: str, top_logprobs: int = 20, workers=None):
         self.cfg, self.model, self.top_logprobs = cfg, model, top_logprobs
+        self.workers = workers           # WorkersConfig | None: where the requests are sent from
         self.retries = 0
         self._lock = threading.Lock()
 
     def complete(self, requests: list[Request]) -> list[Answer | RequestFailed]:
-        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            return list(pool.map(self._one, requests))
+        """The answers in request order. On Ray workers: chunks of ``4 x http.concurrency``
+        requests, each sent by an actor with ``http.concurrency`` in flight (so up to
+        ``workers.num x http.concurrency`` in all); a chunk whose actor died is sent again."""
+        if self.workers is None or self.workers.backend == "local":
+            with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+                return list(pool.map(self._one, requests))
+        from alignkit.engine.workers import map_chunks
+
+        step = 4 * self.cfg.concurrency
+        chunks = [(self.cfg, self.model, self.top_logprobs, requests[s:s + step])
+                  for s in range(0, len(requests), step)]
+        out: list[Answer | RequestFailed] = []
+        for answers, retries in map_chunks(_http_chunk, None, chunks, self.workers):
+            out += answers
+            with self._lock:
+                self.retries += retries
+        return out
 
     def _one(self, r: Request) -> Answer | RequestFailed:
         chat = self.cfg.api == "chat"
@@ -533,6 +557,13 @@ class HttpBackend:
         raise RequestFailed(f"{url}: gave up after {self.cfg.max_retries + 1} attempts ({last})")
 
 
+def _http_chunk(_model, cfg: HttpConfig, model: str, top_logprobs: int,
+                requests: list[Request]) -> tuple[list[Answer | RequestFailed], int]:
+    """One chunk of an endpoint's requests, sent from a worker: the answers and the retries."""
+    backend = HttpBackend(cfg, model, top_logprobs)
+    return backend.complete(requests), backend.retries
+
+
 def _retry_after(value: str | None) -> float | None:
     try:
         return max(0.0, float(value)) if value is not None else None
@@ -552,10 +583,11 @@ def _first_token_alternatives(logprobs: dict | None, chat: bool) -> list[tuple[s
     return list(tops[0].items()) if tops and tops[0] else None
 
 
-def make_backend(cfg: JudgeConfig):
+def make_backend(cfg: JudgeConfig, workers=None):
+    """The judge's backend; ``workers`` (a ``WorkersConfig``, None: this process): where it runs."""
     if cfg.backend == "http":
-        return HttpBackend(cfg.http, cfg.model, cfg.top_logprobs)
-    return LocalBackend(cfg.model, cfg.batch_size, engine=cfg.engine)
+        return HttpBackend(cfg.http, cfg.model, cfg.top_logprobs, workers=workers)
+    return LocalBackend(cfg.model, cfg.batch_size, engine=cfg.engine, workers=workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -833,14 +865,16 @@ def _merged(base: dict, given: dict) -> dict:
     return out
 
 
-def make_judge_labeler(spec: str):
+def make_judge_labeler(spec: str, workers=None):
     """``fn(prompts, a, b) -> preference records`` with the pairwise judge of the judge config at
     ``spec`` (both orders, soft labels; recorded in the config's ``store`` when one is set): the
-    AI labeler of iterative RLAIF (``online.labeler`` of ``alignkit dpo``)."""
+    AI labeler of iterative RLAIF (``online.labeler`` of ``alignkit dpo``); ``workers``: where
+    the judge runs."""
     from alignkit.data.store import PreferenceStore
 
     cfg = load_judge_config(spec)
-    judge = PairwiseJudge(cfg, store=PreferenceStore(cfg.store) if cfg.store else None)
+    judge = PairwiseJudge(cfg, backend=make_backend(cfg, workers),
+                          store=PreferenceStore(cfg.store) if cfg.store else None)
 
     def label(prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[dict]:
         run = judge.label if judge.store is not None else judge.judge
@@ -852,12 +886,13 @@ def make_judge_labeler(spec: str):
     return label
 
 
-def make_judge_reward(spec: str, **kwargs) -> PointwiseJudge:
-    """The reward source ``judge:CONFIG``: the pointwise judge of a judge config (d-RLAIF).
-    Reward-source keywords of other kinds (``chat``, ``batch_size``) are accepted and unused:
-    the judge renders its own prompt. The config's ``store`` caches every request."""
+def make_judge_reward(spec: str, workers=None, **kwargs) -> PointwiseJudge:
+    """The reward source ``judge:CONFIG``: the pointwise judge of a judge config (d-RLAIF), run
+    where ``workers`` say. Reward-source keywords of other kinds (``chat``, ``batch_size``) are
+    accepted and unused: the judge renders its own prompt. The config's ``store`` caches every
+    request."""
     from alignkit.data.store import PreferenceStore
 
     cfg = load_judge_config(spec)
     store = PreferenceStore(cfg.store) if cfg.store else None
-    return PointwiseJudge(cfg, store=store)
+    return PointwiseJudge(cfg, backend=make_backend(cfg, workers), store=store)

@@ -7,7 +7,10 @@ A reward source maps ``(prompts, responses)`` (text) to one float per response. 
 * ``python:MOD:FUNC``   a user function ``FUNC(prompts, responses) -> list[float]``
 * ``judge:CONFIG``      an AI judge's pointwise score (see :mod:`alignkit.engine.judges`)
 
-Text in, scores out: the reward model may use a different tokenizer from the policy.
+Text in, scores out: the reward model may use a different tokenizer from the policy. A reward
+model's batches run where its ``workers`` say (a stage's ``workers`` section): in this process,
+or each batch on a Ray actor holding a copy of the model (:func:`alignkit.engine.workers.map_chunks`);
+the batches, and so the scores, are the same either way.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class RewardModel:
     """A scalar-head model scoring ``prompt + response`` encoded exactly as in RM training."""
 
     def __init__(self, path: str, batch_size: int = 32, chat: bool = False, model=None,
-                 tokenizer=None, max_length: int = 512):
+                 tokenizer=None, max_length: int = 512, workers=None):
         from alignkit.engine.models import load_scalar_model, load_tokenizer
 
         self.tokenizer = tokenizer or load_tokenizer(path)
@@ -63,9 +66,9 @@ class RewardModel:
         self.batch_size = batch_size
         self.chat = chat
         self.max_length = max_length
+        self.workers = workers           # WorkersConfig | None: where the batches run
         self.name = f"model:{path}"
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         from alignkit.data.collate import collate_sft
         from alignkit.data.formats import encode_prompt_completion
@@ -77,14 +80,25 @@ class RewardModel:
                 p, r = [{"role": "user", "content": p}], [{"role": "assistant", "content": r}]
             enc = encode_prompt_completion(p, r, self.tokenizer, self.max_length, "truncate")
             encoded.append({"input_ids": enc.input_ids, "labels": enc.labels})
-        device = next(self.model.parameters()).device
-        scores: list[float] = []
-        for s in range(0, len(encoded), self.batch_size):
-            batch = collate_sft(encoded[s:s + self.batch_size], self.tokenizer.pad_token_id)
-            logits = self.model(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device)).logits
-            scores.extend(logits[:, 0].float().tolist())
-        return scores
+        from alignkit.engine.workers import map_chunks
+
+        batches = [collate_sft(encoded[s:s + self.batch_size], self.tokenizer.pad_token_id)
+                   for s in range(0, len(encoded), self.batch_size)]
+        chunks = [(b["input_ids"], b["attention_mask"]) for b in batches]
+        return [x for part in map_chunks(scalar_scores, self.model, chunks, self.workers)
+                for x in part]
+
+
+@torch.no_grad()
+def scalar_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[float]:
+    """The scalar head's output of one padded batch (a reward model's scores)."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    return logits[:, 0].float().tolist()
+
+
+def _model(spec: str, **kwargs) -> RewardModel:
+    return RewardModel(spec, **kwargs)
 
 
 def _gold(spec: str, **kwargs) -> GoldReward:
@@ -104,14 +118,14 @@ def _judge(spec: str, **kwargs):
 
 # The one registry of reward-source kinds: ``KIND:REST`` -> ``REWARD_SOURCES[KIND](REST, **kwargs)``.
 REWARD_SOURCES: dict[str, Callable[..., RewardSource]] = {
-    "model": RewardModel, "gold": _gold, "python": _python, "judge": _judge,
+    "model": _model, "gold": _gold, "python": _python, "judge": _judge,
 }
 
 
 def make_reward_source(spec: str, **kwargs) -> RewardSource:
     """The reward source of ``spec`` (``model:PATH``, ``gold:TASK[:chat]``, ``python:MOD:FUNC``,
     ``judge:CONFIG``); ``kwargs`` go to sources that take them (a reward model's ``chat``,
-    ``batch_size``)."""
+    ``batch_size``; ``workers``: where a reward model's or a local judge's batches run)."""
     kind, _, rest = spec.partition(":")
     if kind not in REWARD_SOURCES:
         raise ValueError(f"unknown reward source {spec!r}: use "

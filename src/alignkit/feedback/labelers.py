@@ -15,11 +15,11 @@ PAIRWISE_JUDGE = "pairwise-judge:"
 
 
 def label_with(labeler: str, task_name: str | None, temperature: float, seed: int,
-               chat: bool = False) -> Labeler:
+               chat: bool = False, workers=None) -> Labeler:
     """The labeler of spec ``labeler``: ``simulated`` (a Bradley-Terry draw on the gold reward
     of built-in task ``task_name``), ``pairwise-judge:CONFIG`` (the RLAIF pairwise judge, both
     orders; Lee et al. 2023, Sec. 2.1), or a reward source spec (the higher-scored response is
-    chosen, ties dropped)."""
+    chosen, ties dropped). ``workers``: where a judge or a reward model runs."""
     if labeler == "simulated":
         from alignkit.feedback.simulate import SimulatedAnnotator, label_pairs
         from alignkit.tasks import get_task
@@ -32,10 +32,10 @@ def label_with(labeler: str, task_name: str | None, temperature: float, seed: in
     if labeler.startswith(PAIRWISE_JUDGE):
         from alignkit.engine.judges import make_judge_labeler
 
-        return make_judge_labeler(labeler[len(PAIRWISE_JUDGE):])
+        return make_judge_labeler(labeler[len(PAIRWISE_JUDGE):], workers=workers)
     from alignkit.engine.scoring import make_reward_source
 
-    source = make_reward_source(labeler, chat=chat)
+    source = make_reward_source(labeler, chat=chat, workers=workers)
 
     def by_reward(prompts, a, b):
         sa, sb = source(prompts, a), source(prompts, b)

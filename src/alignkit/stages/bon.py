@@ -45,7 +45,7 @@ class Config(TrackingConfig):
     seed: int = 1234
     out_dir: str = "runs/bon"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling runs: local | ray
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling and RM scoring run: local | ray
 
     def __post_init__(self):
         require(bool(self.policy), "policy is required (path of a causal LM)")
@@ -109,14 +109,16 @@ def kl_plugin(rewards, n: int) -> float:
 def score_samples(prompts: list[str], responses: list[str], cfg: Config) -> dict[str, list[float]]:
     from alignkit.engine.scoring import make_reward_source
 
-    scores = {"proxy_reward": make_reward_source(cfg.reward, chat=cfg.chat)(prompts, responses)}
+    proxy = make_reward_source(cfg.reward, chat=cfg.chat, workers=cfg.workers)
+    scores = {"proxy_reward": proxy(prompts, responses)}
     gold_spec = f"gold:{cfg.task}" + (":chat" if cfg.chat else "") if cfg.task else None
     golds = (gold_spec, f"gold:{cfg.task}")
     if gold_spec:  # selecting by the gold reward itself (a verifier) needs no second pass
         scores["gold_reward"] = scores["proxy_reward"] if cfg.reward in golds \
             else make_reward_source(gold_spec)(prompts, responses)
     if cfg.heldout and cfg.heldout not in golds:
-        scores["heldout_reward"] = make_reward_source(cfg.heldout, chat=cfg.chat)(prompts, responses)
+        heldout = make_reward_source(cfg.heldout, chat=cfg.chat, workers=cfg.workers)
+        scores["heldout_reward"] = heldout(prompts, responses)
     return scores
 
 

@@ -70,7 +70,7 @@ class Config(TrackingConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=10))
     train: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling runs: local | ray
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # sampling, judge, RM: local | ray
     online: OnlineConfig = field(default_factory=OnlineConfig)
 
     def __post_init__(self):
@@ -249,7 +249,7 @@ def run_online(cfg: Config) -> dict:
                    else f"task:{cfg.eval.task}{chat_suffix}")
     prompts = load_prompts(prompt_spec, "train", on.rounds * on.prompts_per_round)
     labeler = label_with(on.labeler, cfg.eval.task, on.annotator_temperature, cfg.train.seed,
-                         chat=cfg.eval.chat)
+                         chat=cfg.eval.chat, workers=cfg.workers)
     eval_fn = make_eval(cfg, tokenizer, reference)
     policy_path, final = cfg.model, {}
     tracker.progress(on.rounds, unit="round")

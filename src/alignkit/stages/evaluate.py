@@ -43,7 +43,7 @@ class Config(TrackingConfig):
     success_at: float | None = None   # also report gold_success: the share of gold >= this
     out_dir: str = "runs/eval"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling runs: local | ray
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling and RM scoring run: local | ray
 
     def __post_init__(self):
         require(bool(self.policy), "policy is required (path of a causal LM)")
@@ -83,7 +83,8 @@ def main(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.policy, cfg.chat_template, chat=cfg.chat)
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer)
     reference = load_causal_lm(cfg.reference, tokenizer=tokenizer) if cfg.reference else None
-    sources = {name: make_reward_source(spec, chat=cfg.chat) for name, spec in reward_specs(cfg)}
+    sources = {name: make_reward_source(spec, chat=cfg.chat, workers=cfg.workers)
+               for name, spec in reward_specs(cfg)}
     spec = cfg.prompts or f"task:{cfg.task}"
     prompts = [p for p in load_prompts(spec, cfg.split, cfg.num_prompts, cfg.chat)
                for _ in range(cfg.samples_per_prompt)]

@@ -14,6 +14,11 @@ response), ``store.db``, ``unlabelled.jsonl`` (failed or unparseable pairs, with
 ``metrics.json``: ``ai_agreement_with_<source>``, ``position_bias_rate``, ``cost_per_label``
 ($ from token counts and the configured prices), ``labels_per_second``, ...
 
+``workers`` (``backend: local | ray``, :mod:`alignkit.engine.workers`): where the judge runs. On
+Ray, a local judge model's batches (each a copy of the local batch) or an endpoint's requests
+(in chunks, ``http.concurrency`` in flight per actor) go to ``workers.num`` actors; the labels
+are the local backend's.
+
 Needs ``--config``: a file with a shared ``judge:`` section and a ``label_ai:`` section (see
 ``configs/judge.yaml``), or a plain file of this stage's keys.
 """
@@ -26,6 +31,7 @@ from typing import Literal
 
 from alignkit.config import require
 from alignkit.engine.judges import JudgeConfig
+from alignkit.engine.workers import WorkersConfig
 from alignkit.tracking import TrackingConfig
 
 
@@ -39,6 +45,7 @@ class Config(TrackingConfig):
     reference_source: Literal["simulated", "human"] = "simulated"  # who labelled <split>.jsonl
     chunk: int = 256                  # pairs judged and committed to the store at a time
     limit: int = 0                    # > 0: only the first `limit` pairs of each split
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where the judge runs: local | ray
 
     def __post_init__(self):
         require(bool(self.pairs_dir), "pairs_dir is required (the output folder of alignkit label)")
@@ -60,7 +67,7 @@ def main(cfg: Config) -> dict:
     summary = label_pair_files(cfg.judge, cfg.pairs_dir, out, splits=cfg.splits,
                                store=cfg.store or out / "store.db",
                                reference_source=cfg.reference_source, chunk=cfg.chunk,
-                               limit=cfg.limit)
+                               limit=cfg.limit, workers=cfg.workers)
     tracker.log(0, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return tracker.finish(summary)
 

@@ -47,7 +47,7 @@ class Config(TrackingConfig):
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling runs: local | ray
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # sampling and judge: local | ray
 
     def __post_init__(self):
         require(bool(self.policy), "policy is required (path of a causal LM)")
@@ -102,6 +102,7 @@ def _judge_labels(cfg: Config, out: Path) -> dict:
     judge_cfg = load_judge_config(cfg.judge)
     tracker = Tracker(out / "ai", judge_cfg, stage="label-ai")
     ai = label_pair_files(judge_cfg, out, out / "ai", splits=["train", "eval"],
-                          store=out / "ai" / "store.db", reference_source="simulated")
+                          store=out / "ai" / "store.db", reference_source="simulated",
+                          workers=cfg.workers)
     tracker.log(0, {k: v for k, v in ai.items() if isinstance(v, (int, float))})
     return {**tracker.finish(ai), "simulated_train": str(out / "train.jsonl")}   # train/eval: AI

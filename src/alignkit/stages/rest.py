@@ -112,7 +112,7 @@ class Config(TrackingConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling runs: local | ray
+    workers: WorkersConfig = field(default_factory=WorkersConfig)   # where sampling and RM scoring run: local | ray
 
     def __post_init__(self):
         require(bool(self.model), "model is required (path of the SFT policy)")
@@ -261,12 +261,13 @@ def make_judges(cfg: Config) -> Judges:
     gold_spec = f"gold:{cfg.task}" + (":chat" if cfg.chat else "") if cfg.task else None
     gold = make_reward_source(gold_spec) if gold_spec else None
     spec = cfg.guard.heldout or gold_spec
+    proxy = make_reward_source(cfg.reward, chat=cfg.chat, workers=cfg.workers)
     if spec is None:
-        return Judges(make_reward_source(cfg.reward, chat=cfg.chat), gold, None, None)
+        return Judges(proxy, gold, None, None)
     if spec in (gold_spec, f"gold:{cfg.task}"):
-        return Judges(make_reward_source(cfg.reward, chat=cfg.chat), gold, None, "gold_reward_mean")
-    return Judges(make_reward_source(cfg.reward, chat=cfg.chat), gold,
-                  make_reward_source(spec, chat=cfg.chat), "heldout_reward_mean")
+        return Judges(proxy, gold, None, "gold_reward_mean")
+    return Judges(proxy, gold, make_reward_source(spec, chat=cfg.chat, workers=cfg.workers),
+                  "heldout_reward_mean")
 
 
 def evaluate(policy, reference, tokenizer, prompts: list[str], cfg: Config,
