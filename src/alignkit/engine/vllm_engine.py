@@ -9,8 +9,8 @@ current weights through the same call that syncs them later (:meth:`VLLMEngine.s
 is written to disk but ``config.json``, and there is one weight path to test, not two.
 
 Before every draw :func:`sample_vllm` checks whether the policy's weights may have changed since
-the last sync (:func:`weights_version`: a count of optimiser steps in the process, which a global
-step hook keeps, and every parameter's version counter and storage) and, if so, pushes them into
+the last sync (:func:`~alignkit.engine.workers.weights_version`, as the Ray pool does: each
+parameter's optimiser steps, which a global step hook counts, its version counter and storage) and, if so, pushes them into
 the running engine (``collective_rpc("reload_weights", weights_iterator=...)``, vLLM's own loader,
 which also redoes the CPU backend's weight post-processing) and empties its prefix cache. Stages
 need not know that vLLM is there: the RL loop updates the policy in place and the next rollout
@@ -50,6 +50,7 @@ from typing import Iterator
 import torch
 
 from alignkit.config import ConfigError
+from alignkit.engine.workers import watch_optimizer_steps, weights_version
 
 # Set before vLLM is imported (its settings read the environment): the engine in this process,
 # no telemetry, no hub access (the model is a local folder).
@@ -57,19 +58,16 @@ _ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "DO_N
         "HF_HUB_OFFLINE": "1"}
 
 _lock = threading.Lock()
-_hooked: list = []
 _first_threads: list[int] = []
 _current: list[tuple[weakref.ref, VLLMEngine]] = []   # (model, its engine): at most one
 
 
 def import_vllm():
     """``vllm``, or a :class:`ConfigError` naming ``sampling.engine`` and how to install it.
-    Registers the optimiser step hook of :func:`weights_version` (once)."""
-    if not _hooked:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        register_optimizer_step_post_hook(_count_step)
-        _hooked.append(True)
+    Starts counting optimiser steps per parameter (:func:`~alignkit.engine.workers.weights_version`:
+    torch's fused AdamW, what the training loop uses, writes parameters without bumping their
+    version counters)."""
+    watch_optimizer_steps()
     for key, value in _ENV.items():
         os.environ[key] = value
     try:
@@ -118,22 +116,6 @@ def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
             continue
         name = name.replace(".base_layer.", ".")
         yield name, merged.get(name, tensor).detach()
-
-
-_optimizer_steps = [0]
-
-
-def _count_step(optimizer, args, kwargs) -> None:
-    _optimizer_steps[0] += 1
-
-
-def weights_version(model) -> tuple:
-    """Changes whenever the model's weights may have changed: after any optimiser step in this
-    process (a global step hook, registered when the first engine starts: torch's fused AdamW,
-    what the training loop uses, writes parameters without bumping their version counters), and
-    after any other in-place write (``load_state_dict``, ``copy_``: torch's per-tensor version
-    counter) or replacement (``p.data = ...``: the storage) of a parameter."""
-    return (_optimizer_steps[0],) + tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- engine
