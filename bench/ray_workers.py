@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", default="llama-demo",
+                    help="the prepared model that samples, judges and scores (llama-demo, gpt2-40m)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: --prompts 8 --k 2 --batch 4 --new-tokens 8 --rounds 1, no "
@@ -91,8 +93,8 @@ def main() -> None:
             ray.shutdown()
     result = {"machine": "2-core AMD EPYC, AVX2 only, fp32", "ray_init_s": time.perf_counter() - start,
               "args": vars(args)}
-    tok = load_tokenizer(f"{args.work}/models/llama-demo")
-    model = load_causal_lm(f"{args.work}/models/llama-demo", tokenizer=tok).eval()
+    tok = load_tokenizer(f"{args.work}/models/{args.model}")
+    model = load_causal_lm(f"{args.work}/models/{args.model}", tokenizer=tok).eval()
     cfg = SamplingConfig(max_new_tokens=args.new_tokens)
     prompts = get_task("sentiment").prompts("train", args.prompts)
     grow_rows = [p for p in prompts for _ in range(args.k)]
@@ -102,7 +104,7 @@ def main() -> None:
 
     configs = {"local, 2 threads": (2, None), "local, 1 thread": (1, None),
                "ray, 1 actor x 1 thread": (1, one), "ray, 2 actors x 1 thread": (1, two)}
-    demo = f"{args.work}/models/llama-demo"
+    demo = f"{args.work}/models/{args.model}"
     judge_cfg = JudgeConfig(model=demo, format="text", batch_size=args.batch)
     judges = {w: PairwiseJudge(judge_cfg, backend=LocalBackend(demo, args.batch, model=model,
                                                                tokenizer=tok, workers=w))
