@@ -35,7 +35,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from alignkit.config import ConfigError
+from alignkit.config import ConfigError, require
 
 # accelerate's distributed types that are plain data parallelism (or none, in one process).
 _DATA_PARALLEL = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU",
@@ -213,11 +213,11 @@ class _Sharded(Strategy):
         if self.distributed_type not in _DATA_PARALLEL:
             raise ConfigError(f"train.strategy={self.name}: launch without accelerate's FSDP / "
                               f"DeepSpeed plugin (accelerate configured {self.distributed_type}); "
-                              f"alignkit shards the model itself")
+                              "alignkit shards the model itself")
         if self.offload and self.accelerator.device.type == "cpu":
-            raise ConfigError(f"train.offload=true moves parameters and optimiser state from the "
-                              f"accelerator (GPU) to CPU memory; this run has no accelerator and "
-                              f"trains in CPU memory already: set train.offload=false")
+            raise ConfigError("train.offload=true moves parameters and optimiser state from the "
+                              "accelerator (GPU) to CPU memory; this run has no accelerator and "
+                              "trains in CPU memory already: set train.offload=false")
         if not torch.distributed.is_initialized():
             raise ConfigError(f"train.strategy={self.name} runs over a process group: launch with "
                               f"torchrun or accelerate launch (one process: --nproc_per_node 1), "
@@ -615,3 +615,14 @@ class ZeRO3(ZeRO):
 
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, FSDP2, ZeRO2, ZeRO3)}
+
+
+def validate(strategy: str, offload: bool, prefix: str = "") -> None:
+    """A config's ``strategy`` / ``offload`` pair, checked in its ``__post_init__`` (``prefix``:
+    where the keys live, e.g. ``"train."``)."""
+    require(strategy in STRATEGIES, f"{prefix}strategy must be one of {', '.join(STRATEGIES)}, "
+            f"got {strategy!r}")
+    require(not offload or STRATEGIES[strategy].supports_offload,
+            f"{prefix}offload=true needs a sharded strategy that offloads "
+            f"({', '.join(n for n, s in STRATEGIES.items() if s.supports_offload)}); "
+            f"{prefix}strategy={strategy} does not")

@@ -74,16 +74,11 @@ class LoopConfig:
     offload: bool = False
 
     def __post_init__(self):
-        from alignkit.engine.strategies import STRATEGIES
+        from alignkit.engine.strategies import validate
 
         require(self.batch_size > 0 and self.micro_batch_size > 0, "train.batch_size and "
                 "train.micro_batch_size must be > 0")
-        require(self.strategy in STRATEGIES, f"train.strategy must be one of "
-                f"{', '.join(STRATEGIES)}, got {self.strategy!r}")
-        require(not self.offload or STRATEGIES[self.strategy].supports_offload,
-                f"train.offload=true needs a sharded strategy that offloads "
-                f"({', '.join(n for n, s in STRATEGIES.items() if s.supports_offload)}); "
-                f"train.strategy={self.strategy} does not")
+        validate(self.strategy, self.offload, prefix="train.")
         require(self.epochs > 0 or self.max_steps > 0, "train.epochs or train.max_steps must be > 0")
 
 

@@ -121,14 +121,9 @@ class Config(TrackingConfig):
                 f"({self.ppo.minibatch_size})")
         require(self.value_init == "policy" or self.reward.startswith("model:"),
                 "value_init=reward needs reward: model:PATH")
-        from alignkit.engine.strategies import STRATEGIES
+        from alignkit.engine.strategies import validate
 
-        require(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, "
-                f"got {self.strategy!r}")
-        require(not self.offload or STRATEGIES[self.strategy].supports_offload,
-                f"offload=true needs a sharded strategy that offloads "
-                f"({', '.join(n for n, s in STRATEGIES.items() if s.supports_offload)}); "
-                f"strategy={self.strategy} does not")
+        validate(self.strategy, self.offload)
         require(self.roles == "separate" or self.strategy == "ddp",
                 f"roles=shared (LoRA adapters on one base) trains in one process with "
                 f"strategy=ddp; strategy={self.strategy} shards separate models: set "
