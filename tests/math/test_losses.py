@@ -9,7 +9,6 @@ from decimal import Decimal, getcontext
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from alignkit.math import losses as L
 

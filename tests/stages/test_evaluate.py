@@ -19,7 +19,7 @@ def _run(tiny_base, out, *extra):
 
 def test_metrics_are_the_statistics_of_the_written_samples(tiny_base, tmp_path):
     metrics, rows = _run(tiny_base, tmp_path / "a", f"reference={tiny_base}", "success_at=0.3",
-                         f"proxy_reward=gold:sentiment")
+                         "proxy_reward=gold:sentiment")
     gold = [r["gold_reward"] for r in rows]
     assert len(rows) == 12 and rows[0]["prompt"] == rows[1]["prompt"]
     mean = sum(gold) / 12

@@ -278,7 +278,7 @@ class _Writer:
             f"It is based on a novel by {rng.choice(_DIRECTORS)}.",
             f"{rng.choice(_ACTORS)} plays the {rng.choice(_ROLES)}.",
             f"It runs for about {rng.choice(('two hours', 'ninety minutes', 'three hours'))}.",
-            f"The story takes place in a small town.",
+            "The story takes place in a small town.",
             f"I watched it with {rng.choice(_COMPANIONS)}.",
         ))
 
