@@ -255,7 +255,7 @@ def run_iteration(iteration: int, roles, prompts, tokenizer, algo: Algorithm, cf
 def main(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
-    from alignkit.engine.models import load_tokenizer, save_model
+    from alignkit.engine.models import load_tokenizer
     from alignkit.engine.rl.roles import RoleSpec, build_roles, memory_report
     from alignkit.engine.scoring import GoldReward
     from alignkit.engine.training import make_accelerator, resume, save_checkpoint
@@ -285,16 +285,7 @@ def main(cfg: Config) -> dict:
     kl = (AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
           else FixedKLController(cfg.kl.beta))
     state = LoopState(kl, RunningMoments(), GeneratorState(cfg.seed))
-    if cfg.roles == "shared":   # one process: the adapters' optimisers span both modules
-        names = sorted(opt)
-        prepared = accelerator.prepare(*roles.modules().values(), *(opt[n] for n in names))
-        opt = dict(zip(names, prepared[len(roles.modules()):]))
-    else:   # each trained model with its optimiser and schedule: one unit of the strategy each
-        models = {}
-        for name, module in roles.modules().items():
-            models[name], opt[name], opt[f"{name}_sched"] = accelerator.prepare(
-                module, opt[name], opt[f"{name}_sched"])
-        roles.use_prepared(models)
+    opt = _prepare(roles, opt, cfg, accelerator)
     accelerator.announce()
     accelerator.register_for_checkpointing(state.kl, state.moments, state.rng)
     start, saved = resume(accelerator, out, cfg.resume, tracker,
@@ -324,20 +315,43 @@ def main(cfg: Config) -> dict:
         final.update(evaluated)
     if rows and accelerator.is_main_process:
         write_jsonl(out / "samples.jsonl", rows)
-    final["model"] = str(out / "model")
+    final.update(_save(roles, tokenizer, cfg, accelerator, out))
+    return tracker.finish(final)
+
+
+def _prepare(roles, opt: dict, cfg: Config, accelerator) -> dict:
+    """The trained models and their optimisers through the strategy; the prepared optimisers."""
+    if cfg.roles == "shared":   # one process: the adapters' optimisers span both modules
+        names = sorted(opt)
+        prepared = accelerator.prepare(*roles.modules().values(), *(opt[n] for n in names))
+        return dict(zip(names, prepared[len(roles.modules()):]))
+    models = {}   # each trained model with its optimiser and schedule: one unit of the strategy each
+    for name, module in roles.modules().items():
+        models[name], opt[name], opt[f"{name}_sched"] = accelerator.prepare(
+            module, opt[name], opt[f"{name}_sched"])
+    roles.use_prepared(models)
+    return opt
+
+
+def _save(roles, tokenizer, cfg: Config, accelerator, out: Path) -> dict:
+    """The final policy in ``model/`` (and the critic in ``value/``); their paths."""
+    from alignkit.engine.models import save_model
+
+    saved = {"model": str(out / "model")}
     if cfg.roles == "shared":
         roles.save_policy(out / "model", tokenizer)
-    else:   # gathered on every process, saved by the main one; the critic beside the policy
-        policy = accelerator.full_model(roles.policy)
-        value = accelerator.full_model(roles.value_model) if roles.value is not None else None
+        return saved
+    # gathered on every process, saved by the main one; the critic beside the policy
+    policy = accelerator.full_model(roles.policy)
+    value = accelerator.full_model(roles.value_model) if roles.value is not None else None
+    if value is not None:
+        saved["value_model"] = str(out / "value")
+    if accelerator.is_main_process:
+        save_model(policy, tokenizer, out / "model")
         if value is not None:
-            final["value_model"] = str(out / "value")
-        if accelerator.is_main_process:
-            save_model(policy, tokenizer, out / "model")
-            if value is not None:
-                save_model(value.model, tokenizer, out / "value")
-        accelerator.wait_for_everyone()
-    return tracker.finish(final)
+            save_model(value.model, tokenizer, out / "value")
+    accelerator.wait_for_everyone()
+    return saved
 
 
 # ---------------------------------------------------------------------------------------------
