@@ -7,7 +7,10 @@ ddp / fsdp2 / zero3, on a model of Qwen2.5-0.5B's shape with random weights (not
 Each (case, strategy) runs in fresh processes under ``torchrun --nproc_per_node N`` (gloo over
 127.0.0.1) through alignkit's own loop (``engine.training.train`` with the stage's loss and
 collate: ``lm_loss.loss_for`` for SFT; ``dap_loss.cache_reference`` then the DPO loss, the
-reference being the initial policy, for DPO). Every rank reports its RSS high-water mark
+reference being the initial policy, whose log-probs the main process computes before the
+policy is built, for DPO). The policy is built as the stages' loaders build it, through the
+strategy (``Strategy.build``: fsdp2 / zero3 hold the whole model on the main process only).
+Every rank reports its RSS high-water mark
 (``ru_maxrss``: the model build, sharding, the reference pass and the timed steps all count) and
 its step times; the table shows the largest rank. ``--ddp-processes 1`` (the default) measures
 ddp in one process: on 2 processes it needs ~2 x 10 GB for this model, more than the 24 GB
@@ -86,13 +89,16 @@ def worker(args) -> None:
 
     accelerator = make_accelerator("no", args.strategy)
     world = accelerator.num_processes
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
     shape = SHAPES[args.shape]
-    model = Qwen2ForCausalLM(Qwen2Config(**shape, pad_token_id=0, bos_token_id=1,
-                                         eos_token_id=2))
-    build_s = time.perf_counter() - t0
-    params = sum(p.numel() for p in model.parameters())
+    config = Qwen2Config(**shape, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+    def load():   # the whole model, random weights (seeded: the same in every run)
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(config)
+
+    def empty():  # the same module from its config: what a sharded build fills
+        return Qwen2ForCausalLM._from_config(config)
+
     batch = args.per_process * world
     steps = args.warmup + args.steps
     loop = LoopConfig(max_steps=steps, batch_size=batch, micro_batch_size=args.per_process,
@@ -101,10 +107,27 @@ def worker(args) -> None:
     optim = OptimConfig(lr=1e-5, schedule="constant", warmup_steps=0, max_grad_norm=1.0)
     examples = _examples(args.case, batch * steps, args.seq, shape["vocab_size"], seed=1)
     pairs = args.case == "dpo"
+    if pairs:
+        # The reference is the initial policy: its log-probs once, before training, in the main
+        # process (a whole model, freed before the policy is built), sent to the others.
+        if accelerator.is_main_process:
+            reference = load().eval()
+            cache_reference(reference, examples, 0, batch_size=args.per_process,
+                            pack=use_packing(reference, loop, pairs=True))
+            del reference
+        if world > 1:
+            box = [examples]
+            torch.distributed.broadcast_object_list(box, src=0)
+            examples = box[0]
+    t0 = time.perf_counter()
+    # As the stages' loaders build it: through the strategy (whole on every process for ddp;
+    # fsdp2 / zero3: whole on the main process only, see Strategy.build).
+    model = accelerator.build(load, empty)
+    build_s = time.perf_counter() - t0
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     pack = use_packing(model, loop, accelerator, pairs=pairs)
     after_build_mb = peak_mb()
-    if pairs:   # the reference is the initial policy: its log-probs once, before training
-        cache_reference(model.eval(), examples, 0, batch_size=args.per_process, pack=pack)
+    if pairs:
         model.train()
         collate, weight_of, loss_fn = (lambda b: collate_dap(b, 0, pack), lambda e: 1.0,
                                        make_loss(LossConfig(name="dpo", beta=0.1)))

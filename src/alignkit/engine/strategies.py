@@ -103,6 +103,20 @@ class Strategy:
         weights (:meth:`FSDP2.build`, :meth:`ZeRO3.build`)."""
         return load()
 
+    def on_whole(self, model, fn):
+        """``fn(model)`` where ``model`` (as :meth:`build` made it, before ``prepare``) has its
+        whole weights, the same result on every process (e.g. a probe forward). Data
+        parallelism: every process has them."""
+        return fn(model)
+
+    def _main_result(self, fn, module):
+        """``fn(module)`` on the main process, its result sent to every process."""
+        import torch.distributed as dist
+
+        box = [fn(module) if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     # -- the loop's calls -----------------------------------------------------------------------
 
     def prepare(self, *objects):
@@ -251,6 +265,7 @@ class _Sharded(Strategy):
                               f"or use train.strategy=ddp")
         self._units: list[_Unit] = []
         self._built: list[torch.nn.Module] = []   # what build made, its weights still to share
+        self._wholes: list[tuple] = []   # ZeRO-3, main process: (built, whole copy) until prepare
 
     def available(self) -> None:
         """Raise a :class:`ConfigError` naming what is missing where the installed packages or
@@ -368,6 +383,11 @@ class FSDP2(_Sharded):
                 model = empty()
         self._built.append(model)
         return model
+
+    def on_whole(self, model, fn):
+        if not _built_here(model, self._built):
+            return fn(model)
+        return self._main_result(fn, model)   # rank 0's model is the whole one
 
     def prepare(self, *objects):
         from torch.distributed.device_mesh import init_device_mesh
@@ -741,8 +761,21 @@ class ZeRO3(ZeRO):
                 if n in theirs:
                     b.copy_(theirs[n])
                 dist.broadcast(b, src=0)
-        del source, whole
+        del source
+        if whole is not None:   # for on_whole until prepare
+            self._wholes.append((model, whole))
+        self._built.append(model)
         return model
+
+    def on_whole(self, model, fn):
+        if not _built_here(model, self._built):
+            return fn(model)
+        whole = next((w for m, w in self._wholes if _built_here(model, [m])), None)
+        return self._main_result(lambda _: fn(whole), model)
+
+    def prepare(self, *objects):
+        self._wholes.clear()   # the main process's whole copy: no longer needed
+        return super().prepare(*objects)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, FSDP2, ZeRO2, ZeRO3)}
