@@ -7,7 +7,10 @@ ddp / fsdp2 / zero3, on a model of Qwen2.5-0.5B's shape with random weights (not
 Each (case, strategy) runs in fresh processes under ``torchrun --nproc_per_node N`` (gloo over
 127.0.0.1) through alignkit's own loop (``engine.training.train`` with the stage's loss and
 collate: ``lm_loss.loss_for`` for SFT; ``dap_loss.cache_reference`` then the DPO loss, the
-reference being the initial policy, for DPO). Every rank reports its RSS high-water mark
+reference being the initial policy, whose log-probs the main process computes before the
+policy is built, for DPO). The policy is built as the stages' loaders build it, through the
+strategy (``Strategy.build``: fsdp2 / zero3 hold the whole model on the main process only).
+Every rank reports its RSS high-water mark
 (``ru_maxrss``: the model build, sharding, the reference pass and the timed steps all count) and
 its step times; the table shows the largest rank. ``--ddp-processes 1`` (the default) measures
 ddp in one process: on 2 processes it needs ~2 x 10 GB for this model, more than the 24 GB
@@ -22,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,7 +33,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULT = "SHARDED_RESULT "
 
 # Qwen2.5-0.5B's config.json (public): 494M parameters, 136M of them the tied embedding.
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -86,13 +89,16 @@ def worker(args) -> None:
 
     accelerator = make_accelerator("no", args.strategy)
     world = accelerator.num_processes
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
     shape = SHAPES[args.shape]
-    model = Qwen2ForCausalLM(Qwen2Config(**shape, pad_token_id=0, bos_token_id=1,
-                                         eos_token_id=2))
-    build_s = time.perf_counter() - t0
-    params = sum(p.numel() for p in model.parameters())
+    config = Qwen2Config(**shape, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+    def load():   # the whole model, random weights (seeded: the same in every run)
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(config)
+
+    def empty():  # the same module from its config: what a sharded build fills
+        return Qwen2ForCausalLM._from_config(config)
+
     batch = args.per_process * world
     steps = args.warmup + args.steps
     loop = LoopConfig(max_steps=steps, batch_size=batch, micro_batch_size=args.per_process,
@@ -101,10 +107,27 @@ def worker(args) -> None:
     optim = OptimConfig(lr=1e-5, schedule="constant", warmup_steps=0, max_grad_norm=1.0)
     examples = _examples(args.case, batch * steps, args.seq, shape["vocab_size"], seed=1)
     pairs = args.case == "dpo"
+    if pairs:
+        # The reference is the initial policy: its log-probs once, before training, in the main
+        # process (a whole model, freed before the policy is built), sent to the others.
+        if accelerator.is_main_process:
+            reference = load().eval()
+            cache_reference(reference, examples, 0, batch_size=args.per_process,
+                            pack=use_packing(reference, loop, pairs=True))
+            del reference
+        if world > 1:
+            box = [examples]
+            torch.distributed.broadcast_object_list(box, src=0)
+            examples = box[0]
+    t0 = time.perf_counter()
+    # As the stages' loaders build it: through the strategy (whole on every process for ddp;
+    # fsdp2 / zero3: whole on the main process only, see Strategy.build).
+    model = accelerator.build(load, empty)
+    build_s = time.perf_counter() - t0
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     pack = use_packing(model, loop, accelerator, pairs=pairs)
     after_build_mb = peak_mb()
-    if pairs:   # the reference is the initial policy: its log-probs once, before training
-        cache_reference(model.eval(), examples, 0, batch_size=args.per_process, pack=pack)
+    if pairs:
         model.train()
         collate, weight_of, loss_fn = (lambda b: collate_dap(b, 0, pack), lambda e: 1.0,
                                        make_loss(LossConfig(name="dpo", beta=0.1)))
@@ -138,12 +161,13 @@ def worker(args) -> None:
               accelerator=accelerator)
     times = [b - a for a, b in zip([start] + marks, marks)][args.warmup:]
     tokens = sum(lengths[:batch]) // batch * batch   # per optimiser step, all processes
-    print(RESULT + json.dumps({
+    # One file per rank: the ranks share torchrun's stdout, where their lines can interleave.
+    Path(args.result_dir, f"rank{accelerator.process_index}.json").write_text(json.dumps({
         "rank": accelerator.process_index, "processes": world, "strategy": args.strategy,
         "case": args.case, "distribution": accelerator.describe(), "params": params,
         "build_s": build_s, "peak_after_build_mb": after_build_mb, "peak_rss_mb": peak_mb(),
         "step_s": times, "tokens_per_step": tokens,
-        "tokens_per_s": tokens / (sum(times) / len(times)) if times else None}), flush=True)
+        "tokens_per_s": tokens / (sum(times) / len(times)) if times else None}))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -160,6 +184,9 @@ def _free_port() -> int:
 
 
 def run_one(args, case: str, strategy: str, processes: int) -> dict:
+    import tempfile
+
+    results = tempfile.mkdtemp(prefix="sharded-")
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": str(max(1, 2 // processes)),
            "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     if strategy.startswith("zero"):
@@ -168,11 +195,11 @@ def run_one(args, case: str, strategy: str, processes: int) -> dict:
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(Path(__file__)),
            "--worker", "--case", case, "--strategy", strategy, "--seq", str(args.seq),
            "--per-process", str(args.per_process), "--warmup", str(args.warmup),
-           "--steps", str(args.steps), "--shape", args.shape]
+           "--steps", str(args.steps), "--shape", args.shape, "--result-dir", results]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    ranks = [json.loads(line[len(RESULT):]) for line in proc.stdout.splitlines()
-             if line.startswith(RESULT)]
+    ranks = [json.loads(f.read_text()) for f in sorted(Path(results).glob("rank*.json"))]
+    shutil.rmtree(results, ignore_errors=True)
     row = {"case": case, "strategy": strategy, "processes": processes, "rc": proc.returncode,
            "wall_s": time.perf_counter() - t, "ranks": ranks}
     if proc.returncode != 0 or len(ranks) != processes:
@@ -212,6 +239,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    ap.add_argument("--result-dir", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=1800, help="s per run")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()

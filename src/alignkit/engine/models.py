@@ -93,28 +93,59 @@ def _read_chat_template(value: str, key: str) -> str:
                       "or folder")
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None):
-    from transformers import AutoModelForCausalLM
+def _build(strategy, load, empty):
+    """``load()`` through ``strategy.build`` (:mod:`alignkit.engine.strategies`: a sharded
+    strategy builds the model sharded, from ``empty()`` where it must not hold it whole), or
+    ``load()`` itself without a strategy."""
+    return load() if strategy is None else strategy.build(load, empty)
 
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype)
-    _fit_vocab(model, tokenizer)
-    return fuse_activations(model)
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None,
+                   strategy=None):
+    """The causal LM of ``path``; ``strategy``: the run's training strategy, for a model it will
+    train (it decides how the model is built: whole, or sharded as it is created)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def load():
+        model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype)
+        _fit_vocab(model, tokenizer)
+        return fuse_activations(model)
+
+    def empty():
+        config = _from_pretrained(AutoConfig.from_pretrained, path)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        _fit_vocab(model, tokenizer, mean_resizing=False)   # the values come from load()'s
+        return fuse_activations(model)
+
+    return _build(strategy, load, empty)
 
 
-def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None):
+def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None,
+                      strategy=None):
     """A causal LM backbone with a 1-output score head (reward or value model).
 
     Loading a causal-LM folder initialises the head fresh; loading a reward-model folder restores
     it. The score is read at the last non-pad token, so ``pad_token_id`` must be set.
+    ``strategy``: as for :func:`load_causal_lm`.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, path,
-                             num_labels=1, dtype=dtype)
-    if tokenizer is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    _fit_vocab(model, tokenizer)
-    return fuse_activations(model)
+    def finish(model, mean_resizing=True):
+        if tokenizer is not None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        _fit_vocab(model, tokenizer, mean_resizing=mean_resizing)
+        return fuse_activations(model)
+
+    def load():
+        return finish(_from_pretrained(AutoModelForSequenceClassification.from_pretrained, path,
+                                       num_labels=1, dtype=dtype))
+
+    def empty():
+        config = _from_pretrained(AutoConfig.from_pretrained, path, num_labels=1)
+        return finish(AutoModelForSequenceClassification.from_config(config, dtype=dtype).eval(),
+                      mean_resizing=False)
+
+    return _build(strategy, load, empty)
 
 
 def fuse_activations(model):
@@ -132,9 +163,9 @@ def fuse_activations(model):
     return model
 
 
-def _fit_vocab(model, tokenizer) -> None:
+def _fit_vocab(model, tokenizer, mean_resizing: bool = True) -> None:
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
 
 
 def apply_lora(model, spec: LoraSpec, task_type: str = "CAUSAL_LM"):

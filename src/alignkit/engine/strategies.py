@@ -91,6 +91,32 @@ class Strategy:
         self.accelerator.print("alignkit: train.strategy=" + d.pop("strategy") + " (" +
                                ", ".join(f"{k}={v}" for k, v in d.items()) + ")")
 
+    # -- building the model ---------------------------------------------------------------------
+
+    def build(self, load, empty):
+        """The model to train, built as this strategy shards it; called on every process, before
+        ``prepare``. ``load()``: the whole model with its weights (``from_pretrained``, or a
+        seeded random init); ``empty()``: the same module (same parameter names and shapes) from
+        its config through transformers' ``from_config``, whose values do not matter. Data
+        parallelism: every process loads the whole model. Sharded strategies: only the main
+        process calls ``load``; ``prepare`` gives every process its shard of the main process's
+        weights (:meth:`FSDP2.build`, :meth:`ZeRO3.build`)."""
+        return load()
+
+    def on_whole(self, model, fn):
+        """``fn(model)`` where ``model`` (as :meth:`build` made it, before ``prepare``) has its
+        whole weights, the same result on every process (e.g. a probe forward). Data
+        parallelism: every process has them."""
+        return fn(model)
+
+    def _main_result(self, fn, module):
+        """``fn(module)`` on the main process, its result sent to every process."""
+        import torch.distributed as dist
+
+        box = [fn(module) if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     # -- the loop's calls -----------------------------------------------------------------------
 
     def prepare(self, *objects):
@@ -164,9 +190,24 @@ def _skeleton(model):
     sharding replaces the parameters in place, and this is what the gathered weights are loaded
     into at the end (``load_state_dict(assign=True)``) to save a plain transformers model.
     Buffers are copied (e.g. rotary frequencies, which are not in the state dict)."""
-    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    # A ZeRO-3 parameter built partitioned (zero.Init) holds its shard; ds_shape is its shape.
+    memo = {id(p): torch.nn.Parameter(torch.empty(getattr(p, "ds_shape", p.shape), dtype=p.dtype,
+                                                  device="meta"), requires_grad=p.requires_grad)
             for p in model.parameters()}
     return copy.deepcopy(model, memo)
+
+
+def _set_buffers(module, buffers: dict[str, torch.Tensor]) -> None:
+    """Replace ``module``'s buffers by name (e.g. a skeleton's meta buffers by real ones)."""
+    for name, value in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        module.get_submodule(owner)._buffers[leaf] = value
+
+
+def _built_here(model, built: list) -> bool:
+    """Whether ``model`` (or a module inside it: a PEFT model wraps the base) is one that
+    :meth:`Strategy.build` made, identity compared."""
+    return any(m is b for m in model.modules() for b in built)
 
 
 def _fill(skeleton, state_dict: dict):
@@ -223,6 +264,8 @@ class _Sharded(Strategy):
                               f"torchrun or accelerate launch (one process: --nproc_per_node 1), "
                               f"or use train.strategy=ddp")
         self._units: list[_Unit] = []
+        self._built: list[torch.nn.Module] = []   # what build made, its weights still to share
+        self._wholes: list[tuple] = []   # ZeRO-3, main process: (built, whole copy) until prepare
 
     def available(self) -> None:
         """Raise a :class:`ConfigError` naming what is missing where the installed packages or
@@ -325,6 +368,27 @@ class FSDP2(_Sharded):
     def describe(self) -> dict:
         return {**super().describe(), "distributed_type": f"FSDP2 over {self.distributed_type}"}
 
+    def build(self, load, empty):
+        """PyTorch's recipe for building an FSDP2 model without a whole copy per process: the
+        main process loads it on the CPU, every other process builds it on the meta device (no
+        memory); ``prepare`` shards it (``fully_shard``), gives the meta processes storage for
+        their shards only (``to_empty``) and broadcasts the main process's weights into every
+        shard (``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``: one
+        tensor at a time), then its buffers, which no state dict holds (e.g. rotary
+        frequencies)."""
+        if self.rank == 0:
+            model = load()
+        else:
+            with torch.random.fork_rng(), torch.device("meta"):   # draws nothing: rank 0 seeds
+                model = empty()
+        self._built.append(model)
+        return model
+
+    def on_whole(self, model, fn):
+        if not _built_here(model, self._built):
+            return fn(model)
+        return self._main_result(fn, model)   # rank 0's model is the whole one
+
     def prepare(self, *objects):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
@@ -339,7 +403,12 @@ class FSDP2(_Sharded):
             if optimizer is not None else []
         for group in optimizer.param_groups if optimizer is not None else []:
             group["params"] = []
-        model.to(device)
+        built = _built_here(model, self._built)
+        if not (built and self.rank != 0):   # meta: to_empty after sharding, shards only
+            model.to(device)
+        # The main process's whole weights (and LoRA adapters added since), kept alive for the
+        # broadcast below: fully_shard copies each process's shard out of them.
+        full = dict(model.state_dict()) if built and self.rank == 0 else {}
         mesh = init_device_mesh(device.type, (self.world,))
         kwargs = {"mesh": mesh, "reshard_after_forward": True}
         if self.accelerator.mixed_precision == "bf16":
@@ -352,6 +421,9 @@ class FSDP2(_Sharded):
         fully_shard(model, **kwargs)
         if not isinstance(model, FSDPModule):
             raise ConfigError("train.strategy=fsdp2: the model was not sharded")
+        if built:
+            self._share_from_main(model, full, skeleton)
+            del full
         if optimizer is not None:
             # fully_shard replaced the parameters (DTensor shards): point the optimiser at them.
             new = dict(model.named_parameters())
@@ -360,6 +432,27 @@ class FSDP2(_Sharded):
         self._units.append(_Unit(model, model, optimizer, skeleton))
         self._objects += list(objects)
         return objects if len(objects) > 1 else objects[0]
+
+    def _share_from_main(self, model, full: dict, skeleton) -> None:
+        """Fill the shards of a model :meth:`build` made: the main process's ``full`` weights
+        broadcast into every process's shard, then its buffers (the skeleton gets them too)."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        device = self.accelerator.device
+        if self.rank != 0:
+            model.to_empty(device=device)   # storage for this process's shards only
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                                   broadcast_from_rank0=True))
+        buffers = dict(model.named_buffers())
+        for value in buffers.values():     # the same order everywhere: the same module
+            dist.broadcast(value, src=0)
+        if self.rank != 0:
+            _set_buffers(skeleton, {n: b.detach().clone() for n, b in buffers.items()})
+        meta = [n for n, p in model.named_parameters() if p.is_meta]
+        if meta:
+            raise ConfigError(f"train.strategy=fsdp2: {len(meta)} parameters were not filled from "
+                              f"the main process (first: {meta[0]})")
 
     def backward(self, loss: torch.Tensor, model=None) -> None:
         loss.backward()
@@ -488,14 +581,9 @@ class ZeRO(_Sharded):
                if engine is not None else f"DeepSpeed over {self.distributed_type}")
         return {**super().describe(), "distributed_type": got}
 
-    def prepare(self, *objects):
-        model, optimizer = self._split(objects)
-        if optimizer is None:
-            raise ConfigError(f"train.strategy={self.name} needs the optimiser with the model")
-        skeleton = _skeleton(model)
-        model.to(self.accelerator.device)
+    def _config(self, hidden: int | None) -> dict:
+        """The DeepSpeed config of this run (``hidden``: the model's hidden size, for buckets)."""
         zero: dict = {"stage": self.stage}
-        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if hidden:
             # DeepSpeed's default buckets (5e8 elements: 2 GB in fp32 each) dwarf a small model's
             # shards; these are the sizes Hugging Face's "auto" values give (hidden^2 ...).
@@ -507,7 +595,7 @@ class ZeRO(_Sharded):
             zero["offload_optimizer"] = {"device": "cpu"}
             if self.stage == 3:
                 zero["offload_param"] = {"device": "cpu"}
-        config = {
+        return {
             # alignkit batches itself: one "micro-batch" per process and step as DeepSpeed counts.
             "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
             "train_batch_size": self.world,
@@ -516,6 +604,14 @@ class ZeRO(_Sharded):
             "bf16": {"enabled": self.accelerator.mixed_precision == "bf16"},
             "gradient_clipping": 0.0, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
         }
+
+    def prepare(self, *objects):
+        model, optimizer = self._split(objects)
+        if optimizer is None:
+            raise ConfigError(f"train.strategy={self.name} needs the optimiser with the model")
+        skeleton = _skeleton(model)
+        model.to(self.accelerator.device)
+        config = self._config(getattr(getattr(model, "config", None), "hidden_size", None))
         engine, ds_optimizer, _, _ = self._ds.initialize(model=model, optimizer=optimizer,
                                                          config=config, dist_init_required=False)
         got = (engine.zero_optimization_stage(), engine.world_size)
@@ -612,6 +708,74 @@ class ZeRO3(ZeRO):
     supports_offload = True
     memory = ("(4P + 4P + 8P) / N = 16P/N bytes, plus the gathered modules' parameters "
               "(offload: parameters and AdamW state in CPU memory)")
+
+    def build(self, load, empty):
+        """Every process builds the model partitioned as it is created (``deepspeed.zero.Init``,
+        which transformers' ``from_config`` enters while an ``HfDeepSpeedConfig`` of stage 3 is
+        alive: each module's parameters are partitioned as soon as the module exists); the main
+        process loads the whole model beside it and writes each parameter into the partitioned
+        one (``GatheredParameters(modifier_rank=0)``: gathered one at a time, written on rank 0,
+        re-partitioned from it). No other process loads the weights."""
+        import torch.distributed as dist
+        from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        whole = load() if self.rank == 0 else None
+        hidden = getattr(getattr(whole, "config", None), "hidden_size", None)
+        box = [hidden]
+        dist.broadcast_object_list(box, src=0)
+        # zero.Init reads the world size from DeepSpeed's communication layer: wrap the process
+        # group (as deepspeed.initialize does in prepare) before it counts one process.
+        self._ds.init_distributed(dist_init_required=False)
+        ds_config = HfDeepSpeedConfig(self._config(box[0]))   # zero3 on while it is alive
+        try:
+            with torch.random.fork_rng():   # draws nothing: rank 0's load seeded what it needs
+                model = empty()
+        finally:
+            del ds_config
+            unset_hf_deepspeed_config()   # models built later (a reference) are whole again
+        params = dict(model.named_parameters(remove_duplicate=False))
+        if not all(hasattr(p, "ds_id") for p in params.values()):
+            raise ConfigError("train.strategy=zero3: the model was not built partitioned "
+                              "(deepspeed.zero.Init); build it with transformers' from_config")
+        source = whole.state_dict() if whole is not None else {}
+        names = [list(params)]
+        dist.broadcast_object_list(names, src=0)
+        if names[0] != list(params):
+            raise ConfigError(f"train.strategy=zero3: process {self.rank} built a model with other "
+                              f"parameters than the main process's")
+        done: set[int] = set()
+        with torch.no_grad():
+            for name, p in params.items():
+                if id(p) in done:                     # tied: written once
+                    continue
+                done.add(id(p))
+                with self._ds.zero.GatheredParameters([p], modifier_rank=0):
+                    if self.rank == 0:
+                        if name not in source or tuple(source[name].shape) != tuple(p.shape):
+                            raise ConfigError(f"train.strategy=zero3: the model built from its "
+                                              f"config has {name} {tuple(p.shape)}, the loaded "
+                                              f"one {tuple(source[name].shape) if name in source else 'none'}")
+                        p.copy_(source[name])
+            theirs = dict(whole.named_buffers()) if whole is not None else {}
+            for n, b in model.named_buffers():        # e.g. rotary frequencies: rank 0's
+                if n in theirs:
+                    b.copy_(theirs[n])
+                dist.broadcast(b, src=0)
+        del source
+        if whole is not None:   # for on_whole until prepare
+            self._wholes.append((model, whole))
+        self._built.append(model)
+        return model
+
+    def on_whole(self, model, fn):
+        if not _built_here(model, self._built):
+            return fn(model)
+        whole = next((w for m, w in self._wholes if _built_here(model, [m])), None)
+        return self._main_result(lambda _: fn(whole), model)
+
+    def prepare(self, *objects):
+        self._wholes.clear()   # the main process's whole copy: no longer needed
+        return super().prepare(*objects)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, FSDP2, ZeRO2, ZeRO3)}

@@ -153,14 +153,22 @@ def use_packing(model, loop: LoopConfig, accelerator=None, pairs: bool = False) 
 
     if not loop.packing:
         return None
-    if accelerator is not None:
-        # Probe where training runs: e.g. flash attention packs natively on GPU, not on CPU.
-        model.to(accelerator.device)
+
     layouts = ("rows",)
-    if flat_packing(model):
+    if flat_packing(model):   # on every process: it switches the model's attention
         layouts = (("shared",) if pairs else ()) + ("flat", "rows")
-    # e.g. a custom model whose forward takes no extra kwargs fails flat and may pass rows.
-    layout = next((lay for lay in layouts if supports_packing(model, lay)), None)
+
+    def probe(model):
+        if accelerator is not None:
+            # Probe where training runs: e.g. flash attention packs natively on GPU, not on CPU.
+            model.to(accelerator.device)
+        flat_packing(model)   # the same switch on a whole copy the strategy probes instead
+        # e.g. a custom model whose forward takes no extra kwargs fails flat and may pass rows.
+        return next((lay for lay in layouts if supports_packing(model, lay)), None)
+
+    # A model the strategy built sharded has whole weights in the main process only: it probes.
+    layout = accelerator.on_whole(model, probe) if hasattr(accelerator, "on_whole") \
+        else probe(model)
     if layout is None:
         (accelerator.print if accelerator else print)(
             "alignkit: this model does not confine attention to packed sequences; training on "

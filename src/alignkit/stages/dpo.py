@@ -168,7 +168,8 @@ def main(cfg: Config) -> dict:
                                        reference)
     accelerator.print(f"alignkit dpo ({cfg.loss.name}): {stats}; reference log-probs "
                       f"{'cached' if needs_ref else 'not needed'}")
-    model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)
+    model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer, strategy=accelerator),
+                       cfg.lora)
     result = fit(model, examples, cfg, tokenizer, out, tracker, accelerator,
                  make_eval(cfg, tokenizer, reference))
     trained = final_model(accelerator, model)

@@ -176,7 +176,7 @@ def main(cfg: Config) -> dict:
             examples, kept, dropped = examples + built, kept + stats.kept, dropped + stats.dropped
     accelerator.print(f"alignkit judge-model: {len(pairs)} pairwise + {len(points)} pointwise "
                       f"examples, {dropped} too long")
-    model = load_causal_lm(cfg.model, tokenizer=tokenizer)
+    model = load_causal_lm(cfg.model, tokenizer=tokenizer, strategy=accelerator)
     pad, pack = tokenizer.pad_token_id, use_packing(model, cfg.train, accelerator)
     # Held-out pairs (another stream of the corpus) are judged during training, through the judge.
     held_pairs, held_points = judging_examples(

@@ -72,8 +72,8 @@ def main(cfg: Config) -> dict:
         margins = gold_margins(cfg.gold_task, [dict(r) for r in eval_records]) \
             if cfg.gold_task else None
         eval_fn = lambda m: evaluate_pairs(m, eval_examples, tokenizer.pad_token_id, margins)  # noqa: E731
-    model = apply_lora(load_scalar_model(cfg.model, tokenizer=tokenizer), cfg.lora,
-                       task_type="SEQ_CLS")
+    model = apply_lora(load_scalar_model(cfg.model, tokenizer=tokenizer, strategy=accelerator),
+                       cfg.lora, task_type="SEQ_CLS")
     accelerator.print(f"alignkit rm: {stats}")
     pad = tokenizer.pad_token_id
     pack = (use_packing(model, cfg.train, accelerator, pairs=True)

@@ -57,7 +57,8 @@ def main(cfg: Config) -> dict:
         eval_src = eval_source(d, seed=cfg.train.seed)
         eval_examples, _ = build_dataset(eval_src, tokenizer, format=d.format, accepts=DEMONSTRATIONS,
                                          max_length=d.max_length, overlong=d.overlong, chat=d.chat)
-    model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer), cfg.lora)
+    model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer, strategy=accelerator),
+                       cfg.lora)
     pad, pack = tokenizer.pad_token_id, use_packing(model, cfg.train, accelerator)
     accelerator.print(f"alignkit sft: {stats}")
     result = train(model, examples, lengths=[len(e["input_ids"]) for e in examples],
