@@ -13,7 +13,7 @@ import torch
 from alignkit.stages.base import lm_collate
 from alignkit.engine.lm_loss import causal_lm_loss
 from alignkit.engine.training import (LoopConfig, OptimConfig, epoch_batches, lr_lambda, make_accelerator,
-                               resolve_precision, train)
+                               make_optimizer, resolve_precision, train)
 from alignkit.tracking import Tracker, read_metrics
 
 
@@ -117,6 +117,21 @@ def test_lr_schedule_values():
     assert fn(13) == pytest.approx(0.0, abs=1e-12)
     lin = lr_lambda(OptimConfig(lr=1.0, schedule="linear", min_lr_ratio=0.2), 10)
     assert lin(5) == pytest.approx(0.2 + 0.8 * 0.5)
+
+
+def test_optimizer_kernel_is_the_same_for_a_meta_built_model():
+    """A sharded build leaves every process but the main one with meta parameters; all must pick
+    the fused AdamW kernel the main process picks (its updates differ from the per-tensor loop's
+    in the last bit, and the choice travels in the optimiser's checkpoint)."""
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+
+    whole = make_optimizer(model(), OptimConfig(lr=1e-3))
+    with torch.device("meta"):
+        meta = make_optimizer(model(), OptimConfig(lr=1e-3))
+    assert [g["fused"] for g in whole.param_groups] == [g["fused"] for g in meta.param_groups] \
+        == [True, True]
+    assert [len(g["params"]) for g in meta.param_groups] == [1, 3]   # decay: the matrix only
 
 
 def test_epoch_batches_deterministic_and_grouped():
