@@ -1,6 +1,7 @@
 """One process of a multi-process SFT run for tests/engine/test_strategies.py (launched with
 torchrun): ``python sharded_worker.py RUNS_JSON``, each run ``{"model", "out", "strategy",
-"lora", "resume", "probe"}``, run one after another through ``alignkit.stages.sft.main``.
+"lora", "resume", "probe"}`` through ``alignkit.stages.sft.main``, or ``{"model", "out",
+"strategy", "pairs"}`` through ``alignkit.stages.dpo.main``, one after another.
 
 ``probe``: watch how the strategy builds the model (:func:`probe`)."""
 
@@ -26,6 +27,47 @@ def sft_config(model: str, out: str, strategy: str = "ddp", lora: bool = False,
         "train": {"max_steps": 4, "batch_size": 8, "micro_batch_size": 2, "mixed_precision": "no",
                   "save_every": 2, "keep_checkpoints": 2, "log_every": 1, "strategy": strategy,
                   "resume": resume}})
+
+
+def dpo_config(model: str, out: str, pairs: str, strategy: str = "ddp"):
+    """DPO whose reference (the initial policy) the strategy keeps: sharded under fsdp2 / zero3;
+    its cached pass in batches of 32 pairs, split between the processes."""
+    from alignkit.config import build
+    from alignkit.stages import dpo
+
+    return build(dpo.Config, {
+        "model": model, "out_dir": out, "data": {"train": pairs, "max_length": 64},
+        "loss": {"name": "dpo", "beta": 0.5}, "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "train": {"max_steps": 3, "batch_size": 8, "micro_batch_size": 2, "mixed_precision": "no",
+                  "log_every": 1, "save_every": 0, "strategy": strategy}})
+
+
+@contextlib.contextmanager
+def watch_frozen(strategy: str, out: str):
+    """Each process writes ``OUT/frozen_rank<r>.json``: how many of the frozen model's weights
+    it holds after ``prepare_frozen`` (its shard: DTensor local or ZeRO-3 partition) and how
+    many the model has."""
+    from alignkit.engine.strategies import STRATEGIES
+
+    cls = STRATEGIES[strategy]
+    prepare_frozen = cls.prepare_frozen
+    Path(out).mkdir(parents=True, exist_ok=True)
+
+    def spy(self, model):
+        frozen = prepare_frozen(self, model)
+        params = list(frozen.parameters())
+        local = sum(getattr(p, "to_local", lambda: p)().numel() if not hasattr(p, "ds_id")
+                    else p.ds_tensor.numel() for p in params)
+        whole = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        Path(out, f"frozen_rank{self.rank}.json").write_text(json.dumps(
+            {"local": local, "whole": whole, "trainable": sum(p.requires_grad for p in params)}))
+        return frozen
+
+    cls.prepare_frozen = spy
+    try:
+        yield
+    finally:
+        cls.prepare_frozen = prepare_frozen
 
 
 @contextlib.contextmanager
@@ -75,12 +117,17 @@ def probe(strategy: str, out: str):
 
 
 def main(runs: list[dict]) -> None:
-    from alignkit.stages import sft
+    from alignkit.stages import dpo, sft
 
     torch.set_num_threads(1)
     for run in runs:
         run = dict(run)
-        watch = probe(run.get("strategy", "ddp"), run["out"]) if run.pop("probe", False) \
+        strategy = run.get("strategy", "ddp")
+        if "pairs" in run:
+            with watch_frozen(strategy, run["out"]):
+                dpo.main(dpo_config(**run))
+            continue
+        watch = probe(strategy, run["out"]) if run.pop("probe", False) \
             else contextlib.nullcontext()
         with watch:
             sft.main(sft_config(**run))

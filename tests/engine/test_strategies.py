@@ -32,6 +32,7 @@ HERE = Path(__file__).parent
 SRC = HERE.parents[1] / "src"
 SHARDED = ("fsdp2", "zero2", "zero3")
 LORA = ("fsdp2", "zero3")
+FROZEN = ("fsdp2", "zero3")     # DPO with its reference sharded
 WEIGHT_TOL = 1e-5
 LOSS_TOL = 1e-5
 
@@ -66,6 +67,19 @@ def launch(runs: list[dict], log: Path, worker: Path = HERE / "sharded_worker.py
     assert proc.returncode == 0, log.read_text()[-6000:]
 
 
+def write_pairs(path: Path, n: int = 70) -> str:
+    """``n`` preference pairs on the sentiment task's prompts: 3 batches of the reference's
+    cached pass (32 pairs each), an uneven share for 2 processes."""
+    from alignkit.tasks import get_task
+
+    good = [" a warm and lovely film.", " moving, funny and kind.", " a joy from start to end."]
+    bad = [" dull, dull and slow.", " a tired and empty film.", " flat and far too long."]
+    prompts = get_task("sentiment").prompts("train", n)
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": good[i % 3], "rejected": bad[i % 2]})
+                            + "\n" for i, p in enumerate(prompts)))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_base, tmp_path_factory):
     """Out folders: ``one`` / ``one_lora`` (one process), ``<strategy>`` / ``<strategy>_lora``
@@ -74,17 +88,21 @@ def runs(tiny_base, tmp_path_factory):
     from sharded_worker import main
 
     root = tmp_path_factory.mktemp("strategies")
+    pairs = write_pairs(root / "pairs.jsonl")
     n = torch.get_num_threads()
     try:
         main([{"model": str(tiny_base), "out": str(root / "one")},
-              {"model": str(tiny_base), "out": str(root / "one_lora"), "lora": True}])
+              {"model": str(tiny_base), "out": str(root / "one_lora"), "lora": True},
+              {"model": str(tiny_base), "out": str(root / "one_dpo"), "pairs": pairs}])
     finally:
         torch.set_num_threads(n)
         sys.path.remove(str(HERE))
     launch([{"model": str(tiny_base), "out": str(root / s), "strategy": s, "probe": True}
             for s in SHARDED]
            + [{"model": str(tiny_base), "out": str(root / f"{s}_lora"), "strategy": s, "lora": True}
-              for s in LORA], root / "full.log")
+              for s in LORA]
+           + [{"model": str(tiny_base), "out": str(root / f"{s}_dpo"), "strategy": s,
+               "pairs": pairs} for s in FROZEN], root / "full.log")
     launch([{"model": str(tiny_base), "out": str(root / f"{s}_resumed"), "strategy": s,
              "resume": str(root / s / "checkpoints" / "step_2")} for s in SHARDED],
            root / "resumed.log")
@@ -160,6 +178,25 @@ def test_resumed_sharded_run_equals_uninterrupted(runs, strategy):
     # fused kernel, and the fused one after resuming: the optimiser state carries `fused`.)
     assert torch.equal(weights(resumed / "model"), weights(straight / "model"))
     assert losses(resumed) == {s: v for s, v in losses(straight).items() if s > 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", FROZEN)
+def test_dpo_with_a_sharded_reference_equals_one_process(runs, strategy, tiny_base):
+    """DPO's reference sharded as the policy is (``Strategy.prepare_frozen``): each process holds
+    half of its weights, none trainable; the cached pass split between the processes (3 batches:
+    one process repeats one to keep the lockstep) gives the one-process run's training."""
+    for rank in (0, 1):
+        frozen = json.loads((runs / f"{strategy}_dpo" / f"frozen_rank{rank}.json").read_text())
+        assert frozen["trainable"] == 0
+        assert frozen["local"] <= frozen["whole"] // 2 + 64    # its shard (dim-0 rounding)
+    one, got = weights(runs / "one_dpo" / "model"), weights(runs / f"{strategy}_dpo" / "model")
+    assert (one - weights(tiny_base)).abs().max() > 1e-3     # the run moved the weights
+    assert torch.allclose(got, one, rtol=0, atol=WEIGHT_TOL)
+    ref, run = losses(runs / "one_dpo"), losses(runs / f"{strategy}_dpo")
+    assert sorted(run) == [1, 2, 3] and run == pytest.approx(ref, rel=LOSS_TOL)
+    # The reference's log-probs enter from step 2 on (step 1: policy == reference, loss log 2).
+    assert ref[1] == pytest.approx(0.693147, abs=1e-5) and ref[3] < ref[1] - 1e-3
 
 
 @pytest.mark.slow

@@ -66,23 +66,42 @@ def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def cache_reference(reference, examples: list[dict], pad_id: int, batch_size: int = 32,
-                    pack: str | None = None) -> None:
+                    pack: str | None = None, rank: int = 0, world: int = 1) -> None:
     """Store ``ref_chosen_logps``/``ref_rejected_logps`` (or ``ref_logps``, ``ref_kl_logps``
     for unpaired data) in each example, computed once with the reference in eval mode (fp32),
-    on padded or (given a layout: ``collate_rows``) packed batches."""
+    on padded or (given a layout: ``collate_rows``) packed batches of ``batch_size`` examples.
+
+    On ``world`` processes (call it on every one, with the same examples): process ``rank``
+    computes every ``world``-th batch and the values are all-gathered, so each process ends with
+    all of them, those of one process's run to the bit (the same batches). Every process makes
+    the same number of forward calls (one repeats a batch where the count is uneven): a sharded
+    reference (``Strategy.prepare_frozen``) gathers its parameters from all of them in each."""
     from alignkit.data.collate import collate_rows, to_device
 
     reference.eval()
     device = next(reference.parameters()).device
     fields = _sequence_fields(examples[0])
-    for s in range(0, len(examples), batch_size):
+    starts = list(range(0, len(examples), batch_size))
+    mine = starts[rank::world]
+    values: dict[int, list[float]] = {}
+    for r in range(-(-len(starts) // world)):
+        s = mine[r] if r < len(mine) else starts[0]
         chunk = examples[s:s + batch_size]
         # All of a chunk's sequences in one batch, in collate_dap's order (the shared layout
         # pairs sequence i with i + len(chunk)).
         rows = [{"input_ids": e[f"{key}input_ids"], "labels": e[f"{key}labels"]}
                 for key in fields for e in chunk]
-        batch = to_device(collate_rows(rows, pad_id, pack), device)
-        logps = completion_logps(reference, batch)[0].tolist()
+        logps = completion_logps(reference, to_device(collate_rows(rows, pad_id, pack), device))
+        if r < len(mine):
+            values[s] = logps[0].tolist()
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, values)
+        values = {s: v for part in parts for s, v in part.items()}
+    for s, logps in values.items():
+        chunk = examples[s:s + batch_size]
         for j, key in enumerate(fields):
             for e, v in zip(chunk, logps[j * len(chunk):(j + 1) * len(chunk)]):
                 e[f"ref_{key}logps"] = v

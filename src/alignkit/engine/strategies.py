@@ -122,6 +122,16 @@ class Strategy:
     def prepare(self, *objects):
         return self.accelerator.prepare(*objects)
 
+    def prepare_frozen(self, model):
+        """A model that is never trained (DPO's reference; a frozen reward), built through
+        :meth:`build`, placed as this strategy keeps it, in eval mode with gradients off; call
+        it on every process. Data parallelism (and ZeRO-2, whose parameters are replicated):
+        the whole model on every process. ZeRO-3 and FSDP2 shard it as they shard a trained
+        model, with no gradients or optimiser state: every process then holds 4P/N bytes of it,
+        and calls it in lockstep (each forward gathers the parameters from all processes)."""
+        model.requires_grad_(False)
+        return model.to(self.accelerator.device).eval()
+
     def backward(self, loss: torch.Tensor, model=None) -> None:
         """Backpropagate ``loss``; ``model``: the prepared model it came from, where a run trains
         several (PPO's policy and value; DeepSpeed has one engine per model)."""
@@ -390,12 +400,7 @@ class FSDP2(_Sharded):
         return self._main_result(fn, model)   # rank 0's model is the whole one
 
     def prepare(self, *objects):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
-                                            fully_shard)
-
         model, optimizer = self._split(objects)
-        device = self.accelerator.device
         skeleton = _skeleton(model)
         names = {id(p): n for n, p in model.named_parameters()}
         # The optimiser's references would keep every full parameter alive until all are sharded.
@@ -403,6 +408,29 @@ class FSDP2(_Sharded):
             if optimizer is not None else []
         for group in optimizer.param_groups if optimizer is not None else []:
             group["params"] = []
+        self._shard(model, skeleton)
+        if optimizer is not None:
+            # fully_shard replaced the parameters (DTensor shards): point the optimiser at them.
+            new = dict(model.named_parameters())
+            for group, params in zip(optimizer.param_groups, groups):
+                group["params"] = [new[n] for n in params]
+        self._units.append(_Unit(model, model, optimizer, skeleton))
+        self._objects += list(objects)
+        return objects if len(objects) > 1 else objects[0]
+
+    def prepare_frozen(self, model):
+        model.requires_grad_(False)
+        self._shard(model.eval(), None)
+        return model
+
+    def _shard(self, model, skeleton) -> None:
+        """``fully_shard`` each decoder layer, then the root; a model :meth:`build` made gets
+        the main process's weights (and the ``skeleton``, where given, its buffers)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
+                                            fully_shard)
+
+        device = self.accelerator.device
         built = _built_here(model, self._built)
         if not (built and self.rank != 0):   # meta: to_empty after sharding, shards only
             model.to(device)
@@ -423,15 +451,6 @@ class FSDP2(_Sharded):
             raise ConfigError("train.strategy=fsdp2: the model was not sharded")
         if built:
             self._share_from_main(model, full, skeleton)
-            del full
-        if optimizer is not None:
-            # fully_shard replaced the parameters (DTensor shards): point the optimiser at them.
-            new = dict(model.named_parameters())
-            for group, params in zip(optimizer.param_groups, groups):
-                group["params"] = [new[n] for n in params]
-        self._units.append(_Unit(model, model, optimizer, skeleton))
-        self._objects += list(objects)
-        return objects if len(objects) > 1 else objects[0]
 
     def _share_from_main(self, model, full: dict, skeleton) -> None:
         """Fill the shards of a model :meth:`build` made: the main process's ``full`` weights
@@ -447,7 +466,7 @@ class FSDP2(_Sharded):
         buffers = dict(model.named_buffers())
         for value in buffers.values():     # the same order everywhere: the same module
             dist.broadcast(value, src=0)
-        if self.rank != 0:
+        if self.rank != 0 and skeleton is not None:
             _set_buffers(skeleton, {n: b.detach().clone() for n, b in buffers.items()})
         meta = [n for n, p in model.named_parameters() if p.is_meta]
         if meta:
@@ -773,9 +792,24 @@ class ZeRO3(ZeRO):
         whole = next((w for m, w in self._wholes if _built_here(model, [m])), None)
         return self._main_result(lambda _: fn(whole), model)
 
+    def _drop_whole(self, model) -> None:
+        """Forget the main process's whole copy of ``model`` (once it is prepared)."""
+        self._wholes = [(m, w) for m, w in self._wholes if not _built_here(model, [m])]
+
     def prepare(self, *objects):
-        self._wholes.clear()   # the main process's whole copy: no longer needed
+        self._drop_whole(self._split(objects)[0])
         return super().prepare(*objects)
+
+    def prepare_frozen(self, model):
+        # ZeRO-3 inference: an engine without optimiser, whose hooks gather each module's
+        # parameters for its forward (as DeepSpeed-Chat and TRL keep their reference models).
+        self._drop_whole(model)
+        model.requires_grad_(False)
+        config = self._config(getattr(getattr(model, "config", None), "hidden_size", None))
+        engine, *_ = self._ds.initialize(model=model.to(self.accelerator.device), config=config,
+                                         dist_init_required=False)
+        engine.eval()   # DeepSpeed's returns None
+        return engine
 
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, FSDP2, ZeRO2, ZeRO3)}

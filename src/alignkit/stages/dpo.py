@@ -111,18 +111,29 @@ def make_eval(cfg: Config, tokenizer, reference):
     return eval_fn
 
 
-def load_reference(cfg: Config, tokenizer):
+def load_reference(cfg: Config, tokenizer, accelerator=None):
+    """The reference model and the packing layout of its cached pass. With the run's
+    ``accelerator`` (its ``train.strategy``), built and kept as the strategy keeps a frozen model:
+    whole on every process under ddp / zero2, sharded under fsdp2 / zero3 (each process holds
+    1/N of its weights; the cached pass runs on all of them in lockstep)."""
     from alignkit.engine.models import load_causal_lm
 
-    return load_causal_lm(cfg.reference or cfg.model, tokenizer=tokenizer).eval()
+    reference = load_causal_lm(cfg.reference or cfg.model, tokenizer=tokenizer,
+                               strategy=accelerator)
+    pack = use_packing(reference, cfg.train, accelerator, pairs=True)   # before sharding
+    if accelerator is None:
+        return reference.eval(), pack
+    return accelerator.prepare_frozen(reference), pack
 
 
-def prepare_examples(source, tokenizer, cfg: Config, reference,
-                     chat: bool | None = None) -> tuple[list[dict], object]:
+def prepare_examples(source, tokenizer, cfg: Config, reference, pack: str | None = None,
+                     chat: bool | None = None,
+                     accelerator=None) -> tuple[list[dict], object]:
     """Tokenised training pairs (``chat``: string records as chat turns; default ``data.chat``),
-    with the reference's log-probs cached when there is a reference. An unpaired loss (KTO)
-    takes unpaired records, or preference pairs split as TRL splits them: the chosen completion
-    a desirable example, the rejected one an undesirable one."""
+    with the reference's log-probs cached when there is a reference (``pack``: the layout of
+    that pass; ``accelerator``: each process computes its share, see ``cache_reference``). An
+    unpaired loss (KTO) takes unpaired records, or preference pairs split as TRL splits them:
+    the chosen completion a desirable example, the rejected one an undesirable one."""
     from alignkit.data.formats import build_dataset
 
     paired = cfg.loss.paired
@@ -136,8 +147,9 @@ def prepare_examples(source, tokenizer, cfg: Config, reference,
             examples = unpair(examples)
         add_kto_mismatch(examples)
     if reference is not None:
-        cache_reference(reference, examples, tokenizer.pad_token_id,
-                        pack=use_packing(reference, cfg.train, pairs=True))
+        cache_reference(reference, examples, tokenizer.pad_token_id, pack=pack,
+                        **({"rank": accelerator.process_index, "world": accelerator.num_processes}
+                           if accelerator is not None else {}))
     return examples, stats
 
 
@@ -163,15 +175,17 @@ def main(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template, key="data.chat_template",
                                chat=cfg.data.chat or cfg.eval.chat)
     needs_ref = cfg.loss.needs_reference
-    reference = load_reference(cfg, tokenizer) if needs_ref else None
+    reference, pack = load_reference(cfg, tokenizer, accelerator) if needs_ref else (None, None)
     examples, stats = prepare_examples(train_source(cfg.data, cfg.train.seed), tokenizer, cfg,
-                                       reference)
+                                       reference, pack, accelerator=accelerator)
     accelerator.print(f"alignkit dpo ({cfg.loss.name}): {stats}; reference log-probs "
                       f"{'cached' if needs_ref else 'not needed'}")
+    eval_fn = make_eval(cfg, tokenizer, reference)
+    if eval_fn is None:
+        del reference   # cached: training never calls it; its memory goes to the policy
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer, strategy=accelerator),
                        cfg.lora)
-    result = fit(model, examples, cfg, tokenizer, out, tracker, accelerator,
-                 make_eval(cfg, tokenizer, reference))
+    result = fit(model, examples, cfg, tokenizer, out, tracker, accelerator, eval_fn)
     trained = final_model(accelerator, model)
     if accelerator.is_main_process:
         save_model(trained, tokenizer, out / "model",
@@ -244,7 +258,7 @@ def run_online(cfg: Config) -> dict:
     tracker = Tracker(out, cfg, stage=f"online-{cfg.loss.name}")
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template, key="data.chat_template",
                                chat=cfg.data.chat or cfg.eval.chat)
-    reference = load_reference(cfg, tokenizer)  # also the KL yardstick of the evals
+    reference, ref_pack = load_reference(cfg, tokenizer)  # also the KL yardstick of the evals
     chat_suffix = ":chat" if cfg.eval.chat else ""
     prompt_spec = (cfg.data.train if cfg.data.train != "online"
                    else f"task:{cfg.eval.task}{chat_suffix}")
@@ -281,7 +295,7 @@ def run_online(cfg: Config) -> dict:
         # In chat mode the responses train as assistant turns, tokenised as sampling rendered them.
         examples, stats = prepare_examples(
             records, tokenizer, cfg, reference if cfg.loss.needs_reference else None,
-            chat=cfg.eval.chat)
+            ref_pack, chat=cfg.eval.chat)
         accelerator = make_accelerator(cfg.train.mixed_precision)
         model = apply_lora(policy.train(), cfg.lora)
         round_tracker = Tracker(round_dir, enabled=accelerator.is_main_process, stage=f"online r{r}")
