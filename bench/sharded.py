@@ -71,6 +71,36 @@ def _examples(case: str, n: int, seq: int, vocab: int, seed: int) -> list[dict]:
     return out
 
 
+class RssPhases:
+    """The resident memory's high point in each phase of a run (build; step 1, which holds
+    ``prepare``; each later step), sampled every 20 ms from /proc/self/statm by a thread."""
+
+    def __init__(self):
+        import threading
+
+        self.peaks, self.current, self._stop = [], 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _rss_mb(self) -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self._page / 2**20
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.current = max(self.current, self._rss_mb())
+
+    def mark(self):
+        self.peaks.append(max(self.current, self._rss_mb()))
+        self.current = 0
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
+
+
 def worker(args) -> None:
     import resource
     import tempfile
@@ -86,6 +116,8 @@ def worker(args) -> None:
 
     def peak_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    phases = RssPhases()
 
     accelerator = make_accelerator("no", args.strategy)
     world = accelerator.num_processes
@@ -127,6 +159,7 @@ def worker(args) -> None:
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     pack = use_packing(model, loop, accelerator, pairs=pairs)
     after_build_mb = peak_mb()
+    phases.mark()
     if pairs:
         model.train()
         collate, weight_of, loss_fn = (lambda b: collate_dap(b, 0, pack), lambda e: 1.0,
@@ -141,6 +174,7 @@ def worker(args) -> None:
     class Clock:   # the loop logs after every optimiser step
         def log(self, step, metrics, echo=True):
             marks.append(time.perf_counter())
+            phases.mark()
 
         def truncate_after(self, step):
             pass
@@ -166,7 +200,7 @@ def worker(args) -> None:
         "rank": accelerator.process_index, "processes": world, "strategy": args.strategy,
         "case": args.case, "distribution": accelerator.describe(), "params": params,
         "build_s": build_s, "peak_after_build_mb": after_build_mb, "peak_rss_mb": peak_mb(),
-        "step_s": times, "tokens_per_step": tokens,
+        "phase_peaks_mb": phases.stop(), "step_s": times, "tokens_per_step": tokens,
         "tokens_per_s": tokens / (sum(times) / len(times)) if times else None}))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -1,9 +1,11 @@
 """One process of a multi-process PPO / GRPO run for tests/stages/test_ppo_sharded.py (launched
 with torchrun): ``python ppo_sharded_worker.py RUNS_JSON``, each run ``{"model", "prompts",
-"out", "algo", "strategy", "resume"}``, run one after another through ``alignkit.stages.ppo.main``."""
+"out", "algo", "strategy", "resume"}``, run one after another through ``alignkit.stages.ppo.main``;
+each process writes how much of the frozen reference it holds (``frozen_rank<r>.json``)."""
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,10 +35,13 @@ def ppo_config(model: str, prompts: str, out: str, algo: str = "ppo", strategy: 
 
 def main(runs: list[dict]) -> None:
     from alignkit.stages import ppo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+    from sharded_worker import watch_frozen   # tests/engine's worker
 
     torch.set_num_threads(1)
     for run in runs:
-        ppo.main(ppo_config(**run))
+        with watch_frozen(run.get("strategy", "ddp"), run["out"]):   # the reference
+            ppo.main(ppo_config(**run))
     if dist.is_initialized():
         dist.barrier()      # else a rank can leave while another still talks to it
         dist.destroy_process_group()

@@ -108,6 +108,14 @@ def test_sharded_ppo_equals_one_process(runs, algo, strategy, tiny_base):
     assert final["distributed_type"] == GOT[strategy]
     # The samples are the whole iteration's, in one process's order.
     assert (got / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
+    # The frozen reference: sharded with the policy (fsdp2, zero3), whole on each process else.
+    for rank in (0, 1):
+        held = json.loads((got / f"frozen_rank{rank}.json").read_text())
+        assert held["trainable"] == 0
+        if strategy in ("fsdp2", "zero3"):
+            assert held["local"] <= held["whole"] // 2 + 64
+        else:
+            assert held["local"] == held["whole"]
 
 
 @pytest.mark.slow

@@ -22,8 +22,9 @@ run continues the same trajectory.
 
 Multi-process runs (``torchrun`` / ``accelerate launch``) train the policy and the value model
 with ``strategy`` (``ddp | fsdp2 | zero2 | zero3``, :mod:`alignkit.engine.strategies`), each
-model its own sharded unit. The reference and the reward model are frozen and replicated: a
-plain copy on every process. Each process samples its equal share of the iteration's prompts
+model its own sharded unit. The frozen reference is kept as the strategy keeps a frozen model
+(``Strategy.prepare_frozen``: sharded under fsdp2 / zero3, a copy per process under ddp /
+zero2); the reward model (or other reward source) is replicated. Each process samples its equal share of the iteration's prompts
 from an unsharded rollout copy of the policy (the strategy gathers the updated weights into it
 after each update) with each row's own seed, runs the no-grad forwards of that share in
 lockstep (sharded forwards all-gather), and the shares are then all-gathered: every process
@@ -99,7 +100,8 @@ class Config(TrackingConfig):
     mixed_precision: Literal["no", "bf16"] = "no"
     # How processes share the trained policy and value (alignkit.engine.strategies): ddp
     # (replicated), fsdp2, zero2, zero3; offload (fsdp2, zero3 on a GPU): their weights and
-    # optimiser state in CPU memory. The frozen reference and reward are replicated.
+    # optimiser state in CPU memory. The frozen reference is sharded with them (fsdp2, zero3);
+    # the reward source is replicated.
     strategy: str = "ddp"
     offload: bool = False
     report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"], kw_only=True)
@@ -325,6 +327,9 @@ def _prepare(roles, opt: dict, cfg: Config, accelerator) -> dict:
         names = sorted(opt)
         prepared = accelerator.prepare(*roles.modules().values(), *(opt[n] for n in names))
         return dict(zip(names, prepared[len(roles.modules()):]))
+    # The frozen reference as the strategy keeps one: sharded under fsdp2 / zero3 (its forwards
+    # run in the same lockstep as the policy's), whole on every process under ddp / zero2.
+    roles.reference = accelerator.prepare_frozen(roles.reference)
     models = {}   # each trained model with its optimiser and schedule: one unit of the strategy each
     for name, module in roles.modules().items():
         models[name], opt[name], opt[f"{name}_sched"] = accelerator.prepare(

@@ -101,7 +101,7 @@ def params_in_memory(modules, adapters: bool = True) -> int:
     for module in modules:
         for name, p in module.named_parameters():
             if adapters or "lora_" not in name:
-                seen[id(p)] = p.numel()
+                seen[id(p)] = getattr(p, "ds_numel", p.numel())   # a ZeRO-3 partition: its whole
     return sum(seen.values())
 
 
