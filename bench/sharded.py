@@ -6,17 +6,21 @@ ddp / fsdp2 / zero3, on a model of Qwen2.5-0.5B's shape with random weights (not
 
 Each (case, strategy) runs in fresh processes under ``torchrun --nproc_per_node N`` (gloo over
 127.0.0.1) through alignkit's own loop (``engine.training.train`` with the stage's loss and
-collate: ``lm_loss.loss_for`` for SFT; ``dap_loss.cache_reference`` then the DPO loss, the
-reference being the initial policy, whose log-probs the main process computes before the
-policy is built, for DPO). The policy is built as the stages' loaders build it, through the
-strategy (``Strategy.build``: fsdp2 / zero3 hold the whole model on the main process only).
-Every rank reports its RSS high-water mark
-(``ru_maxrss``: the model build, sharding, the reference pass and the timed steps all count) and
-its step times; the table shows the largest rank. ``--ddp-processes 1`` (the default) measures
-ddp in one process: on 2 processes it needs ~2 x 10 GB for this model, more than the 24 GB
-machine has beside other work. One DDP process holds what each of N holds (weights, gradients,
-AdamW state) less DDP's gradient buckets (4 bytes per parameter), so the ratio against it is an
-upper bound of the ratio against real DDP. Results: ``bench/results/sharded-<date>.json``.
+collate: ``lm_loss.loss_for`` for SFT; for DPO the stage's reference pass, then its loss: the
+reference, the initial policy, kept as the strategy keeps a frozen model (sharded under fsdp2 /
+zero3), its log-probs cached with each process computing its share, then freed). Models are
+built as the stages' loaders build them, through the strategy (``Strategy.build``: fsdp2 / zero3
+hold the whole model on the main process only). Every rank reports its RSS high-water mark
+(``ru_maxrss``: the model build, sharding, the reference pass and the timed steps all count),
+the high point of each phase (build; step 1 with ``prepare``; each later step) and its step
+times; the table shows the largest rank.
+
+``--ddp-processes 1`` (the default) measures ddp in one process: for the 0.5B shape 2 DDP
+processes need ~2 x 13 GB, more than a 24 GB machine has. One DDP process holds what each of N
+holds (weights, gradients, AdamW state) less DDP's gradient buckets (4 bytes per parameter), so
+the ratio against it is an upper bound of the ratio against real DDP. ``--shape
+qwen2.5-0.5b-6layers --ddp-processes 2,1`` measures both on a model with the same widths and
+vocabulary and 6 of the 24 layers. Results: ``bench/results/sharded-<date>[-shape].json``.
 """
 
 from __future__ import annotations
@@ -39,10 +43,13 @@ QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                   num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
                   tie_word_embeddings=True)
+# Qwen2.5-0.5B's widths and vocabulary with 6 of its 24 decoder layers (226M parameters): small
+# enough for 2 DDP processes on a 24 GB machine, so the ratio against real DDP is measured.
+QWEN25_05B_6L = dict(QWEN25_05B, num_hidden_layers=6)
 # --shape tiny: a smoke run of the harness in seconds.
 TINY = dict(QWEN25_05B, vocab_size=1000, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-SHAPES = {"qwen2.5-0.5b": QWEN25_05B, "tiny": TINY}
+SHAPES = {"qwen2.5-0.5b": QWEN25_05B, "qwen2.5-0.5b-6layers": QWEN25_05B_6L, "tiny": TINY}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,17 +147,15 @@ def worker(args) -> None:
     examples = _examples(args.case, batch * steps, args.seq, shape["vocab_size"], seed=1)
     pairs = args.case == "dpo"
     if pairs:
-        # The reference is the initial policy: its log-probs once, before training, in the main
-        # process (a whole model, freed before the policy is built), sent to the others.
-        if accelerator.is_main_process:
-            reference = load().eval()
-            cache_reference(reference, examples, 0, batch_size=args.per_process,
-                            pack=use_packing(reference, loop, pairs=True))
-            del reference
-        if world > 1:
-            box = [examples]
-            torch.distributed.broadcast_object_list(box, src=0)
-            examples = box[0]
+        # The reference is the initial policy, as the DPO stage keeps it (built and kept as the
+        # strategy keeps a frozen model: sharded under fsdp2 / zero3), its log-probs cached once
+        # with each process computing its share; freed before the policy is built.
+        reference = accelerator.build(load, empty)
+        ref_pack = use_packing(reference, loop, accelerator, pairs=True)
+        reference = accelerator.prepare_frozen(reference)
+        cache_reference(reference, examples, 0, batch_size=args.per_process, pack=ref_pack,
+                        rank=accelerator.process_index, world=world)
+        del reference
     t0 = time.perf_counter()
     # As the stages' loaders build it: through the strategy (whole on every process for ddp;
     # fsdp2 / zero3: whole on the main process only, see Strategy.build).
@@ -242,20 +247,30 @@ def run_one(args, case: str, strategy: str, processes: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | strategy | processes | peak RSS / process (max rank), GiB | x ddp | "
-             "step s (mean) | tokens/s (all processes) |", "|---|---|---|---|---|---|---|"]
-    base = {r["case"]: max(k["peak_rss_mb"] for k in r["ranks"]) for r in rows
-            if r["strategy"] == "ddp" and r["ranks"]}
+    """One line per run; ``x ddp``: its per-process peak over the DDP run's of the same case, on
+    as many processes where that was measured (else on one: an upper bound, see the module's
+    docstring), ``x ddp/1``: over the one-process DDP run's."""
+    lines = ["| case | strategy | processes | peak RSS / process (max rank), GiB | x ddp (same N) | "
+             "x ddp/1 | step s (mean) | tokens/s (all processes) |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def peak(r):
+        return max(k["peak_rss_mb"] for k in r["ranks"])
+
+    ddp = {(r["case"], r["processes"]): peak(r) for r in rows
+           if r["strategy"] == "ddp" and len(r["ranks"]) == r["processes"]}
     for r in rows:
-        if not r["ranks"]:
+        if len(r["ranks"]) != r["processes"]:
             lines.append(f"| {r['case']} | {r['strategy']} | {r['processes']} | failed (rc "
-                         f"{r['rc']}) | | | |")
+                         f"{r['rc']}) | | | | |")
             continue
-        peak = max(k["peak_rss_mb"] for k in r["ranks"])
         step = sum(sum(k["step_s"]) / len(k["step_s"]) for k in r["ranks"]) / len(r["ranks"])
-        ratio = f"{peak / base[r['case']]:.2f}" if r["case"] in base else "-"
-        lines.append(f"| {r['case']} | {r['strategy']} | {r['processes']} | {peak / 1024:.2f} | "
-                     f"{ratio} | {step:.1f} | {r['ranks'][0]['tokens_per_step'] / step:.1f} |")
+        same = ddp.get((r["case"], r["processes"]))
+        one = ddp.get((r["case"], 1))
+        lines.append(f"| {r['case']} | {r['strategy']} | {r['processes']} | {peak(r) / 1024:.2f} | "
+                     f"{f'{peak(r) / same:.2f}' if same else '-'} | "
+                     f"{f'{peak(r) / one:.2f}' if one else '-'} | {step:.1f} | "
+                     f"{r['ranks'][0]['tokens_per_step'] / step:.1f} |")
     return "\n".join(lines)
 
 
@@ -267,7 +282,8 @@ def main() -> None:
     ap.add_argument("--cases", default="sft,dpo")
     ap.add_argument("--strategies", default="zero3,fsdp2,ddp")
     ap.add_argument("--processes", type=int, default=2, help="for the sharded strategies")
-    ap.add_argument("--ddp-processes", type=int, default=1)
+    ap.add_argument("--ddp-processes", default="1",
+                    help="comma-separated process counts of the DDP runs (e.g. 2,1)")
     ap.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     ap.add_argument("--per-process", type=int, default=2, help="sequences (pairs) per process and step")
     ap.add_argument("--warmup", type=int, default=1)
@@ -282,12 +298,13 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         for strategy in args.strategies.split(","):
-            n = args.ddp_processes if strategy == "ddp" else args.processes
-            print(f"[sharded] {case} {strategy} x{n} ...", flush=True)
-            rows.append(run_one(args, case, strategy, n))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
-            if "error" in rows[-1]:
-                print(rows[-1]["error"], flush=True)
+            counts = args.ddp_processes.split(",") if strategy == "ddp" else [args.processes]
+            for n in map(int, counts):
+                print(f"[sharded] {case} {strategy} x{n} ...", flush=True)
+                rows.append(run_one(args, case, strategy, n))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+                if "error" in rows[-1]:
+                    print(rows[-1]["error"], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
