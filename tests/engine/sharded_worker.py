@@ -73,8 +73,8 @@ def watch_frozen(strategy: str, out: str):
 @contextlib.contextmanager
 def probe(strategy: str, out: str):
     """Watch the strategy's ``build`` and first ``prepare`` during a run: each process writes
-    ``OUT/build_rank<r>.json`` (whether it called ``load``, i.e. loaded the whole weights; how
-    many parameters the built model has, how many on the meta device, how many ZeRO-3
+    ``OUT/build_rank<r>.json`` (whether it called ``load``, i.e. loaded the whole weights, and
+    how often, of how many builds; how many parameters the last built model has, how many on the meta device, how many ZeRO-3
     partitions smaller than their parameter) and the main process ``OUT/built.pt``: the whole
     weights right after ``prepare`` (``full_state_dict``, before any step)."""
     from alignkit.engine.strategies import STRATEGIES
@@ -85,10 +85,13 @@ def probe(strategy: str, out: str):
     seen: dict = {}
 
     def spy_build(self, load, empty):
-        seen["loaded"] = False
+        seen["builds"] = seen.get("builds", 0) + 1
+        seen.setdefault("loads", 0)
+        seen.setdefault("loaded", False)
 
         def spy_load():
             seen["loaded"] = True
+            seen["loads"] += 1
             return load()
 
         model = build(self, spy_load, empty)

@@ -1,7 +1,8 @@
 """One process of a multi-process PPO / GRPO run for tests/stages/test_ppo_sharded.py (launched
 with torchrun): ``python ppo_sharded_worker.py RUNS_JSON``, each run ``{"model", "prompts",
 "out", "algo", "strategy", "resume"}``, run one after another through ``alignkit.stages.ppo.main``;
-each process writes how much of the frozen reference it holds (``frozen_rank<r>.json``)."""
+each process writes how its models were built (``build_rank<r>.json``) and how much of the
+frozen reference it holds (``frozen_rank<r>.json``)."""
 
 import json
 import sys
@@ -36,11 +37,12 @@ def ppo_config(model: str, prompts: str, out: str, algo: str = "ppo", strategy: 
 def main(runs: list[dict]) -> None:
     from alignkit.stages import ppo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-    from sharded_worker import watch_frozen   # tests/engine's worker
+    from sharded_worker import probe, watch_frozen   # tests/engine's worker
 
     torch.set_num_threads(1)
     for run in runs:
-        with watch_frozen(run.get("strategy", "ddp"), run["out"]):   # the reference
+        strategy = run.get("strategy", "ddp")
+        with probe(strategy, run["out"]), watch_frozen(strategy, run["out"]):
             ppo.main(ppo_config(**run))
     if dist.is_initialized():
         dist.barrier()      # else a rank can leave while another still talks to it

@@ -108,8 +108,14 @@ def test_sharded_ppo_equals_one_process(runs, algo, strategy, tiny_base):
     assert final["distributed_type"] == GOT[strategy]
     # The samples are the whole iteration's, in one process's order.
     assert (got / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
-    # The frozen reference: sharded with the policy (fsdp2, zero3), whole on each process else.
+    # Built through the strategy: policy, reference and (PPO) value; under fsdp2 / zero3 only
+    # rank 0 loads them whole. The frozen reference: sharded with the policy (fsdp2, zero3),
+    # whole on each process else.
+    builds = 3 if algo == "ppo" else 2
     for rank in (0, 1):
+        built = json.loads((got / f"build_rank{rank}.json").read_text())
+        assert built["builds"] == builds
+        assert built["loads"] == (0 if rank == 1 and strategy in ("fsdp2", "zero3") else builds)
         held = json.loads((got / f"frozen_rank{rank}.json").read_text())
         assert held["trainable"] == 0
         if strategy in ("fsdp2", "zero3"):

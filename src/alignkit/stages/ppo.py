@@ -174,12 +174,12 @@ def _evaluate(roles, tokenizer, cfg: Config, policy=None) -> tuple[dict, list[di
                             reference=roles.reference, proxy=roles.reward, workers=cfg.workers)
 
 
-def _initial_eval(roles, tokenizer, cfg: Config, out: Path) -> dict:
-    """Metrics of the starting policy on the same held-out prompts (cached for resumed runs)."""
+def _initial_eval(roles, tokenizer, cfg: Config, out: Path, policy) -> dict:
+    """Metrics of the starting ``policy`` on the same held-out prompts (cached for resumed runs)."""
     path = out / "initial_metrics.json"
     if path.exists():
         return json.loads(path.read_text())
-    metrics, _ = _evaluate(roles, tokenizer, cfg)
+    metrics, _ = _evaluate(roles, tokenizer, cfg, policy)
     initial = {f"initial_{k}": v for k, v in metrics.items()
                if k.startswith(("gold_reward", "gold_success", "proxy_reward", "response_length"))}
     if is_main_process():
@@ -272,14 +272,14 @@ def main(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.chat_template, chat=cfg.chat)
     spec = RoleSpec(model=cfg.model, reference=cfg.reference, reward=cfg.reward,
                     value_init=cfg.value_init, chat=cfg.chat, lora=cfg.lora)
-    roles = build_roles(cfg.roles, spec, tokenizer, needs_value=algo.uses_value).to(accelerator.device)
-    pack = rollout_packing(roles.rollout_models(), cfg.ppo.packing)
+    roles = build_roles(cfg.roles, spec, tokenizer, needs_value=algo.uses_value,
+                        strategy=accelerator).to(accelerator.device)
+    pack = rollout_packing(roles.rollout_models(), cfg.ppo.packing, accelerator.on_whole)
     accelerator.print(f"alignkit ppo: rollout forwards packed: {pack} (ppo.packing={cfg.ppo.packing})")
     prompts = encoded_prompts(cfg.rollout.prompts or f"task:{cfg.task}" + (":chat" if cfg.chat else ""),
                               cfg.rollout.num_prompts, tokenizer)
     gold = GoldReward(cfg.task, chat=cfg.chat) if cfg.task else None
     evaluating = cfg.task is not None and cfg.eval.num_prompts > 0
-    initial = _initial_eval(roles, tokenizer, cfg, out) if evaluating and cfg.eval.initial else {}
 
     per_iteration = cfg.ppo.epochs * (cfg.rollout.rows // cfg.ppo.minibatch_size)
     opt = make_optimizers(roles, algo, optim=cfg.optim, value_optim=cfg.value_optim,
@@ -288,6 +288,10 @@ def main(cfg: Config) -> dict:
           else FixedKLController(cfg.kl.beta))
     state = LoopState(kl, RunningMoments(), GeneratorState(cfg.seed))
     opt = _prepare(roles, opt, cfg, accelerator)
+    # The starting policy's metrics, sampled as every iteration samples (a sharded build holds
+    # the whole policy on the main process only until prepare).
+    initial = _initial_eval(roles, tokenizer, cfg, out, accelerator.rollout_model(roles.policy)) \
+        if evaluating and cfg.eval.initial else {}
     accelerator.announce()
     accelerator.register_for_checkpointing(state.kl, state.moments, state.rng)
     start, saved = resume(accelerator, out, cfg.resume, tracker,

@@ -129,20 +129,24 @@ class SeparateRoles:
 
     placement = "separate"
 
-    def __init__(self, spec: RoleSpec, tokenizer, needs_value: bool):
+    def __init__(self, spec: RoleSpec, tokenizer, needs_value: bool, strategy=None):
+        """``strategy``: the run's training strategy, which builds the policy, the value model
+        and the reference (``Strategy.build``: under fsdp2 / zero3 only the main process loads
+        them whole); the reward source loads its own model, whole on every process."""
         from alignkit.engine.models import load_causal_lm, load_scalar_model
 
         if spec.reward.startswith("model:") and _is_adapter(spec.reward[6:]):
             raise ConfigError(f"{spec.reward} is a LoRA adapter folder; roles=separate loads a full "
                               "reward model (the rm stage's model/ folder), roles=shared an adapter")
-        self.policy = load_causal_lm(spec.model, tokenizer=tokenizer)
-        self.reference = load_causal_lm(spec.reference or spec.model, tokenizer=tokenizer)
+        self.policy = load_causal_lm(spec.model, tokenizer=tokenizer, strategy=strategy)
+        self.reference = load_causal_lm(spec.reference or spec.model, tokenizer=tokenizer,
+                                        strategy=strategy)
         self.reference.eval().requires_grad_(False)
         self.reward = _reward_source(spec)
         self.value = self.value_model = None
         if needs_value:
             source = _reward_path(spec) if spec.value_init == "reward" else spec.model
-            self.value = load_scalar_model(source, tokenizer=tokenizer)
+            self.value = load_scalar_model(source, tokenizer=tokenizer, strategy=strategy)
             self.value_model = TokenValueModel(self.value)
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -172,7 +176,8 @@ class SeparateRoles:
 
     def to(self, device) -> SeparateRoles:
         for m in self.held():
-            m.to(device)
+            if not any(p.is_meta for p in m.parameters()):   # a sharded build's: placed by prepare
+                m.to(device)
         return self
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
@@ -388,12 +393,14 @@ class SharedRoles:
 PLACEMENTS = {"separate": SeparateRoles, "shared": SharedRoles}
 
 
-def build_roles(placement: str, spec: RoleSpec, tokenizer, needs_value: bool):
+def build_roles(placement: str, spec: RoleSpec, tokenizer, needs_value: bool, strategy=None):
+    """The roles of ``placement``; ``strategy`` builds the separate placement's models (the shared
+    placement runs in one process)."""
     try:
         cls = PLACEMENTS[placement]
     except KeyError:
         raise ConfigError(f"unknown roles placement {placement!r}; known: {sorted(PLACEMENTS)}") from None
-    return cls(spec, tokenizer, needs_value)
+    return cls(spec, tokenizer, needs_value, **({"strategy": strategy} if placement == "separate" else {}))
 
 
 def memory_report(roles) -> dict[str, float]:

@@ -211,19 +211,27 @@ def encoded_prompts(spec: str, n: int, tokenizer) -> tuple[list[str], list[list[
     return [prompt_text(r) for r in records], [prompt_ids(r, tokenizer) for r in records]
 
 
-def rollout_packing(models, requested: bool | str) -> bool | str:
+def rollout_packing(models, requested: bool | str, on_whole=None) -> bool | str:
     """How the forwards over rollouts pack (``rollout_logps``'s ``pack``) given the setting
     ``requested`` (``ppo.packing``): ``"shared"`` (each prompt written once for its group's rows)
     where every model that reads rollouts lets a segment attend to the prompt of the one before
     it, else ``True`` (one flat row) where each keeps attention to each sequence of a flat row
     (``alignkit.engine.attention.flat_packing`` switches transformers' SDPA to one that does
-    both), else ``False``; ``False`` if ``requested`` is off."""
+    both), else ``False``; ``False`` if ``requested`` is off. ``on_whole``: the training
+    strategy's (``Strategy.on_whole``), which probes a model it built sharded on the main
+    process's whole copy and sends the answer to every process."""
     from alignkit.engine.attention import flat_packing
     from alignkit.engine.forward import supports_packing
 
-    if not (requested and all(flat_packing(m) and supports_packing(m, "flat") for m in models)):
+    if not requested:
         return False
-    return "shared" if all(supports_packing(m, "shared") for m in models) else True
+    on_whole = on_whole or (lambda model, fn: fn(model))
+    switched = [flat_packing(m) for m in models]   # on every process: the attention it runs
+    if not (all(switched) and all(on_whole(m, lambda w: flat_packing(w) and
+                                           supports_packing(w, "flat")) for m in models)):
+        return False
+    return "shared" if all(on_whole(m, lambda w: supports_packing(w, "shared"))
+                           for m in models) else True
 
 
 def iteration_prompts(pool: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
