@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -156,6 +157,7 @@ def worker(args) -> None:
         cache_reference(reference, examples, 0, batch_size=args.per_process, pack=ref_pack,
                         rank=accelerator.process_index, world=world)
         del reference
+        gc.collect()
     t0 = time.perf_counter()
     # As the stages' loaders build it: through the strategy (whole on every process for ddp;
     # fsdp2 / zero3: whole on the main process only, see Strategy.build).

@@ -277,6 +277,15 @@ class _Sharded(Strategy):
         self._built: list[torch.nn.Module] = []   # what build made, its weights still to share
         self._wholes: list[tuple] = []   # ZeRO-3, main process: (built, whole copy) until prepare
 
+    def _take_built(self, model) -> bool:
+        """Whether :meth:`build` made ``model`` (or a module inside it); called once, when it is
+        prepared: the strategy forgets it (and the main process's whole copy), so a frozen model
+        the caller drops is freed."""
+        built = _built_here(model, self._built)
+        self._built = [b for b in self._built if not _built_here(model, [b])]
+        self._wholes = [(m, w) for m, w in self._wholes if not _built_here(model, [m])]
+        return built
+
     def available(self) -> None:
         """Raise a :class:`ConfigError` naming what is missing where the installed packages or
         the device cannot provide this strategy (checked first, before anything launches)."""
@@ -431,7 +440,7 @@ class FSDP2(_Sharded):
                                             fully_shard)
 
         device = self.accelerator.device
-        built = _built_here(model, self._built)
+        built = self._take_built(model)
         if not (built and self.rank != 0):   # meta: to_empty after sharding, shards only
             model.to(device)
         # The main process's whole weights (and LoRA adapters added since), kept alive for the
@@ -797,18 +806,14 @@ class ZeRO3(ZeRO):
         whole = next((w for m, w in self._wholes if _built_here(model, [m])), None)
         return self._main_result(lambda _: fn(whole), model)
 
-    def _drop_whole(self, model) -> None:
-        """Forget the main process's whole copy of ``model`` (once it is prepared)."""
-        self._wholes = [(m, w) for m, w in self._wholes if not _built_here(model, [m])]
-
     def prepare(self, *objects):
-        self._drop_whole(self._split(objects)[0])
+        self._take_built(self._split(objects)[0])
         return super().prepare(*objects)
 
     def prepare_frozen(self, model):
         # ZeRO-3 inference: an engine without optimiser, whose hooks gather each module's
         # parameters for its forward (as DeepSpeed-Chat and TRL keep their reference models).
-        self._drop_whole(model)
+        self._take_built(model)
         model.requires_grad_(False)
         config = self._config(getattr(getattr(model, "config", None), "hidden_size", None))
         engine, *_ = self._ds.initialize(model=model.to(self.accelerator.device), config=config,

@@ -15,6 +15,7 @@ finished round is saved, so a stopped run resumes at the next round.
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,8 +182,9 @@ def main(cfg: Config) -> dict:
     accelerator.print(f"alignkit dpo ({cfg.loss.name}): {stats}; reference log-probs "
                       f"{'cached' if needs_ref else 'not needed'}")
     eval_fn = make_eval(cfg, tokenizer, reference)
-    if eval_fn is None:
-        del reference   # cached: training never calls it; its memory goes to the policy
+    if eval_fn is None:   # cached: training never calls it; its memory goes to the policy
+        del reference
+        gc.collect()      # a sharded one sits in reference cycles (its engine's hooks)
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer, strategy=accelerator),
                        cfg.lora)
     result = fit(model, examples, cfg, tokenizer, out, tracker, accelerator, eval_fn)
