@@ -156,6 +156,7 @@ def worker(args) -> None:
         reference = accelerator.prepare_frozen(reference)
         cache_reference(reference, examples, 0, batch_size=args.per_process, pack=ref_pack,
                         rank=accelerator.process_index, world=world)
+        accelerator.release(reference)
         del reference
         gc.collect()
     t0 = time.perf_counter()

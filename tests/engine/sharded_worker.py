@@ -6,8 +6,10 @@ torchrun): ``python sharded_worker.py RUNS_JSON``, each run ``{"model", "out", "
 ``probe``: watch how the strategy builds the model (:func:`probe`)."""
 
 import contextlib
+import gc
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -46,7 +48,7 @@ def dpo_config(model: str, out: str, pairs: str, strategy: str = "ddp"):
 def watch_frozen(strategy: str, out: str):
     """Each process writes ``OUT/frozen_rank<r>.json``: how many of the frozen model's weights
     it holds after ``prepare_frozen`` (its shard: DTensor local or ZeRO-3 partition) and how
-    many the model has."""
+    many the model has; after the run, whether it was freed."""
     from alignkit.engine.strategies import STRATEGIES
 
     cls = STRATEGIES[strategy]
@@ -55,6 +57,7 @@ def watch_frozen(strategy: str, out: str):
 
     def spy(self, model):
         frozen = prepare_frozen(self, model)
+        watched.append(weakref.ref(frozen))
         params = list(frozen.parameters())
         local = sum(getattr(p, "to_local", lambda: p)().numel() if not hasattr(p, "ds_id")
                     else p.ds_tensor.numel() for p in params)
@@ -63,11 +66,17 @@ def watch_frozen(strategy: str, out: str):
             {"local": local, "whole": whole, "trainable": sum(p.requires_grad for p in params)}))
         return frozen
 
+    watched: list = []
     cls.prepare_frozen = spy
     try:
         yield
     finally:
         cls.prepare_frozen = prepare_frozen
+    gc.collect()   # the run is over: nothing of the frozen model should be left
+    path = Path(out, f"frozen_rank{dist.get_rank() if dist.is_initialized() else 0}.json")
+    if watched and path.exists():
+        path.write_text(json.dumps({**json.loads(path.read_text()),
+                                    "freed": all(w() is None for w in watched)}))
 
 
 @contextlib.contextmanager

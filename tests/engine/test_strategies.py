@@ -190,6 +190,7 @@ def test_dpo_with_a_sharded_reference_equals_one_process(runs, strategy, tiny_ba
         frozen = json.loads((runs / f"{strategy}_dpo" / f"frozen_rank{rank}.json").read_text())
         assert frozen["trainable"] == 0
         assert frozen["local"] <= frozen["whole"] // 2 + 64    # its shard (dim-0 rounding)
+        assert frozen["freed"]    # released after the cached pass (no evaluation needs it)
     one, got = weights(runs / "one_dpo" / "model"), weights(runs / f"{strategy}_dpo" / "model")
     assert (one - weights(tiny_base)).abs().max() > 1e-3     # the run moved the weights
     assert torch.allclose(got, one, rtol=0, atol=WEIGHT_TOL)

@@ -132,6 +132,10 @@ class Strategy:
         model.requires_grad_(False)
         return model.to(self.accelerator.device).eval()
 
+    def release(self, frozen) -> None:
+        """Let go of a model :meth:`prepare_frozen` returned (call on every process, then drop
+        every reference to it): what the engine holds of it is freed with it."""
+
     def backward(self, loss: torch.Tensor, model=None) -> None:
         """Backpropagate ``loss``; ``model``: the prepared model it came from, where a run trains
         several (PPO's policy and value; DeepSpeed has one engine per model)."""
@@ -820,6 +824,25 @@ class ZeRO3(ZeRO):
                                          dist_init_required=False)
         engine.eval()   # DeepSpeed's returns None
         return engine
+
+    def release(self, frozen) -> None:
+        # DeepSpeed 0.19 keeps a ZeRO-3 engine alive past every reference to it, even after its
+        # destroy(), in two module-level places: the stack its hooks push the root module on
+        # (parameter_offload.FWD_MODULE_STACK, never popped for the root) and a class-level
+        # lru_cache of the parameter coordinator (__params_to_release, keyed by coordinator and
+        # submodule). Take the module off the one and clear the other (a cache: recomputed).
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import (
+            PartitionedParameterCoordinator)
+
+        frozen.destroy()
+        stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
+        stack[:] = [m for m in stack if m is not frozen.module]
+        cached = vars(PartitionedParameterCoordinator).get(
+            "_PartitionedParameterCoordinator__params_to_release")
+        for fn in [cached, *(c.cell_contents for c in getattr(cached, "__closure__", None) or ())]:
+            if hasattr(fn, "cache_clear"):   # under DeepSpeed's nvtx wrapper
+                fn.cache_clear()
 
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, FSDP2, ZeRO2, ZeRO3)}

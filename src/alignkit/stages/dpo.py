@@ -182,7 +182,8 @@ def main(cfg: Config) -> dict:
     accelerator.print(f"alignkit dpo ({cfg.loss.name}): {stats}; reference log-probs "
                       f"{'cached' if needs_ref else 'not needed'}")
     eval_fn = make_eval(cfg, tokenizer, reference)
-    if eval_fn is None:   # cached: training never calls it; its memory goes to the policy
+    if eval_fn is None and reference is not None:   # cached: training never calls it
+        accelerator.release(reference)
         del reference
         gc.collect()      # a sharded one sits in reference cycles (its engine's hooks)
     model = apply_lora(load_causal_lm(cfg.model, tokenizer=tokenizer, strategy=accelerator),
