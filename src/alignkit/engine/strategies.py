@@ -621,13 +621,8 @@ class ZeRO(_Sharded):
             # shards; these are the sizes Hugging Face's "auto" values give (hidden^2 ...).
             zero.update(reduce_bucket_size=hidden * hidden, allgather_bucket_size=hidden * hidden)
             if self.stage == 3:
-                # DeepSpeed keeps up to 1e9 gathered elements alive by default (its
-                # max_live_parameters and max_reuse_distance: 4 GB in fp32, the whole of a 0.5B
-                # model); a few decoder layers' worth releases each module's after use.
                 zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
-                            stage3_param_persistence_threshold=10 * hidden,
-                            stage3_max_live_parameters=10 * hidden * hidden,
-                            stage3_max_reuse_distance=10 * hidden * hidden)
+                            stage3_param_persistence_threshold=10 * hidden)
         if self.offload:
             zero["offload_optimizer"] = {"device": "cpu"}
             if self.stage == 3:
