@@ -22,11 +22,12 @@ run continues the same trajectory.
 
 Multi-process runs (``torchrun`` / ``accelerate launch``) train the policy and the value model
 with ``strategy`` (``ddp | fsdp2 | zero2 | zero3``, :mod:`alignkit.engine.strategies`), each
-model its own sharded unit. The frozen reference is kept as the strategy keeps a frozen model
-(``Strategy.prepare_frozen``: sharded under fsdp2 / zero3, a copy per process under ddp /
-zero2); the reward model (or other reward source) is replicated. Each process samples its equal share of the iteration's prompts
-from an unsharded rollout copy of the policy (the strategy gathers the updated weights into it
-after each update) with each row's own seed, runs the no-grad forwards of that share in
+model its own sharded unit, each built through the strategy. The frozen reference is kept as
+the strategy keeps a frozen model (``Strategy.prepare_frozen``: sharded under fsdp2 / zero3, a
+copy per process under ddp / zero2); the reward model (or other reward source) is replicated.
+Each process samples its equal share of the iteration's prompts from an unsharded rollout copy
+of the policy (the strategy gathers the updated weights into it after each update) with each
+row's own seed, runs the no-grad forwards of that share in
 lockstep (sharded forwards all-gather), and the shares are then all-gathered: every process
 holds the whole experience, computes the same advantages, normaliser, KL controller and
 minibatch order, and trains on its share of each minibatch with the whole minibatch's

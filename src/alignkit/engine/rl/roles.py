@@ -238,7 +238,9 @@ class SharedRoles:
 
     placement = "shared"
 
-    def __init__(self, spec: RoleSpec, tokenizer, needs_value: bool):
+    def __init__(self, spec: RoleSpec, tokenizer, needs_value: bool, strategy=None):
+        # ``strategy`` is not used: the adapters on one base train in one process (ppo refuses
+        # a sharded strategy with roles=shared).
         from alignkit.engine.models import apply_lora, load_causal_lm
 
         if spec.reference not in (None, spec.model):
@@ -394,13 +396,13 @@ PLACEMENTS = {"separate": SeparateRoles, "shared": SharedRoles}
 
 
 def build_roles(placement: str, spec: RoleSpec, tokenizer, needs_value: bool, strategy=None):
-    """The roles of ``placement``; ``strategy`` builds the separate placement's models (the shared
-    placement runs in one process)."""
+    """The roles of ``placement``; ``strategy``: the run's training strategy, which builds the
+    separate placement's models (the shared placement runs in one process)."""
     try:
         cls = PLACEMENTS[placement]
     except KeyError:
         raise ConfigError(f"unknown roles placement {placement!r}; known: {sorted(PLACEMENTS)}") from None
-    return cls(spec, tokenizer, needs_value, **({"strategy": strategy} if placement == "separate" else {}))
+    return cls(spec, tokenizer, needs_value, strategy)
 
 
 def memory_report(roles) -> dict[str, float]:
